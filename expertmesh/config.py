@@ -1,0 +1,310 @@
+"""Job configuration: a dataclass tree, loaded from TOML, overridden by dotted CLI keys.
+
+Precedence is CLI > file > dataclass defaults. The defaults *are* the default run
+(`configs/default.toml` spells them out; a test keeps the two equal). Every check that
+can be made without a process group is made here, before any rank starts, and every
+error names the key and the numbers involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 256  # byte tokenizer; set from the BPE tokenizer when data.tokenizer = "bpe"
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 384  # hidden size of dense (non-MoE) SwiGLU layers
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    every: int = 1  # layer i has a MoE FFN when (i + 1) % every == 0
+    expert_dim: int = 128  # hidden size F of each SwiGLU expert
+    shared_experts: int = 0  # dense experts every token passes through, F = shared_experts * expert_dim
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    capacity_factor: float = 0.0  # 0 = dropless; > 0 drops the lowest-scored slots beyond capacity
+    backend: Literal["auto", "reference", "cpp", "cuda"] = "auto"
+    placement: Literal["ep"] = "ep"
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    dp_replicate: int = 1  # whole-model replicas (DiLoCo workers)
+    dp: int = -1  # -1: whatever WORLD_SIZE leaves after the other degrees
+    ep: int = 1
+    tp: int = 1
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: Literal["stdlib", "files"] = "stdlib"
+    paths: list[str] = field(default_factory=list)  # globs, for source = "files" (.txt, .py, .jsonl …)
+    jsonl_field: str = "text"
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer_path: str = ""  # a tokenizers JSON file; empty: train a BPE on the training split
+    bpe_vocab_size: int = 2048
+    max_bytes: int = 16_000_000  # corpus cap (0 = everything)
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per rank per micro-batch
+    eval_fraction: float = 0.02
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    name: str = "default"
+    run_dir: str = "runs"
+    steps: int = 300
+    grad_accum: int = 1
+    seed: int = 1234
+    eval_every: int = 50
+    eval_batches: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    threads: int = 0  # torch threads per process; 0 = cores / local processes
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 100
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    log_every: int = 10
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "expertmesh"
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.train.run_dir) / self.train.name
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_value(key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (list, types.GenericAlias) or typ is list or origin is list:
+        (inner,) = typing.get_args(typ) or (Any,)
+        if isinstance(value, str):  # a single glob from the CLI
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{where}'{_suggest(key, names)}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}' is a section; got {type(value).__name__} {value!r}")
+            kwargs[key] = _build(typ, value, f"{where}.")
+        else:
+            kwargs[key] = _check_value(where, value, typ)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """A CLI value is read as a TOML value (`3`, `1e-3`, `true`, `["a", "b"]`); else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override key '{dotted}' must be section.key (e.g. train.steps=50)")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> JobConfig:
+    """Reads the TOML file (if any), applies overrides, returns a checked JobConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides)
+    cfg = _build(JobConfig, data, "")
+    check(cfg)
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> JobConfig:
+    cfg = _build(JobConfig, data, "")
+    check(cfg)
+    return cfg
+
+
+def save(cfg: JobConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation that needs no world size
+
+
+def _positive(cfg: JobConfig, keys: typing.Iterable[str]) -> None:
+    for dotted in keys:
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value <= 0:
+            raise ConfigError(f"{dotted}={value} must be > 0")
+
+
+def check(cfg: JobConfig) -> None:
+    m, e, d, o, t = cfg.model, cfg.moe, cfg.data, cfg.optim, cfg.train
+    _positive(cfg, [
+        "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.ffn_dim",
+        "model.max_seq_len", "moe.num_experts", "moe.top_k", "moe.every", "moe.expert_dim",
+        "data.seq_len", "data.batch_size", "optim.lr", "train.steps", "train.grad_accum",
+        "train.eval_every", "train.eval_batches", "checkpoint.every", "checkpoint.keep",
+        "metrics.log_every", "parallel.dp_replicate", "parallel.ep", "parallel.tp",
+    ])
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.dim={m.dim}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"head dim model.dim/model.n_heads={m.dim // m.n_heads} must be even for RoPE")
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"moe.top_k={e.top_k} exceeds moe.num_experts={e.num_experts}")
+    if e.capacity_factor < 0:
+        raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be >= 0 (0 = dropless)")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0.0 < d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    if d.source == "files" and not d.paths:
+        raise ConfigError("data.source='files' needs data.paths (a list of globs)")
+    if d.tokenizer == "byte" and m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is below 256, the byte tokenizer's vocabulary")
+    if d.tokenizer == "bpe" and not d.tokenizer_path and d.bpe_vocab_size < 260:
+        raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size} must be >= 260")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps}, optim.grad_clip={o.grad_clip}, "
+            f"optim.weight_decay={o.weight_decay} must all be >= 0"
+        )
+    if t.threads < 0:
+        raise ConfigError(f"train.threads={t.threads} must be >= 0 (0 = automatic)")
+    p = cfg.parallel
+    if p.dp == 0 or p.dp < -1:
+        raise ConfigError(f"parallel.dp={p.dp} must be positive or -1 (the rest of WORLD_SIZE)")
+    if e.num_experts % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide moe.num_experts={e.num_experts}")
+    if m.n_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}")
+    for key, value in (("model.ffn_dim", m.ffn_dim), ("moe.expert_dim", e.expert_dim)):
+        if value % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide {key}={value}")

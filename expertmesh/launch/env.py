@@ -1,0 +1,78 @@
+"""Where this process sits: torchrun, Slurm, or a plain single process, read through one path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from expertmesh.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _int(environ, key: str) -> int:
+    try:
+        return int(environ[key])
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+
+
+def detect(environ=None) -> DistEnv:
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        world, rank = _int(environ, "WORLD_SIZE"), _int(environ, "RANK")
+        local_rank = _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+        local_world = _int(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
+        launcher = "torchrun"
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "MASTER_ADDR" in environ:
+        # One Slurm task per process (srun without torchrun); the sbatch script exports MASTER_ADDR/PORT.
+        world, rank = _int(environ, "SLURM_NTASKS"), _int(environ, "SLURM_PROCID")
+        local_rank = _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+        local_world = world // max(_int(environ, "SLURM_NNODES"), 1) if "SLURM_NNODES" in environ else world
+        launcher = "slurm"
+    else:
+        return DistEnv(0, 0, 1, 1, "single")
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if not 0 <= local_rank < local_world or local_world > world:
+        raise ConfigError(f"LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world}, WORLD_SIZE={world} "
+                          "are inconsistent")
+    return DistEnv(rank, local_rank, world, local_world, launcher)
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but torch sees no CUDA device")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> None:
+    """gloo on CPU, nccl on GPU; a single process creates no process group at all."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            device_id=device if device.type == "cuda" else None)
+
+
+def set_threads(requested: int, env: DistEnv) -> int:
+    n = requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(n)
+    return n

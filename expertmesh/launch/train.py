@@ -1,0 +1,281 @@
+"""The training job, one process per rank.
+
+    torchrun --nproc_per_node 4 -m expertmesh.launch.train --config configs/default.toml train.steps=50
+
+Reads the config, joins the process group, builds the mesh, data, model and optimizer, resumes
+from the newest intact checkpoint, and runs a plain loop: forward, backward, gradient average,
+clip, step; eval, log and checkpoint on schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from expertmesh import config as config_mod
+from expertmesh.config import ConfigError, JobConfig
+from expertmesh.data.corpus import load_text
+from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
+from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
+from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact
+from expertmesh.dist.comm_stats import Comm
+from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
+from expertmesh.metrics import Metrics
+from expertmesh.models.transformer import Transformer, count_params
+from expertmesh.parallel.apply import parallelize_model
+from expertmesh.parallel.mesh import Mesh, ParallelDims
+
+log = logging.getLogger("expertmesh")
+
+
+def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv):
+    if cfg.data.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.data.tokenizer_path:
+        return BPETokenizer.load(cfg.data.tokenizer_path)
+    path = cfg.run_path / "tokenizer.json"
+    if env.is_rank0 and not path.is_file():  # one rank trains, the others wait and load the same file
+        train_text = text[: int(len(text) * (1 - cfg.data.eval_fraction))]  # never the held-out part
+        BPETokenizer.train(train_text, cfg.data.bpe_vocab_size, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return BPETokenizer.load(path)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    )
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        progress = min((step - o.warmup_steps) / max(cfg.train.steps - o.warmup_steps, 1), 1.0)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean load-balance and z-loss over the MoE layers (zero for a model without any)."""
+    if not stats:
+        zero = torch.zeros(())
+        return zero, zero
+    return torch.stack([s.aux_loss for s in stats]).mean(), torch.stack([s.z_loss for s in stats]).mean()
+
+
+@torch.no_grad()
+def evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
+    model.eval()
+    d = mesh.dims
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    total = torch.zeros(2, dtype=torch.float64)
+    for x, y in eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
+                             d.data_rank(rank), d.data_world):
+        with autocast:
+            logits, _ = model(x.to(device))
+        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
+        total[1] += y.numel()
+    comm.all_reduce(total, mesh.group("dense_dp"), "metrics")
+    model.train()
+    return float(total[0] / total[1])
+
+
+def run(cfg: JobConfig, env: DistEnv) -> dict:
+    """Trains per the config; returns the last metrics record (rank 0) or {}."""
+    device = pick_device(cfg.train.device, env)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size)  # before any group exists
+    init_distributed(env, device)
+    set_threads(cfg.train.threads, env)
+    mesh = dims.build_mesh(device.type)
+    comm = Comm()
+    run_path = cfg.run_path
+
+    # Data: the same text on every rank, split once, sharded by data-parallel rank.
+    text = load_text(cfg.data)
+    tokenizer = build_tokenizer(cfg, text, env)
+    if tokenizer.vocab_size != cfg.model.vocab_size and cfg.data.tokenizer == "bpe":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    train_tokens, eval_tokens = split_tokens(tokenizer.encode(text), cfg.data.eval_fraction)
+    loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, dims.data_rank(env.rank),
+                         dims.data_world, cfg.train.seed)
+
+    # Model: built on meta, then placed, materialized and initialized from outside.
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model, grad_sync = parallelize_model(model, mesh, cfg, device, comm)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
+    start_step = 0
+    if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path)) is not None:
+        start_step, extra = checkpointer.load(path, model, optimizer, scheduler)
+        torch.set_rng_state(extra["rng"])
+        loader.load_state_dict(extra["loader"])
+        log.info("resumed from %s (step %d)", path, start_step)
+    if env.is_rank0:
+        config_mod.save(cfg, run_path / "config.json")
+        n = count_params(model)
+        log.info("model: %.2fM parameters (%.2fM in experts); world %d, mesh %s, run dir %s",
+                 n["total"] / 1e6, n["expert"] / 1e6, env.world_size, dims.active_axes or "(single)", run_path)
+    metrics = Metrics(cfg, run_path, env.is_rank0)
+
+    eval_loss = None
+    if start_step == 0:
+        eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
+        metrics.log_eval(0, eval_loss)
+    window = Window(mesh, comm)
+    rec: dict = {}
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(cfg.train.grad_accum):
+            x, y = loader.next_batch()
+            with autocast:
+                logits, stats = model(x.to(device))
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
+            aux, z = moe_losses(stats)
+            loss = ce + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
+            (loss / cfg.train.grad_accum).backward()
+            window.add_micro(ce, aux, z, stats, x.numel())
+        grad_sync.average()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        window.add_step(time.perf_counter() - t0)
+
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
+            metrics.log_eval(step, eval_loss)
+        if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
+            rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)
+            metrics.log(rec)
+        if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+            checkpointer.save(step, model, optimizer, scheduler,
+                              {"rng": torch.get_rng_state(), "loader": loader.state_dict()})
+    metrics.close()
+    return rec
+
+
+class Window:
+    """Accumulates what happened since the last metrics line; `record` reduces it across ranks."""
+
+    def __init__(self, mesh: Mesh, comm: Comm) -> None:
+        self.mesh, self.comm = mesh, comm
+        self.tokens_seen = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(5, dtype=torch.float64)  # ce, aux, z, dropped, entropy
+        self.micro = 0
+        self.steps = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self.load = None
+        self.last_ce = 0.0
+
+    def add_micro(self, ce, aux, z, stats, tokens: int) -> None:
+        self.micro += 1
+        self.tokens += tokens
+        self.last_ce = float(ce.detach())
+        self.sums[0] += self.last_ce
+        self.sums[1] += float(aux.detach())
+        self.sums[2] += float(z.detach())
+        if stats:
+            self.sums[3] += sum(int(s.dropped) for s in stats)
+            self.sums[4] += sum(float(s.entropy) for s in stats) / len(stats)
+            load = torch.stack([s.tokens_per_expert_E.detach().cpu() for s in stats]).double()
+            self.load = load if self.load is None else self.load + load
+
+    def add_step(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def record(self, step: int, lr: float, grad_norm: float, eval_loss) -> dict:
+        comm_bytes = {k: v / max(self.steps, 1) for k, v in self.comm.take().items()}
+        group = self.mesh.group("dense_dp")
+        n = self.mesh.dims.degree("dense_dp")
+        # One reduction for every figure: this step's loss, window means, dropped and token counts.
+        load = self.load if self.load is not None else torch.zeros(0, dtype=torch.float64)
+        packed = torch.cat([torch.tensor([self.last_ce, float(self.tokens), self.seconds], dtype=torch.float64),
+                            self.sums, load.flatten()])
+        self.comm.all_reduce(packed, group, "metrics")
+        last_ce, tokens, seconds = packed[0] / n, packed[1], packed[2] / n
+        sums = packed[3:8]
+        self.tokens_seen += int(tokens)
+        rec = {
+            "kind": "train",
+            "step": step,
+            "time": time.time(),
+            "loss": float(last_ce),
+            "loss_avg": float(sums[0] / n / self.micro),
+            "eval_loss": eval_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": float(tokens / seconds),
+            "tokens_per_s_per_rank": float(tokens / seconds / self.mesh.dims.world_size),
+            "tokens_seen": self.tokens_seen,
+            "aux_loss": float(sums[1] / n / self.micro),
+            "z_loss": float(sums[2] / n / self.micro),
+            "dropped_tokens": int(sums[3]),
+            "drop_fraction": 0.0,
+            "router_entropy": float(sums[4] / n / self.micro),
+            "expert_load": packed[8:].view_as(load).long().tolist(),
+            "comm_bytes_per_step": comm_bytes,
+        }
+        routed = sum(sum(layer) for layer in rec["expert_load"]) + rec["dropped_tokens"]
+        rec["drop_fraction"] = rec["dropped_tokens"] / routed if routed else 0.0
+        self._reset()
+        return rec
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="expertmesh.launch.train", description="One training rank.")
+    p.add_argument("--config", help="TOML config file (default: the embedded defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.ep=2")
+    return p.parse_args(argv)
+
+
+def setup_logging(env: DistEnv) -> None:
+    level = logging.INFO if env.is_rank0 else logging.WARNING  # only rank 0 prints progress
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env = None
+    try:
+        env = detect()
+        setup_logging(env)
+        cfg = config_mod.load(args.config, args.overrides)
+        run(cfg, env)
+    except (ConfigError, CheckpointError) as e:
+        # The same deterministic problem on every rank: say it once.
+        if env is None or env.is_rank0:
+            print(f"expertmesh: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Rank 0's metrics: one printed line, one JSON record in runs/<name>/metrics.jsonl, one W&B log.
+
+The record schema is documented in the README ("Metrics"). W&B runs only on rank 0, in the mode
+the config names (`offline` by default); its run id is stored in the run directory, so a resumed
+run appends to the same W&B run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from expertmesh.config import JobConfig
+
+log = logging.getLogger("expertmesh")
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def format_line(rec: dict, total_steps: int) -> str:
+    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}"]
+    if rec.get("eval_loss") is not None:
+        parts.append(f"eval {rec['eval_loss']:.4f}")
+    parts += [
+        f"lr {rec['lr']:.2e}",
+        f"tok/s {rec['tokens_per_s']:.0f}",
+        f"aux {rec['aux_loss']:.3f}",
+        f"dropped {rec['dropped_tokens']}",
+        f"comm {_fmt_bytes(sum(rec['comm_bytes_per_step'].values()))}/step",
+    ]
+    return " | ".join(parts)
+
+
+class Metrics:
+    def __init__(self, cfg: JobConfig, run_path: Path, is_rank0: bool) -> None:
+        self.cfg, self.run_path, self.is_rank0 = cfg, run_path, is_rank0
+        self.wandb_run = None
+        if not is_rank0:
+            return
+        run_path.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (run_path / "metrics.jsonl").open("a")
+        if cfg.metrics.wandb_mode != "disabled":
+            self.wandb_run = self._init_wandb()
+
+    def _init_wandb(self):
+        import wandb
+
+        id_file = self.run_path / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(
+            project=self.cfg.metrics.wandb_project,
+            name=self.cfg.train.name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_path),
+            mode=self.cfg.metrics.wandb_mode,
+            config=self.cfg.to_dict(),
+        )
+        id_file.write_text(run_id + "\n")
+        return run
+
+    def log(self, rec: dict) -> None:
+        if not self.is_rank0:
+            return
+        log.info(format_line(rec, self.cfg.train.steps))
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.wandb_run is not None:
+            flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
+            flat.update({f"comm/{k}": v for k, v in rec["comm_bytes_per_step"].items()})
+            self.wandb_run.log(flat, step=rec["step"])
+
+    def log_eval(self, step: int, eval_loss: float) -> None:
+        if not self.is_rank0:
+            return
+        log.info(f"step {step}/{self.cfg.train.steps} | eval {eval_loss:.4f}")
+        self.jsonl.write(json.dumps({"kind": "eval", "step": step, "time": time.time(), "eval_loss": eval_loss}) + "\n")
+        self.jsonl.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({"eval_loss": eval_loss}, step=step)
+
+    def close(self) -> None:
+        if not self.is_rank0:
+            return
+        self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

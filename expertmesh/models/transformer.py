@@ -1,0 +1,129 @@
+"""Decoder-only transformer with MoE feed-forward layers.
+
+RMSNorm, rotary position embeddings, causal scaled-dot-product attention, and a MoE FFN every
+`moe.every` layers (dense SwiGLU otherwise). The model knows nothing about parallelism: it is
+built on the meta device and `expertmesh.parallel.apply.parallelize_model` places, materializes
+and initializes it from outside.
+
+Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.config import JobConfig, ModelConfig
+from expertmesh.models.mlp import SwiGLU
+from expertmesh.moe.layer import MoELayer, MoEStats
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles_SH = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), inv)
+    return angles_SH.cos(), angles_SH.sin()
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+    S = x_BHSDh.shape[2]
+    x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos_SH[:S], sin_SH[:S]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x_BHSDh)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(lin.weight, std=std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
+        q, k, v = (w(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rope(q, cos_SH, sin_SH), apply_rope(k, cos_SH, sin_SH)
+        o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: JobConfig, layer_id: int) -> None:
+        super().__init__()
+        m = cfg.model
+        self.attention_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.attention = Attention(m)
+        self.ffn_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.is_moe = (layer_id + 1) % cfg.moe.every == 0
+        self.ffn = MoELayer(m.dim, cfg.moe) if self.is_moe else SwiGLU(m.dim, m.ffn_dim)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std, out_std)
+        self.ffn.init_weights(std, out_std)
+
+    def forward(self, h_BSD, cos_SH, sin_SH) -> tuple[torch.Tensor, MoEStats | None]:
+        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos_SH, sin_SH)
+        if self.is_moe:
+            out, stats = self.ffn(self.ffn_norm(h_BSD))
+            return h_BSD + out, stats
+        return h_BSD + self.ffn(self.ffn_norm(h_BSD)), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: JobConfig) -> None:
+        super().__init__()
+        m = cfg.model
+        self.cfg = m
+        self.tok_embeddings = nn.Embedding(m.vocab_size, m.dim)
+        # A ModuleDict keyed by layer index keeps parameter names stable if layers are pruned or staged.
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(m.n_layers)})
+        self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.output = nn.Linear(m.dim, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(m.dim // m.n_heads, m.max_seq_len, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initializes every parameter and buffer; call after materializing from meta."""
+        m = self.cfg
+        cos, sin = rope_tables(m.dim // m.n_heads, m.max_seq_len, m.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        out_std = m.init_std / math.sqrt(2 * m.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+        for block in self.layers.values():
+            block.init_weights(m.init_std, out_std)
+        self.norm.reset_parameters()
+        if not m.tie_embeddings:
+            nn.init.trunc_normal_(self.output.weight, std=m.dim**-0.5)
+
+    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
+        h_BSD = self.tok_embeddings(tokens_BS)
+        stats: list[MoEStats] = []
+        for block in self.layers.values():
+            h_BSD, s = block(h_BSD, self.rope_cos, self.rope_sin)
+            if s is not None:
+                stats.append(s)
+        return self.output(self.norm(h_BSD)), stats
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return {"total": total, "expert": expert, "dense": total - expert}

@@ -1,0 +1,93 @@
+"""Top-k router: scores, expert choice, auxiliary losses, capacity dropping, routing statistics.
+
+Legend: T tokens, D model dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    topk_idx_TK: torch.Tensor  # int64 expert ids; -1 marks a slot dropped by capacity
+    topk_w_TK: torch.Tensor  # combine weights (0 where dropped)
+    aux_loss: torch.Tensor  # Switch/GShard load-balance loss, E * sum_e f_e * P_e
+    z_loss: torch.Tensor  # mean(logsumexp(logits)^2)
+    tokens_per_expert_E: torch.Tensor  # int64 counts after dropping
+    dropped: torch.Tensor  # int64 scalar, slots dropped by capacity
+    entropy: torch.Tensor  # mean per-token entropy of the routing distribution (nats)
+
+
+class TopKRouter(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        score_func: str = "softmax",
+        norm_topk: bool = True,
+        capacity_factor: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func={score_func!r} must be 'softmax' or 'sigmoid'")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score_func, self.norm_topk, self.capacity_factor = score_func, norm_topk, capacity_factor
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.gate(x_TD).float()
+        if self.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+        topk_s_TK, topk_idx_TK = scores_TE.topk(self.top_k, dim=-1)
+        topk_w_TK = topk_s_TK
+        if self.norm_topk and self.top_k > 1:
+            topk_w_TK = topk_s_TK / topk_s_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+        aux_loss = self._load_balance_loss(probs_TE, topk_idx_TK)
+        z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean().detach()
+
+        dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
+        if self.capacity_factor > 0:
+            topk_idx_TK, dropped = self._apply_capacity(topk_idx_TK, topk_s_TK.detach())
+            topk_w_TK = topk_w_TK * (topk_idx_TK >= 0)
+        valid = topk_idx_TK[topk_idx_TK >= 0]
+        tokens_per_expert_E = torch.bincount(valid, minlength=self.num_experts)
+        return RouterOutput(
+            topk_idx_TK, topk_w_TK.to(x_TD.dtype), aux_loss, z_loss, tokens_per_expert_E, dropped, entropy
+        )
+
+    def _load_balance_loss(self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        T, E = probs_TE.shape
+        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+        frac_E = counts_E / max(T * self.top_k, 1)
+        return E * (frac_E * probs_TE.mean(dim=0)).sum()
+
+    def capacity(self, num_tokens: int) -> int:
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def _apply_capacity(self, topk_idx_TK: torch.Tensor, topk_s_TK: torch.Tensor):
+        """Keeps, per expert, the `capacity` highest-scored slots (ties: earlier token first)."""
+        T, K = topk_idx_TK.shape
+        cap = self.capacity(T)
+        flat_idx = topk_idx_TK.reshape(-1)
+        order = torch.argsort(-topk_s_TK.reshape(-1), stable=True)
+        onehot = F.one_hot(flat_idx[order], self.num_experts)
+        position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # slot's rank within its expert
+        keep_sorted = position < cap
+        keep = torch.empty_like(keep_sorted)
+        keep[order] = keep_sorted
+        kept_idx = torch.where(keep, flat_idx, torch.full_like(flat_idx, -1)).view(T, K)
+        return kept_idx, (~keep).sum()

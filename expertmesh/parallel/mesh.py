@@ -1,0 +1,111 @@
+"""ParallelDims: the parallel degrees of a job, and the one named DeviceMesh built from them.
+
+Rank layout is row-major over (dp_replicate, dp, ep, tp): tp is innermost, so the ranks of a
+tensor-parallel group are neighbours (one node), and the data-parallel coordinate of a rank is
+simply `rank // tp`. Axes of size 1 are left out of the mesh, so they create no process group.
+
+Views a caller asks for by name:
+  "dense_dp"   ranks that hold the same dense weights and see different data (dp_replicate x dp x ep)
+  "expert_dp"  ranks that hold the same experts (dp_replicate x dp)
+  "ep", "tp", "dp", "dp_replicate"  the single axes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from expertmesh.config import ConfigError, ParallelConfig
+
+AXES = ("dp_replicate", "dp", "ep", "tp")
+VIEWS = {"dense_dp": ("dp_replicate", "dp", "ep"), "expert_dp": ("dp_replicate", "dp")}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp: int
+    ep: int
+    tp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, p: ParallelConfig, world_size: int) -> ParallelDims:
+        """Resolves dp = -1 to the rest of WORLD_SIZE and checks that the degrees multiply to it."""
+        if world_size < 1:
+            raise ConfigError(f"WORLD_SIZE={world_size} must be >= 1")
+        others = p.dp_replicate * p.ep * p.tp
+        dp = p.dp
+        if dp == -1:
+            if world_size % others:
+                raise ConfigError(
+                    f"dp_replicate({p.dp_replicate}) * ep({p.ep}) * tp({p.tp}) = {others} "
+                    f"does not divide WORLD_SIZE({world_size})"
+                )
+            dp = world_size // others
+        total = p.dp_replicate * dp * p.ep * p.tp
+        if total != world_size:
+            raise ConfigError(
+                f"dp_replicate({p.dp_replicate}) * dp({dp}) * ep({p.ep}) * tp({p.tp}) = {total} "
+                f"!= WORLD_SIZE({world_size})"
+            )
+        return cls(dp_replicate=p.dp_replicate, dp=dp, ep=p.ep, tp=p.tp, world_size=world_size)
+
+    def degree(self, name: str) -> int:
+        axes = VIEWS.get(name, (name,))
+        out = 1
+        for axis in axes:
+            out *= getattr(self, axis)
+        return out
+
+    @property
+    def active_axes(self) -> tuple[str, ...]:
+        return tuple(a for a in AXES if getattr(self, a) > 1)
+
+    def coordinate(self, rank: int) -> dict[str, int]:
+        """This rank's index along every axis (row-major, tp innermost)."""
+        coord = {}
+        for axis in reversed(AXES):
+            size = getattr(self, axis)
+            coord[axis] = rank % size
+            rank //= size
+        return {a: coord[a] for a in AXES}
+
+    def data_rank(self, rank: int) -> int:
+        """Index of the data shard a rank reads: tp ranks share data, everyone else differs."""
+        return rank // self.tp
+
+    @property
+    def data_world(self) -> int:
+        return self.world_size // self.tp
+
+    def build_mesh(self, device_type: str) -> Mesh:
+        if self.world_size > 1 and not dist.is_initialized():
+            raise RuntimeError("build_mesh needs an initialized process group when WORLD_SIZE > 1")
+        axes = self.active_axes
+        if not axes:
+            return Mesh(self, None)
+        mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in axes), mesh_dim_names=axes)
+        for view, members in VIEWS.items():
+            present = tuple(a for a in members if a in axes)
+            if len(present) > 1:
+                mesh[present]._flatten(view)
+        return Mesh(self, mesh)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The job's one DeviceMesh (None when every axis is 1) and lookups by view name."""
+
+    dims: ParallelDims
+    device_mesh: DeviceMesh | None
+
+    def group(self, view: str) -> dist.ProcessGroup | None:
+        """Process group of a view; None when its degree is 1 (nothing to communicate)."""
+        if self.dims.degree(view) == 1:
+            return None
+        present = tuple(a for a in VIEWS.get(view, (view,)) if getattr(self.dims, a) > 1)
+        name = present[0] if len(present) == 1 else view
+        return self.device_mesh[name].get_group()
