@@ -91,10 +91,10 @@ class OptimConfig:
 class TrainConfig:
     name: str = "default"
     run_dir: str = "runs"
-    steps: int = 300
+    steps: int = 500
     grad_accum: int = 1
     seed: int = 1234
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU

@@ -92,8 +92,9 @@ class Metrics:
             self.wandb_run.log({"eval_loss": eval_loss}, step=step)
 
     def close(self) -> None:
-        if not self.is_rank0:
+        if not self.is_rank0 or self.jsonl.closed:
             return
         self.jsonl.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+            self.wandb_run = None

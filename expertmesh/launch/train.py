@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -134,7 +136,15 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         log.info("model: %.2fM parameters (%.2fM in experts); world %d, mesh %s, run dir %s",
                  n["total"] / 1e6, n["expert"] / 1e6, env.world_size, dims.active_axes or "(single)", run_path)
     metrics = Metrics(cfg, run_path, env.is_rank0)
+    try:
+        return train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loader, eval_tokens,
+                          checkpointer, metrics, start_step, device, autocast)
+    finally:
+        metrics.close()  # also on a failing peer or SIGTERM: W&B flushes what it was given
 
+
+def train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loader, eval_tokens, checkpointer,
+               metrics, start_step, device, autocast) -> dict:
     eval_loss = None
     if start_step == 0:
         eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
@@ -169,8 +179,20 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
             checkpointer.save(step, model, optimizer, scheduler,
                               {"rng": torch.get_rng_state(), "loader": loader.state_dict()})
-    metrics.close()
+        maybe_inject_fault(step, env)
     return rec
+
+
+def maybe_inject_fault(step: int, env: DistEnv) -> None:
+    """Test hook: EXPERTMESH_KILL_AT="step:rank" SIGKILLs that rank after that step, on the first
+    attempt only (torchrun restarts count up in TORCHELASTIC_RESTART_COUNT)."""
+    spec = os.environ.get("EXPERTMESH_KILL_AT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kill_step, kill_rank = (int(v) for v in spec.split(":"))
+    if step == kill_step and env.rank == kill_rank:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Window:
@@ -258,8 +280,14 @@ def setup_logging(env: DistEnv) -> None:
                         force=True)
 
 
+def _exit_on_sigterm(signum, frame):
+    # torchrun and Slurm stop workers with SIGTERM: unwind normally so `finally` blocks flush metrics.
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     env = None
     try:
         env = detect()

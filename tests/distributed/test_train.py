@@ -1,0 +1,116 @@
+"""End-to-end training runs on real processes: torchrun via `expertmesh run`, killed and resumed."""
+
+import math
+
+import pytest
+import torch
+from helpers import expertmesh_run, read_metrics, wandb_records
+
+from expertmesh import config
+from expertmesh.launch.env import DistEnv
+from expertmesh.launch.train import run
+
+pytestmark = pytest.mark.distributed
+
+
+def _train_on_rank(rank, world, overrides):
+    cfg = config.load(None, overrides)
+    rec = run(cfg, DistEnv(rank, rank, world, world, "torchrun"))
+    # Every rank must end with identical weights: gradients were averaged, updates are the same.
+    from expertmesh.dist.checkpoint import latest_intact
+
+    path = latest_intact(cfg.run_path)
+    return rec, str(path)
+
+
+def test_data_parallel_ranks_train_one_model(run_distributed, tiny_overrides, tmp_path):
+    overrides = tiny_overrides + ["train.steps=6", "metrics.log_every=3", "checkpoint.every=6"]
+    results = run_distributed(_train_on_rank, 2, overrides)
+    rec, path = results[0]
+    assert rec["step"] == 6 and math.isfinite(rec["loss"])
+    assert rec["comm_bytes_per_step"]["dense_dp"] > 0
+    # Each rank wrote its own shard file; DCP deduplicated the replicated weights.
+    assert sorted(p.name for p in (tmp_path / "default" / "step-6").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+
+
+def test_killed_run_resumes_with_identical_losses(tiny_overrides, tmp_path):
+    common = tiny_overrides + ["train.steps=12", "metrics.log_every=1", "checkpoint.every=4", "train.eval_every=6",
+                               "model.dim=64", "data.batch_size=8"]
+    ref = expertmesh_run(2, common + ["train.name=ref"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    resumed = common + ["train.name=cut", "metrics.wandb_mode=offline"]
+    killed = expertmesh_run(2, resumed, env_extra={"EXPERTMESH_KILL_AT": "10:1"})
+    assert killed.returncode != 0  # rank 1 died by SIGKILL after step 10, torchrun gave up
+    cut = tmp_path / "cut"
+    assert (cut / "step-8" / "COMPLETE.json").is_file() and not (cut / "step-12").exists()
+    before = read_metrics(cut)
+    assert max(before) == 10
+
+    again = expertmesh_run(2, resumed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step-8" in again.stdout
+
+    ref_losses = {s: r["loss"] for s, r in read_metrics(tmp_path / "ref").items()}
+    cut_losses = {s: r["loss"] for s, r in read_metrics(cut).items()}
+    assert sorted(cut_losses) == list(range(1, 13))
+    assert cut_losses == ref_losses  # bit-for-bit: same weights, optimizer, schedule, RNG, data position
+    ref_eval = {s: r["eval_loss"] for s, r in read_metrics(tmp_path / "ref", "eval").items()}
+    cut_eval = {s: r["eval_loss"] for s, r in read_metrics(cut, "eval").items()}
+    assert ref_eval == cut_eval and sorted(ref_eval) == [0, 6, 12]
+
+    # W&B: both attempts wrote offline runs under the same run id, holding the config and the metrics.
+    run_id = (cut / "wandb_run_id").read_text().strip()
+    files = sorted(cut.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    records = [r for f in files for r in wandb_records(f)]
+    config_keys = {item.key for r in records if r.WhichOneof("record_type") == "run" for item in r.run.config.update}
+    assert {"model", "moe", "parallel", "train"} <= config_keys
+    logged = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+            if "loss" in items:
+                logged[int(items["_step"])] = float(items["loss"])
+    assert logged == pytest.approx(cut_losses)  # the killed attempt flushed its steps before exiting
+
+
+def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tiny_overrides, tmp_path, caplog):
+    base = tiny_overrides + ["metrics.log_every=1", "checkpoint.every=2", "checkpoint.keep=3"]
+    single = DistEnv(0, 0, 1, 1, "single")
+    run(config.load(None, base + ["train.steps=6"]), single)
+    run_path = tmp_path / "default"
+    assert sorted(p.name for p in run_path.glob("step-*")) == ["step-2", "step-4", "step-6"]
+
+    shard = next((run_path / "step-6").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (run_path / "step-4" / "rank-0.pt").write_bytes((run_path / "step-4" / "rank-0.pt").read_bytes()[:10])
+    caplog.set_level("WARNING")
+    run(config.load(None, base + ["train.steps=8"]), single)
+    assert "step-6" in caplog.text and "corrupted" in caplog.text
+    assert "step-4" in caplog.text and "truncated" in caplog.text
+    steps = [r["step"] for r in map(__import__("json").loads, (run_path / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps[-6:] == [3, 4, 5, 6, 7, 8]  # resumed from step 2, the newest intact one
+
+
+def test_no_intact_checkpoint_is_a_one_line_error(tiny_overrides, tmp_path):
+    base = tiny_overrides + ["checkpoint.every=2", "checkpoint.keep=1"]
+    single = DistEnv(0, 0, 1, 1, "single")
+    run(config.load(None, base + ["train.steps=2"]), single)
+    (tmp_path / "default" / "step-2" / ".metadata").unlink()
+    r = expertmesh_run(1, base + ["train.steps=4"])
+    assert r.returncode != 0
+    assert "expertmesh: error: no intact checkpoint" in r.stderr and "missing .metadata" in r.stderr
+
+
+def test_default_model_learns(tiny_overrides, tmp_path):
+    """A short single-process run on the stdlib corpus cuts the held-out loss well below its start."""
+    cfg = config.load(None, tiny_overrides + ["train.steps=60", "train.eval_every=60", "optim.warmup_steps=5",
+                                              "checkpoint.enabled=false"])
+    torch.manual_seed(0)
+    run(cfg, DistEnv(0, 0, 1, 1, "single"))
+    evals = read_metrics(tmp_path / "default", "eval")
+    assert evals[60]["eval_loss"] < 0.75 * evals[0]["eval_loss"]

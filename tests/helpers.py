@@ -1,0 +1,63 @@
+"""Shared test helpers (importable in spawned children: tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_metrics(run_path: Path, kind: str = "train") -> dict[int, dict]:
+    """step -> record; a step logged twice (before a kill and after resuming) keeps the later one."""
+    out = {}
+    for line in (run_path / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            out[rec["step"]] = rec
+    return out
+
+
+def expertmesh_run(nproc: int, overrides: list[str], env_extra: dict | None = None, timeout: float = 300,
+                   extra_args: tuple = ()) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    cmd = [sys.executable, "-m", "expertmesh.launch.cli", "run", "--nproc", str(nproc), *extra_args, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def wandb_records(run_file: Path) -> list:
+    """Decodes a W&B offline `.wandb` file: a leveldb-style log (32 KiB blocks, 7-byte record headers:
+    crc32, length, type FULL/FIRST/MIDDLE/LAST) of protobuf `Record`s."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B data file"
+    block, pos, chunks, partial = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
+        if kind == 0 and length == 0:  # block padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            partial = chunk
+        elif kind == 3:
+            partial += chunk
+        elif kind == 4:
+            chunks.append(partial + chunk)
+    records = []
+    for c in chunks:
+        r = pb.Record()
+        r.ParseFromString(c)
+        records.append(r)
+    return records

@@ -1,0 +1,117 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertmesh import config
+from expertmesh.config import ConfigError, JobConfig
+from expertmesh.parallel.mesh import ParallelDims
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_toml_equals_dataclass_defaults():
+    assert config.load(ROOT / "configs" / "default.toml") == JobConfig()
+
+
+def test_cli_beats_file_beats_defaults(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nsteps = 7\nseed = 3\n[optim]\nlr = 0.5\n")
+    cfg = config.load(f, ["train.steps=9", "data.paths=[\"a/*.txt\", \"b\"]", "optim.lr=1e-4"])
+    assert cfg.train.steps == 9  # CLI over file
+    assert cfg.train.seed == 3  # file over default
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.data.paths == ["a/*.txt", "b"]
+    assert cfg.model.dim == JobConfig().model.dim  # default
+
+
+def test_int_accepted_for_float_and_bare_strings():
+    cfg = config.load(None, ["optim.lr=1", "train.name=my-run", "data.paths=x/*.jsonl"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
+    assert cfg.train.name == "my-run" and cfg.data.paths == ["x/*.jsonl"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.epp=2"], "unknown config key 'parallel.epp' (did you mean 'ep'?)"),
+    (["modle.dim=8"], "unknown config key 'modle' (did you mean 'model'?)"),
+    (["train.steps=ten"], "train.steps must be an integer, got str 'ten'"),
+    (["train.steps=1.5"], "train.steps must be an integer, got float 1.5"),
+    (["checkpoint.enabled=1"], "checkpoint.enabled must be true or false, got 1"),
+    (["moe.score_func=relu"], "moe.score_func='relu' is not one of 'softmax', 'sigmoid'"),
+    (["parallel.ep=3"], "parallel.ep=3 does not divide moe.num_experts=8"),
+    (["parallel.tp=3"], "parallel.tp=3 does not divide model.n_heads=4"),
+    (["moe.top_k=9"], "moe.top_k=9 exceeds moe.num_experts=8"),
+    (["model.n_heads=3"], "model.n_heads=3 does not divide model.dim=128"),
+    (["data.seq_len=1024"], "data.seq_len=1024 exceeds model.max_seq_len=512"),
+    (["train.steps=0"], "train.steps=0 must be > 0"),
+    (["parallel.dp=0"], "parallel.dp=0 must be positive or -1"),
+    (["train.steps"], "override 'train.steps' is not of the form section.key=value"),
+    (["steps=3"], "override key 'steps' must be section.key"),
+    (["data.source=files"], "data.source='files' needs data.paths"),
+])
+def test_bad_values_name_the_key_and_value(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, overrides)
+    assert message in str(e.value)
+
+
+def test_malformed_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml")
+    section_as_value = tmp_path / "s.toml"
+    section_as_value.write_text("train = 3\n")
+    with pytest.raises(ConfigError, match="'train' is a section"):
+        config.load(section_as_value)
+
+
+@pytest.mark.parametrize("world, p, expected", [
+    (1, dict(), (1, 1, 1, 1)),
+    (8, dict(ep=2, tp=2), (1, 2, 2, 2)),
+    (8, dict(dp_replicate=2, ep=4), (2, 1, 4, 1)),
+    (4, dict(dp=4), (1, 4, 1, 1)),
+])
+def test_parallel_dims_resolve_dp(world, p, expected):
+    cfg = config.load(None, [f"parallel.{k}={v}" for k, v in p.items()])
+    d = ParallelDims.from_config(cfg.parallel, world)
+    assert (d.dp_replicate, d.dp, d.ep, d.tp) == expected
+
+
+def test_parallel_dims_errors_quote_every_degree():
+    cfg = config.load(None, ["parallel.ep=2", "parallel.dp=3"])
+    with pytest.raises(ConfigError) as e:
+        ParallelDims.from_config(cfg.parallel, 8)
+    assert "dp_replicate(1) * dp(3) * ep(2) * tp(1) = 6 != WORLD_SIZE(8)" in str(e.value)
+    cfg = config.load(None, ["parallel.ep=4"])
+    with pytest.raises(ConfigError, match=r"= 4 does not divide WORLD_SIZE\(6\)"):
+        ParallelDims.from_config(cfg.parallel, 6)
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "expertmesh.launch.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_cli_reports_one_line_and_nonzero_exit(tmp_path):
+    for args, text in [
+        (["config", "parallel.epp=2"], "did you mean 'ep'"),
+        (["run", "--nproc", "3", "parallel.ep=2"], "does not divide WORLD_SIZE(3)"),
+        (["run", "--nproc", "1", "data.source=files", f"data.paths={tmp_path}/*.txt"], "matched no files"),
+    ]:
+        r = _cli(*args)
+        assert r.returncode == 2, r
+        assert "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("expertmesh: error:") and text in lines[0], r.stderr
+
+
+def test_resolved_config_roundtrips_through_json(tmp_path):
+    import json
+
+    cfg = config.load(None, ["train.steps=11", "moe.top_k=1"])
+    config.save(cfg, tmp_path / "config.json")
+    assert config.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg

@@ -1,0 +1,79 @@
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertmesh import config
+from expertmesh.config import ConfigError
+from expertmesh.data.corpus import load_text, stdlib_files
+from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
+from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
+
+
+def test_stdlib_corpus_is_real_python_without_test_suites():
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel = [f.relative_to(root) for f in files]
+    assert any(str(r) == "json/__init__.py" for r in rel)
+    assert not any("test" in r.parts[:-1] or "site-packages" in r.parts for r in rel)
+    text = load_text(config.load(None, ["data.max_bytes=50000"]).data)
+    assert len(text) == 50000 and "def " in text
+
+
+def test_files_source_reads_text_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "doc one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    cfg = config.load(None, ["data.source=files", f"data.paths=[\"{tmp_path}/*\"]"])
+    assert load_text(cfg.data) == "hello world\n\ndoc one\n\ntwo"
+    (tmp_path / "c.jsonl").write_text('{"body": 1}\n')
+    with pytest.raises(ConfigError, match=r"c.jsonl:1 has no field 'text'"):
+        load_text(cfg.data)
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo")
+    assert ids.dtype == torch.int64 and int(ids.max()) < 256
+    assert tok.decode(ids) == "héllo"
+
+
+def test_bpe_trains_locally_and_reloads(tmp_path):
+    text = load_text(config.load(None, ["data.max_bytes=200000"]).data)
+    tok = BPETokenizer.train(text, 300, tmp_path / "tok.json")
+    again = BPETokenizer.load(tmp_path / "tok.json")
+    sample = "def foo(x):\n    return x + 1\n"
+    assert again.decode(again.encode(sample)) == sample
+    assert len(tok.encode(sample)) < len(sample.encode())  # merges actually compress
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is not a tokenizers JSON file"):
+        BPETokenizer.load(tmp_path / "junk.json")
+
+
+def test_loader_shards_are_disjoint_and_resume_exactly():
+    tokens = torch.arange(10_000)
+    train, held = split_tokens(tokens, 0.1)
+    assert len(held) == 1000 and int(train[-1]) + 1 == int(held[0])
+    a = TokenLoader(train, 16, 4, rank=0, world=2, seed=1)
+    b = TokenLoader(train, 16, 4, rank=1, world=2, seed=1)
+    xa, ya = a.next_batch()
+    xb, _ = b.next_batch()
+    assert int(xa.max()) < 4500 <= int(xb.min())  # contiguous shards per data rank
+    assert torch.equal(ya[:, :-1], xa[:, 1:])  # targets are inputs shifted by one
+    state = a.state_dict()
+    future = [a.next_batch()[0] for _ in range(3)]
+    c = TokenLoader(train, 16, 4, rank=0, world=2, seed=1)
+    c.load_state_dict(state)
+    assert all(torch.equal(f, c.next_batch()[0]) for f in future)
+    with pytest.raises(ValueError, match="data rank 0 of 2"):
+        TokenLoader(train, 16, 4, rank=1, world=2, seed=1).load_state_dict(state)
+
+
+def test_eval_batches_are_fixed_and_too_little_data_is_an_error():
+    held = torch.arange(3000)
+    first = [x for x, _ in eval_batches(held, 32, 4, 3, 0, 2)]
+    again = [x for x, _ in eval_batches(held, 32, 4, 3, 0, 2)]
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    with pytest.raises(ConfigError, match="fewer than one sequence"):
+        list(eval_batches(torch.arange(40), 32, 4, 3, 0, 2))

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from expertmesh import config
+from expertmesh.models.transformer import Transformer
+from expertmesh.moe import ops
+from expertmesh.moe.router import TopKRouter
+
+TINY = ["model.dim=32", "model.n_layers=3", "model.n_heads=2", "model.ffn_dim=48", "moe.num_experts=4",
+        "moe.expert_dim=16", "model.vocab_size=256"]
+
+
+def build(overrides=(), seed=0):
+    cfg = config.load(None, [*TINY, *overrides, f"train.seed={seed}"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(cfg.train.seed)
+    model.init_weights()
+    return cfg, model
+
+
+def test_meta_build_then_init_is_deterministic_and_finite():
+    _, a = build(seed=5)
+    _, b = build(seed=5)
+    _, c = build(seed=6)
+    for (n, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+        assert torch.isfinite(pa).all(), n
+        assert torch.equal(pa, pb), n
+    assert not torch.equal(a.output.weight, c.output.weight)
+
+
+def test_forward_shapes_and_moe_layout():
+    cfg, model = build(["moe.every=2", "moe.shared_experts=1"])
+    tokens = torch.randint(0, 256, (2, 10))
+    logits, stats = model(tokens)
+    assert logits.shape == (2, 10, 256)
+    assert [b.is_moe for b in model.layers.values()] == [False, True, False]
+    assert len(stats) == 1
+    assert int(stats[0].tokens_per_expert_E.sum()) == 2 * 10 * cfg.moe.top_k
+    assert model.layers["1"].ffn.experts.w1.shape == (4, 32, 16)  # [E, D, F]
+
+
+def test_causal_future_tokens_do_not_change_the_past():
+    _, model = build()
+    tokens = torch.randint(0, 256, (1, 12))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 256
+    a, _ = model(tokens)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_reference_dispatch_combine_against_a_loop():
+    torch.manual_seed(0)
+    T, D, E, K = 37, 8, 5, 2
+    x = torch.randn(T, D)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    idx[3, 1] = -1  # a dropped slot
+    w = torch.rand(T, K)
+    x_sorted, counts, row_map = ops.dispatch_reference(x, idx, E)
+    assert counts.tolist() == [int((idx == e).sum()) for e in range(E)]
+    # Grouped by expert, token order inside an expert.
+    expected_rows = [t for e in range(E) for t in range(T) for k in range(K) if idx[t, k] == e]
+    torch.testing.assert_close(x_sorted, x[expected_rows])
+    assert row_map[3, 1] == -1
+    scale = torch.arange(1, x_sorted.shape[0] + 1, dtype=x.dtype)[:, None]
+    out = ops.combine_reference(x_sorted * scale, row_map, w)
+    loop = torch.zeros(T, D)
+    for t in range(T):
+        for k in range(K):
+            if row_map[t, k] >= 0:
+                loop[t] += w[t, k] * x[t] * (row_map[t, k] + 1)
+    torch.testing.assert_close(out, loop)
+
+
+def test_reference_ops_reject_bad_indices():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"\[-1, 3\]; found range \[0, 4\]"):
+        ops.dispatch_reference(x, torch.tensor([[0], [4], [1], [2]]), 4)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        ops.dispatch_reference(x, torch.zeros(4, 1), 4)
+
+
+def test_router_capacity_drops_lowest_scores_and_counts_them():
+    torch.manual_seed(0)
+    router = TopKRouter(dim=6, num_experts=4, top_k=1, capacity_factor=0.5)
+    with torch.no_grad():
+        router.gate.weight.zero_()
+        router.gate.weight[0, 0] = 1.0  # every token prefers expert 0, scored by x[:, 0]
+    x = torch.randn(16, 6).abs()
+    out = router(x)
+    cap = router.capacity(16)  # ceil(0.5 * 16 * 1 / 4) = 2
+    assert cap == 2
+    kept = (out.topk_idx_TK[:, 0] == 0).nonzero().flatten()
+    assert set(kept.tolist()) == set(x[:, 0].topk(cap).indices.tolist())
+    assert int(out.dropped) == 16 - cap
+    assert out.tokens_per_expert_E.tolist() == [cap, 0, 0, 0]
+    assert (out.topk_w_TK[out.topk_idx_TK < 0] == 0).all()
+
+
+def test_load_balance_loss_is_one_when_uniform_and_grows_when_skewed():
+    router = TopKRouter(dim=4, num_experts=4, top_k=1)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4))
+    balanced = router(torch.eye(4) * 10)
+    assert balanced.aux_loss.item() == pytest.approx(1.0, abs=1e-3)
+    skewed = router(torch.tensor([[10.0, 0, 0, 0]] * 4))
+    assert skewed.aux_loss.item() > 3.5
