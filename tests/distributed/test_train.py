@@ -50,6 +50,7 @@ def test_killed_run_resumes_with_identical_losses(tiny_overrides, tmp_path):
     again = expertmesh_run(2, resumed)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "step-8" in again.stdout
+    assert again.stdout.count("step 12/12 | loss") == 1  # only rank 0 prints
 
     ref_losses = {s: r["loss"] for s, r in read_metrics(tmp_path / "ref").items()}
     cut_losses = {s: r["loss"] for s, r in read_metrics(cut).items()}
@@ -114,3 +115,16 @@ def test_default_model_learns(tiny_overrides, tmp_path):
     run(cfg, DistEnv(0, 0, 1, 1, "single"))
     evals = read_metrics(tmp_path / "default", "eval")
     assert evals[60]["eval_loss"] < 0.75 * evals[0]["eval_loss"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
+    """Two micro-batches of 4 draw the same windows as one batch of 8, so one step must agree."""
+    single = DistEnv(0, 0, 1, 1, "single")
+    base = tiny_overrides + ["train.steps=2", "metrics.log_every=1", "checkpoint.enabled=false",
+                             "optim.grad_clip=0"]
+    run(config.load(None, base + ["train.name=big", "data.batch_size=8"]), single)
+    run(config.load(None, base + ["train.name=acc", "data.batch_size=4", "train.grad_accum=2"]), single)
+    big, acc = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "acc")
+    assert acc[1]["loss_avg"] == pytest.approx(big[1]["loss_avg"], rel=1e-5)
+    assert acc[1]["grad_norm"] == pytest.approx(big[1]["grad_norm"], rel=1e-4)
+    assert acc[2]["loss_avg"] == pytest.approx(big[2]["loss_avg"], rel=1e-4)  # same update was applied
