@@ -26,7 +26,7 @@ def _extensions():
     cpp = _sources("*.cpp")
     if not cpp:
         return [], {}
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"], py_limited_api=False)
     cu = _sources("*.cu")
     use_cuda = bool(cu) and torch.version.cuda is not None and shutil.which("nvcc") is not None
@@ -35,7 +35,7 @@ def _extensions():
         ext = CUDAExtension(
             "expertmesh._C",
             cpp + cu,
-            extra_compile_args={"cxx": cxx + ["-DEXPERTMESH_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx + ["-DEXPERTMESH_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20"]},
             **common,
         )
     else:

@@ -7,12 +7,24 @@ expert) and returns `x_sorted_ND`, `tokens_per_expert_E` and `row_map_TK`, the r
 `x_sorted_ND` that slot (t, k) went to (-1 for a dropped slot). `combine(y_sorted_ND, row_map_TK,
 w_TK)` returns `out_TD = sum_k w[t, k] * y_sorted[row_map[t, k]]`, summed in k order.
 
-These are the pure-torch reference versions; autograd differentiates them directly.
+Three implementations behind one API: the pure-torch reference below (kept for tests and as the
+`moe.backend = "reference"` fallback), and the fused ops of `expertmesh._C` registered as
+`expertmesh::moe_dispatch` / `expertmesh::moe_combine` (C++ on CPU, CUDA on GPU), given fake
+tensors and autograd here.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+try:
+    import expertmesh._C  # noqa: F401  (registers torch.ops.expertmesh.*)
+
+    HAVE_EXTENSION = True
+except ImportError:  # an install without a C++ compiler: only the reference backend works
+    HAVE_EXTENSION = False
 
 
 def _check(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int) -> None:
@@ -55,9 +67,85 @@ def combine_reference(y_sorted_ND: torch.Tensor, row_map_TK: torch.Tensor, w_TK:
     return out_TD
 
 
-def dispatch(x_TD, topk_idx_TK, num_experts: int, backend: str = "reference"):
-    return dispatch_reference(x_TD, topk_idx_TK, num_experts)
+
+# ---------------------------------------------------------------------------------------
+# Fused ops: fake tensors (for torch.compile / export) and autograd
 
 
-def combine(y_sorted_ND, row_map_TK, w_TK, backend: str = "reference"):
-    return combine_reference(y_sorted_ND, row_map_TK, w_TK)
+if HAVE_EXTENSION:
+    _ops = torch.ops.expertmesh
+
+    @torch.library.register_fake("expertmesh::moe_dispatch")
+    def _dispatch_fake(x, topk_idx, num_experts):
+        n = torch.library.get_ctx().new_dynamic_size()
+        T, K = topk_idx.shape
+        return (x.new_empty(n, x.shape[1]), topk_idx.new_empty(num_experts, dtype=torch.int64),
+                topk_idx.new_empty(T, K, dtype=torch.int64))
+
+    @torch.library.register_fake("expertmesh::moe_dispatch_backward")
+    def _dispatch_backward_fake(grad_x_sorted, row_map):
+        return grad_x_sorted.new_empty(row_map.shape[0], grad_x_sorted.shape[1])
+
+    @torch.library.register_fake("expertmesh::moe_combine")
+    def _combine_fake(y_sorted, row_map, weights):
+        return y_sorted.new_empty(row_map.shape[0], y_sorted.shape[1])
+
+    @torch.library.register_fake("expertmesh::moe_combine_backward")
+    def _combine_backward_fake(grad_out, y_sorted, row_map, weights):
+        return torch.empty_like(y_sorted), torch.empty_like(weights)
+
+    def _dispatch_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[2])
+
+    def _dispatch_backward(ctx, grad_sorted, _grad_counts, _grad_row_map):
+        (row_map,) = ctx.saved_tensors
+        return _ops.moe_dispatch_backward(grad_sorted.contiguous(), row_map), None, None
+
+    def _combine_setup(ctx, inputs, output):
+        y_sorted, row_map, weights = inputs
+        ctx.save_for_backward(y_sorted, row_map, weights)
+
+    def _combine_backward(ctx, grad_out):
+        y_sorted, row_map, weights = ctx.saved_tensors
+        grad_y, grad_w = _ops.moe_combine_backward(grad_out.contiguous(), y_sorted, row_map, weights)
+        return grad_y, None, grad_w
+
+    torch.library.register_autograd("expertmesh::moe_dispatch", _dispatch_backward, setup_context=_dispatch_setup)
+    torch.library.register_autograd("expertmesh::moe_combine", _combine_backward, setup_context=_combine_setup)
+
+
+@functools.cache
+def _cuda_ops_available() -> bool:
+    if not (HAVE_EXTENSION and torch.cuda.is_available()):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("expertmesh::moe_dispatch", "CUDA")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> the fused op for the device (CUDA kernels on GPU, C++ on CPU), else the reference."""
+    if backend == "reference":
+        return backend
+    if backend in ("cpp", "cuda") and not HAVE_EXTENSION:
+        raise RuntimeError(f"moe.backend={backend!r} needs expertmesh._C, which is not built "
+                           "(reinstall with a C++ compiler, or use moe.backend='reference')")
+    if backend == "cuda" and not _cuda_ops_available():
+        raise RuntimeError("moe.backend='cuda' but expertmesh._C has no CUDA kernels or no GPU is visible")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "cuda" if _cuda_ops_available() else "reference"
+        return "cpp" if HAVE_EXTENSION else "reference"
+    return backend
+
+
+def dispatch(x_TD, topk_idx_TK, num_experts: int, backend: str = "auto"):
+    """-> (x_sorted_ND, tokens_per_expert_E, row_map_TK); see the module docstring."""
+    if resolve_backend(backend, x_TD.device) == "reference":
+        return dispatch_reference(x_TD, topk_idx_TK, num_experts)
+    return torch.ops.expertmesh.moe_dispatch(x_TD, topk_idx_TK, num_experts)
+
+
+def combine(y_sorted_ND, row_map_TK, w_TK, backend: str = "auto"):
+    """-> out_TD = sum_k w_TK[t, k] * y_sorted_ND[row_map_TK[t, k]]."""
+    if resolve_backend(backend, y_sorted_ND.device) == "reference":
+        return combine_reference(y_sorted_ND, row_map_TK, w_TK)
+    return torch.ops.expertmesh.moe_combine(y_sorted_ND, row_map_TK, w_TK.to(y_sorted_ND.dtype))

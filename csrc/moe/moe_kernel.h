@@ -1,0 +1,113 @@
+// Index arithmetic and row loops shared by the CPU (cpu/*.cpp) and CUDA (cuda/*.cu) MoE kernels.
+//
+// Everything here is __host__ __device__ so the CPU tests exercise the same logic the GPU runs.
+// Row functions take (lane, stride): a CPU caller passes (0, 1) and walks the whole row; a CUDA
+// block passes (threadIdx.x, blockDim.x) and its threads share the row.
+//
+// Legend: T tokens, K experts per token, E experts, D row width, N routed rows, s = t * K + k a slot.
+//
+// Dispatch layout. Slots are cut into `chunks` contiguous ranges. hist[c * E + e] counts the slots
+// of chunk c that chose expert e. Destination rows are ordered expert-major, then chunk, then slot
+// order within the chunk, so inside each expert rows keep token order (stable, deterministic) no
+// matter how many chunks ran in parallel.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define EM_HD __host__ __device__ __forceinline__
+#else
+#define EM_HD inline
+#endif
+
+namespace expertmesh {
+namespace moe {
+
+// fp32 accumulation for fp32/bf16/fp16 data, fp64 for fp64 data.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// First slot of chunk c when n slots are cut into `chunks` near-equal ranges.
+EM_HD int64_t chunk_begin(int64_t c, int64_t n, int64_t chunks) {
+  return (n / chunks) * c + (c < n % chunks ? c : n % chunks);
+}
+
+// -1 marks a dropped slot; anything else outside [0, E) is an error.
+EM_HD bool expert_in_range(int64_t e, int64_t num_experts) {
+  return e >= -1 && e < num_experts;
+}
+
+// Total rows of expert e over all chunks.
+EM_HD int64_t expert_total(const int64_t* hist, int64_t chunks, int64_t num_experts, int64_t e) {
+  int64_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += hist[c * num_experts + e];
+  return total;
+}
+
+// Given `base`, the first row of expert e (the sum of totals of experts < e), writes the first
+// destination row of every chunk's slots for expert e.
+EM_HD void expert_chunk_starts(const int64_t* hist, int64_t chunks, int64_t num_experts, int64_t e, int64_t base,
+                               int64_t* start) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    start[c * num_experts + e] = base;
+    base += hist[c * num_experts + e];
+  }
+}
+
+// Assigns destination rows to the slots [begin, end) of one chunk, in slot order. `cursor[e]` starts
+// at the chunk's start row for expert e and is advanced here.
+template <typename IdxT>
+EM_HD void assign_rows(const IdxT* topk_idx, int64_t begin, int64_t end, int64_t* cursor, int64_t* row_map) {
+  for (int64_t s = begin; s < end; ++s) {
+    const int64_t e = static_cast<int64_t>(topk_idx[s]);
+    row_map[s] = e < 0 ? -1 : cursor[e]++;
+  }
+}
+
+template <typename T>
+EM_HD void copy_row(const T* src, T* dst, int64_t D, int64_t lane, int64_t stride) {
+  for (int64_t d = lane; d < D; d += stride) dst[d] = src[d];
+}
+
+// out[t, :] = sum_k w[t, k] * y[row_map[t, k], :], in k order; a null `w` means weight 1 (the
+// gradient of dispatch). Rows outside [0, N) are skipped: the caller flags them as errors.
+template <typename T>
+EM_HD void combine_row(const T* y, int64_t N, const int64_t* row_map_t, const T* w_t, int64_t K, int64_t D, T* out_t,
+                       int64_t lane, int64_t stride) {
+  using A = typename Acc<T>::type;
+  for (int64_t d = lane; d < D; d += stride) {
+    A acc = A(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t r = row_map_t[k];
+      if (r < 0 || r >= N) continue;
+      const A w = w_t == nullptr ? A(1) : static_cast<A>(w_t[k]);
+      acc += w * static_cast<A>(y[r * D + d]);
+    }
+    out_t[d] = static_cast<T>(acc);
+  }
+}
+
+// Backward of combine for one slot (t, k) routed to row r: grad_y[r, :] = w * grad_out[t, :], and
+// returns this lane's share of grad_w = <grad_out[t, :], y[r, :]>.
+template <typename T>
+EM_HD typename Acc<T>::type combine_backward_row(const T* grad_out_t, const T* y_r, T w, int64_t D, T* grad_y_r,
+                                                 int64_t lane, int64_t stride) {
+  using A = typename Acc<T>::type;
+  A dot = A(0);
+  const A wa = static_cast<A>(w);
+  for (int64_t d = lane; d < D; d += stride) {
+    const A g = static_cast<A>(grad_out_t[d]);
+    grad_y_r[d] = static_cast<T>(wa * g);
+    dot += g * static_cast<A>(y_r[d]);
+  }
+  return dot;
+}
+
+}  // namespace moe
+}  // namespace expertmesh
