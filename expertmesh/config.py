@@ -49,8 +49,18 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     capacity_factor: float = 0.0  # 0 = dropless; > 0 drops the lowest-scored slots beyond capacity
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3): per-expert selection bias step; 0 = off
+    n_groups: int = 1  # group-limited routing: experts split into n_groups groups ...
+    topk_groups: int = 1  # ... and each token chooses its experts inside its best topk_groups groups
+    residual: bool = False  # PR-MoE: a dense MLP beside the experts, mixed by a learned per-token coefficient
+    num_experts_per_layer: list[int] = field(default_factory=list)  # per MoE layer; empty = num_experts everywhere
     backend: Literal["auto", "reference", "cpp", "cuda"] = "auto"
     placement: Literal["ep"] = "ep"
+
+    def experts_in_layers(self, n_layers: int) -> list[int]:
+        """Expert count of each MoE layer, in order."""
+        moe_layers = sum(1 for i in range(n_layers) if (i + 1) % self.every == 0)
+        return list(self.num_experts_per_layer) or [self.num_experts] * moe_layers
 
 
 @dataclass(kw_only=True)
@@ -275,8 +285,22 @@ def check(cfg: JobConfig) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.dim={m.dim}")
     if (m.dim // m.n_heads) % 2:
         raise ConfigError(f"head dim model.dim/model.n_heads={m.dim // m.n_heads} must be even for RoPE")
-    if e.top_k > e.num_experts:
-        raise ConfigError(f"moe.top_k={e.top_k} exceeds moe.num_experts={e.num_experts}")
+    moe_layers = sum(1 for i in range(m.n_layers) if (i + 1) % e.every == 0)
+    if e.num_experts_per_layer and len(e.num_experts_per_layer) != moe_layers:
+        raise ConfigError(f"moe.num_experts_per_layer has {len(e.num_experts_per_layer)} entries but the model has "
+                          f"{moe_layers} MoE layers (model.n_layers={m.n_layers}, moe.every={e.every})")
+    for n in e.experts_in_layers(m.n_layers):
+        if e.top_k > n:
+            raise ConfigError(f"moe.top_k={e.top_k} exceeds moe.num_experts={n}")
+        if n % e.n_groups:
+            raise ConfigError(f"moe.n_groups={e.n_groups} does not divide moe.num_experts={n}")
+        if e.top_k > e.topk_groups * (n // e.n_groups):
+            raise ConfigError(f"moe.top_k={e.top_k} exceeds the {e.topk_groups * (n // e.n_groups)} experts in "
+                              f"moe.topk_groups={e.topk_groups} groups of {n // e.n_groups}")
+    if not 1 <= e.topk_groups <= e.n_groups:
+        raise ConfigError(f"moe.topk_groups={e.topk_groups} must be in [1, moe.n_groups={e.n_groups}]")
+    if e.bias_update_rate < 0:
+        raise ConfigError(f"moe.bias_update_rate={e.bias_update_rate} must be >= 0")
     if e.capacity_factor < 0:
         raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be >= 0 (0 = dropless)")
     if d.seq_len > m.max_seq_len:
@@ -301,8 +325,9 @@ def check(cfg: JobConfig) -> None:
     p = cfg.parallel
     if p.dp == 0 or p.dp < -1:
         raise ConfigError(f"parallel.dp={p.dp} must be positive or -1 (the rest of WORLD_SIZE)")
-    if e.num_experts % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep} does not divide moe.num_experts={e.num_experts}")
+    for n in e.experts_in_layers(m.n_layers):
+        if n % p.ep:
+            raise ConfigError(f"parallel.ep={p.ep} does not divide moe.num_experts={n}")
     if m.n_heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}")
     for key, value in (("model.ffn_dim", m.ffn_dim), ("moe.expert_dim", e.expert_dim)):

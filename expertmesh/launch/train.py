@@ -32,7 +32,7 @@ from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_int
 from expertmesh.dist.comm_stats import Comm
 from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
 from expertmesh.metrics import Metrics
-from expertmesh.models.transformer import Transformer, count_params
+from expertmesh.models.transformer import Transformer, count_params, moe_layers
 from expertmesh.parallel.apply import parallelize_model
 from expertmesh.parallel.mesh import Mesh, ParallelDims
 
@@ -154,6 +154,7 @@ def train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loa
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
+        step_load = []
         for _ in range(cfg.train.grad_accum):
             x, y = loader.next_batch()
             with autocast:
@@ -163,11 +164,14 @@ def train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loa
             loss = ce + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
             (loss / cfg.train.grad_accum).backward()
             window.add_micro(ce, aux, z, stats, x.numel())
+            step_load.append([s.tokens_per_expert_E.detach() for s in stats])
         grad_sync.average()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
+        if cfg.moe.bias_update_rate > 0:
+            update_router_bias(model, step_load, mesh, comm)
         window.add_step(time.perf_counter() - t0)
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -181,6 +185,16 @@ def train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loa
                               {"rng": torch.get_rng_state(), "loader": loader.state_dict()})
         maybe_inject_fault(step, env)
     return rec
+
+
+def update_router_bias(model, step_load: list[list[torch.Tensor]], mesh: Mesh, comm: Comm) -> None:
+    """Aux-loss-free balancing: every rank applies the same bias step from the same global counts."""
+    per_layer = [torch.stack(layer).sum(0) for layer in zip(*step_load, strict=True)]
+    sizes = [t.numel() for t in per_layer]
+    packed = torch.cat(per_layer).cpu()
+    comm.all_reduce(packed, mesh.group("dense_dp"), "router")
+    for layer, load in zip(moe_layers(model), packed.split(sizes), strict=True):
+        layer.router.update_bias(load.to(layer.router.expert_bias.device))
 
 
 def maybe_inject_fault(step: int, env: DistEnv) -> None:
@@ -222,8 +236,8 @@ class Window:
         if stats:
             self.sums[3] += sum(int(s.dropped) for s in stats)
             self.sums[4] += sum(float(s.entropy) for s in stats) / len(stats)
-            load = torch.stack([s.tokens_per_expert_E.detach().cpu() for s in stats]).double()
-            self.load = load if self.load is None else self.load + load
+            load = [s.tokens_per_expert_E.detach().cpu().double() for s in stats]
+            self.load = load if self.load is None else [a + b for a, b in zip(self.load, load, strict=True)]
 
     def add_step(self, seconds: float) -> None:
         self.steps += 1
@@ -234,9 +248,9 @@ class Window:
         group = self.mesh.group("dense_dp")
         n = self.mesh.dims.degree("dense_dp")
         # One reduction for every figure: this step's loss, window means, dropped and token counts.
-        load = self.load if self.load is not None else torch.zeros(0, dtype=torch.float64)
+        load = self.load or []
         packed = torch.cat([torch.tensor([self.last_ce, float(self.tokens), self.seconds], dtype=torch.float64),
-                            self.sums, load.flatten()])
+                            self.sums, *load])
         self.comm.all_reduce(packed, group, "metrics")
         last_ce, tokens, seconds = packed[0] / n, packed[1], packed[2] / n
         sums = packed[3:8]
@@ -258,7 +272,7 @@ class Window:
             "dropped_tokens": int(sums[3]),
             "drop_fraction": 0.0,
             "router_entropy": float(sums[4] / n / self.micro),
-            "expert_load": packed[8:].view_as(load).long().tolist(),
+            "expert_load": [t.long().tolist() for t in packed[8:].split([t.numel() for t in load])],
             "comm_bytes_per_step": comm_bytes,
         }
         routed = sum(sum(layer) for layer in rec["expert_load"]) + rec["dropped_tokens"]

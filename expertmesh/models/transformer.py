@@ -59,14 +59,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: JobConfig, layer_id: int) -> None:
+    def __init__(self, cfg: JobConfig, layer_id: int, num_experts: int | None = None) -> None:
         super().__init__()
         m = cfg.model
         self.attention_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.attention = Attention(m)
         self.ffn_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.is_moe = (layer_id + 1) % cfg.moe.every == 0
-        self.ffn = MoELayer(m.dim, cfg.moe) if self.is_moe else SwiGLU(m.dim, m.ffn_dim)
+        self.ffn = MoELayer(m.dim, cfg.moe, num_experts) if self.is_moe else SwiGLU(m.dim, m.ffn_dim)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.reset_parameters()
@@ -89,7 +89,10 @@ class Transformer(nn.Module):
         self.cfg = m
         self.tok_embeddings = nn.Embedding(m.vocab_size, m.dim)
         # A ModuleDict keyed by layer index keeps parameter names stable if layers are pruned or staged.
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(m.n_layers)})
+        experts = iter(cfg.moe.experts_in_layers(m.n_layers))
+        self.layers = nn.ModuleDict({
+            str(i): Block(cfg, i, next(experts) if (i + 1) % cfg.moe.every == 0 else None) for i in range(m.n_layers)
+        })
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.output = nn.Linear(m.dim, m.vocab_size, bias=False)
         if m.tie_embeddings:
@@ -121,6 +124,10 @@ class Transformer(nn.Module):
             if s is not None:
                 stats.append(s)
         return self.output(self.norm(h_BSD)), stats
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -27,19 +27,31 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+    """`num_experts` may differ per layer (PR-MoE's pyramid). Expert placement (expert parallelism)
+    is attached from outside by `parallelize_model`, as `self.placement`; None runs every expert here."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, num_experts: int | None = None) -> None:
         super().__init__()
-        self.num_experts, self.backend = cfg.num_experts, cfg.backend
-        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.norm_topk,
-                                 cfg.capacity_factor)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_dim)
+        E = num_experts or cfg.num_experts
+        self.num_experts, self.backend = E, cfg.backend
+        self.router = TopKRouter(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk, cfg.capacity_factor,
+                                 cfg.bias_update_rate, cfg.n_groups, cfg.topk_groups)
+        self.experts = GroupedExperts(E, dim, cfg.expert_dim)
         self.shared = SwiGLU(dim, cfg.shared_experts * cfg.expert_dim) if cfg.shared_experts else None
+        # PR-MoE (residual MoE): out = c0 * experts(x) + c1 * mlp(x), c = softmax(coefficient(x)).
+        self.residual_mlp = SwiGLU(dim, cfg.expert_dim) if cfg.residual else None
+        self.coefficient = nn.Linear(dim, 2, bias=False) if cfg.residual else None
+        self.placement = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.router.gate.weight, std=std)
+        self.router.expert_bias.zero_()
         self.experts.init_weights(std, out_std)
-        if self.shared is not None:
-            self.shared.init_weights(std, out_std)
+        for mlp in (self.shared, self.residual_mlp):
+            if mlp is not None:
+                mlp.init_weights(std, out_std)
+        if self.coefficient is not None:
+            nn.init.trunc_normal_(self.coefficient.weight, std=std)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
@@ -47,8 +59,14 @@ class MoELayer(nn.Module):
         r = self.router(x_TD)
         x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(x_TD, r.topk_idx_TK, self.num_experts,
                                                                     self.backend)
-        y_sorted_ND = self.experts(x_sorted_ND, tokens_per_expert_E)
+        if self.placement is None:
+            y_sorted_ND = self.experts(x_sorted_ND, tokens_per_expert_E)
+        else:
+            y_sorted_ND = self.placement(x_sorted_ND, tokens_per_expert_E, self.experts)
         out_TD = ops.combine(y_sorted_ND, row_map_TK, r.topk_w_TK, self.backend)
+        if self.residual_mlp is not None:
+            c_T2 = self.coefficient(x_TD).softmax(dim=-1)
+            out_TD = out_TD * c_T2[:, :1] + self.residual_mlp(x_TD) * c_T2[:, 1:]
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         stats = MoEStats(r.aux_loss, r.z_loss, r.tokens_per_expert_E, r.dropped, r.entropy)

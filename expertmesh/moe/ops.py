@@ -60,6 +60,8 @@ def combine_reference(y_sorted_ND: torch.Tensor, row_map_TK: torch.Tensor, w_TK:
     T, K = row_map_TK.shape
     valid_TK = row_map_TK >= 0
     out_TD = y_sorted_ND.new_zeros(T, y_sorted_ND.shape[1])
+    if y_sorted_ND.shape[0] == 0:  # every slot dropped: nothing to gather (and nothing to index)
+        return out_TD + 0 * w_TK.sum().to(out_TD.dtype)
     for k in range(K):  # fixed k order: the same sum on every backend
         rows = y_sorted_ND[row_map_TK[:, k].clamp_min(0)]
         w = (w_TK[:, k] * valid_TK[:, k]).to(rows.dtype)

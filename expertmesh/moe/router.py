@@ -33,6 +33,9 @@ class TopKRouter(nn.Module):
         score_func: str = "softmax",
         norm_topk: bool = True,
         capacity_factor: float = 0.0,
+        bias_update_rate: float = 0.0,
+        n_groups: int = 1,
+        topk_groups: int = 1,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -40,8 +43,32 @@ class TopKRouter(nn.Module):
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func={score_func!r} must be 'softmax' or 'sigmoid'")
         self.num_experts, self.top_k = num_experts, top_k
+        if num_experts % n_groups or not 1 <= topk_groups <= n_groups:
+            raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts} and "
+                             f"topk_groups={topk_groups} must be in [1, n_groups]")
         self.score_func, self.norm_topk, self.capacity_factor = score_func, norm_topk, capacity_factor
+        self.bias_update_rate, self.n_groups, self.topk_groups = bias_update_rate, n_groups, topk_groups
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        # Aux-loss-free balancing: added to the scores for choosing experts only, never to the weights.
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """After a step, nudge under-loaded experts up and over-loaded ones down (global counts)."""
+        if self.bias_update_rate > 0:
+            load = load_E.to(self.expert_bias.dtype)
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+    def _limit_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
+        """Masks every expert outside each token's best `topk_groups` groups (group score: the sum of
+        its two best experts, or its best one when groups have a single expert)."""
+        T, E = select_TE.shape
+        grouped_TGe = select_TE.view(T, self.n_groups, E // self.n_groups)
+        best = min(2, grouped_TGe.shape[-1])
+        group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(-1)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_score_TG.topk(self.topk_groups, dim=-1).indices, True)
+        return grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.gate(x_TD).float()
@@ -49,7 +76,13 @@ class TopKRouter(nn.Module):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
-        topk_s_TK, topk_idx_TK = scores_TE.topk(self.top_k, dim=-1)
+        select_TE = scores_TE.detach()
+        if self.bias_update_rate > 0:
+            select_TE = select_TE + self.expert_bias
+        if self.n_groups > 1:
+            select_TE = self._limit_groups(select_TE)
+        topk_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
+        topk_s_TK = scores_TE.gather(1, topk_idx_TK)
         topk_w_TK = topk_s_TK
         if self.norm_topk and self.top_k > 1:
             topk_w_TK = topk_s_TK / topk_s_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)

@@ -128,3 +128,21 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
     assert acc[1]["loss_avg"] == pytest.approx(big[1]["loss_avg"], rel=1e-5)
     assert acc[1]["grad_norm"] == pytest.approx(big[1]["grad_norm"], rel=1e-4)
     assert acc[2]["loss_avg"] == pytest.approx(big[2]["loss_avg"], rel=1e-4)  # same update was applied
+
+
+def test_router_bias_and_pr_moe_train_on_two_ranks(run_distributed, tiny_overrides, tmp_path):
+    overrides = tiny_overrides + ["train.steps=4", "metrics.log_every=2", "checkpoint.every=4",
+                                  "moe.bias_update_rate=0.01", "moe.residual=true", "model.n_layers=4",
+                                  "moe.num_experts_per_layer=[4, 8]"]
+    results = run_distributed(_train_on_rank, 2, overrides)
+    rec, _ = results[0]
+    assert [len(layer) for layer in rec["expert_load"]] == [4, 8]
+    assert rec["comm_bytes_per_step"]["router"] > 0
+    # Same global counts on every rank -> the same bias everywhere; it is saved in the checkpoint.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(tmp_path / "default" / "step-4"), str(tmp_path / "flat.pt"))
+    state = torch.load(tmp_path / "flat.pt", weights_only=False)
+    bias = state["model"]["layers.1.ffn.router.expert_bias"]
+    assert bias.abs().sum() > 0 and dcp is not None
