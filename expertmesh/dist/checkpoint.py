@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Shard
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
@@ -99,16 +100,47 @@ def latest_intact(run_path: Path) -> Path | None:
     return None
 
 
+def _map_sharded(model_sd: dict, optim_sd: dict, sharded: dict, fn) -> tuple[dict, dict]:
+    """Returns copies of the state dicts with fn(tensor, mesh) applied to every entry of a sharded
+    parameter: its weights and its optimizer state tensors (Adam's scalar step is left alone). The
+    inputs are never modified: get_state_dict's dicts share objects with the live optimizer."""
+    model_sd = dict(model_sd)
+    optim_sd = dict(optim_sd)
+    state = {fqn: dict(v) for fqn, v in optim_sd.get("state", {}).items()}
+    for fqn, mesh in sharded.items():
+        model_sd[fqn] = fn(model_sd[fqn], mesh)
+        for key, value in state.get(fqn, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                state[fqn][key] = fn(value, mesh)
+    if "state" in optim_sd:
+        optim_sd["state"] = state
+    return model_sd, optim_sd
+
+
+def _as_global(local: torch.Tensor, mesh) -> DTensor:
+    # Expert weights are split evenly along dim 0 over `mesh`; DCP stores the global tensor, so a
+    # checkpoint does not depend on how many ranks held the pieces.
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+
+
+def _as_local(t, _mesh) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class Checkpointer:
-    def __init__(self, run_path: Path, keep: int, rank: int) -> None:
+    """`sharded` maps parameter names to the 1-D DeviceMesh their local tensors are Shard(0) on
+    (expert weights under expert parallelism)."""
+
+    def __init__(self, run_path: Path, keep: int, rank: int, sharded: dict | None = None) -> None:
         self.run_path, self.keep, self.rank = run_path, keep, rank
+        self.sharded = sharded or {}
 
     def save(self, step: int, model, optimizer, scheduler, per_rank: dict) -> Path:
         path = self.run_path / f"step-{step}"
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # a leftover from a crashed attempt at the same step
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = _map_sharded(*get_state_dict(model, optimizer), self.sharded, _as_global)
         with warnings.catch_warnings():  # DCP warns when a single process saves without a group
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step},
@@ -146,12 +178,13 @@ class Checkpointer:
         if manifest["world_size"] != world:
             raise CheckpointError(f"{path} was written by {manifest['world_size']} ranks, this run has {world}; "
                                   "loading under another layout is not supported yet")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = _map_sharded(*get_state_dict(model, optimizer), self.sharded, _as_global)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": -1}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        model_sd, optim_sd = _map_sharded(state["model"], state["optim"], self.sharded, _as_local)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         scheduler.load_state_dict(state["scheduler"])
         extra = torch.load(path / f"rank-{self.rank}.pt", weights_only=False)
         return int(state["step"]), extra

@@ -34,6 +34,7 @@ from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device
 from expertmesh.metrics import Metrics
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
 from expertmesh.parallel.apply import parallelize_model
+from expertmesh.parallel.data_parallel import clip_grad_norm
 from expertmesh.parallel.mesh import Mesh, ParallelDims
 
 log = logging.getLogger("expertmesh")
@@ -118,12 +119,13 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     # Model: built on meta, then placed, materialized and initialized from outside.
     with torch.device("meta"):
         model = Transformer(cfg)
-    model, grad_sync = parallelize_model(model, mesh, cfg, device, comm)
+    par = parallelize_model(model, mesh, cfg, device, comm)
+    model = par.model
     optimizer, scheduler = build_optimizer(model, cfg)
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
+    checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank, par.sharded_fqns)
     start_step = 0
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path)) is not None:
         start_step, extra = checkpointer.load(path, model, optimizer, scheduler)
@@ -137,14 +139,15 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
                  n["total"] / 1e6, n["expert"] / 1e6, env.world_size, dims.active_axes or "(single)", run_path)
     metrics = Metrics(cfg, run_path, env.is_rank0)
     try:
-        return train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loader, eval_tokens,
-                          checkpointer, metrics, start_step, device, autocast)
+        return train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
+                          start_step, device, autocast)
     finally:
         metrics.close()  # also on a failing peer or SIGTERM: W&B flushes what it was given
 
 
-def train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loader, eval_tokens, checkpointer,
-               metrics, start_step, device, autocast) -> dict:
+def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
+               start_step, device, autocast) -> dict:
+    model = par.model
     eval_loss = None
     if start_step == 0:
         eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
@@ -165,9 +168,8 @@ def train_loop(cfg, env, mesh, comm, model, grad_sync, optimizer, scheduler, loa
             (loss / cfg.train.grad_accum).backward()
             window.add_micro(ce, aux, z, stats, x.numel())
             step_load.append([s.tokens_per_expert_E.detach() for s in stats])
-        grad_sync.average()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        par.grad_sync.average()
+        grad_norm = clip_grad_norm(par.dense_params, par.expert_params, mesh.group("ep"), comm, cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         if cfg.moe.bias_update_rate > 0:
