@@ -42,6 +42,8 @@ def cmd_run(args) -> int:
     cfg = _preflight(args, nproc)
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    # Huge pages for torch's large CPU allocations: fresh activations otherwise fault in 4 KiB at a time.
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={args.max_restarts}", "-m", "expertmesh.launch.train"]
     if args.config:

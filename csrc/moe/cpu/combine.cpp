@@ -1,5 +1,7 @@
 // CPU combine and its backward. Row loops: ../moe_kernel.h (shared with CUDA).
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
 
 #include "../checks.h"
 #include "../moe_kernel.h"
@@ -26,10 +28,14 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
     TORCH_CHECK(rm[s] >= -1 && rm[s] < N, "row_map[", s / K, ", ", s % K, "] = ", rm[s], " is outside [-1, ",
                 N - 1, "]");
   }
-  // Every row of y_sorted belongs to exactly one slot, so grad_y is fully written; zeros guard
-  // against a row_map that does not cover every row.
-  auto grad_y = at::zeros_like(y_sorted);
-  auto grad_w = at::zeros_like(weights);
+  // Rows are written by the slots that point at them; rows no slot points at (only possible with a
+  // hand-made row_map) are zeroed afterwards instead of zero-filling everything first.
+  auto grad_y = at::empty_like(y_sorted);
+  auto grad_w = at::empty_like(weights);
+  std::vector<uint8_t> covered(N, 0);
+  for (int64_t s = 0; s < T * K; ++s) {
+    if (rm[s] >= 0) covered[rm[s]] = 1;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y_sorted.scalar_type(), "moe_combine_backward", [&] {
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* y = y_sorted.data_ptr<scalar_t>();
@@ -39,9 +45,18 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
     at::parallel_for(0, T * K, 64, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t r = rm[s];
-        if (r < 0) continue;
+        if (r < 0) {
+          gw[s] = scalar_t(0);
+          continue;
+        }
         const int64_t t = s / K;
-        gw[s] = static_cast<scalar_t>(combine_backward_row<scalar_t>(g + t * D, y + r * D, w[s], D, gy + r * D, 0, 1));
+        scale_row<scalar_t>(g + t * D, w[s], D, gy + r * D, 0, 1);
+        gw[s] = static_cast<scalar_t>(dot_row<scalar_t>(g + t * D, y + r * D, D, 0, 1));
+      }
+    });
+    at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (!covered[r]) std::fill(gy + r * D, gy + (r + 1) * D, scalar_t(0));
       }
     });
   });

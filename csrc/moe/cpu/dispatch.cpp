@@ -91,8 +91,10 @@ at::Tensor gather_sum(const at::Tensor& y, const at::Tensor& row_map, const at::
     const scalar_t* wp = w == nullptr ? nullptr : w->data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      std::vector<typename Acc<scalar_t>::type> acc(D);
       for (int64_t t = t0; t < t1; ++t) {
-        combine_row<scalar_t>(yp, N, rm + t * K, wp == nullptr ? nullptr : wp + t * K, K, D, op + t * D, 0, 1);
+        combine_tile<scalar_t>(yp, N, rm + t * K, wp == nullptr ? nullptr : wp + t * K, K, D, 0, D, acc.data(),
+                               op + t * D, 0, 1);
       }
     });
   });

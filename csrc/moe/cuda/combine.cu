@@ -28,14 +28,22 @@ __device__ __forceinline__ void flag_bad_rows(const int64_t* row_map_t, int64_t 
   }
 }
 
+constexpr int64_t kTile = 2048;  // columns accumulated per pass in shared memory
+
 template <typename scalar_t>
 __global__ void gather_sum_kernel(const scalar_t* __restrict__ y, const int64_t* __restrict__ row_map,
                                   const scalar_t* __restrict__ w, int64_t T, int64_t K, int64_t N, int64_t D,
                                   scalar_t* __restrict__ out, int* error) {
+  using A = typename Acc<scalar_t>::type;
+  __shared__ A acc[kTile];
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
     flag_bad_rows(row_map + t * K, K, N, error);
-    combine_row<scalar_t>(y, N, row_map + t * K, w == nullptr ? nullptr : w + t * K, K, D, out + t * D, threadIdx.x,
-                          blockDim.x);
+    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+      const int64_t d1 = d0 + kTile < D ? d0 + kTile : D;
+      // Each thread touches only its own columns of acc, so no barrier is needed inside a tile.
+      combine_tile<scalar_t>(y, N, row_map + t * K, w == nullptr ? nullptr : w + t * K, K, D, d0, d1, acc,
+                             out + t * D, threadIdx.x, blockDim.x);
+    }
   }
 }
 
@@ -56,8 +64,9 @@ __global__ void combine_backward_kernel(const scalar_t* __restrict__ grad_out, c
       if (threadIdx.x == 0) grad_w[s] = scalar_t(0);
       continue;
     }
-    A dot = combine_backward_row<scalar_t>(grad_out + (s / K) * D, y + r * D, w[s], D, grad_y + r * D, threadIdx.x,
-                                           blockDim.x);
+    const scalar_t* g = grad_out + (s / K) * D;
+    scale_row<scalar_t>(g, w[s], D, grad_y + r * D, threadIdx.x, blockDim.x);
+    A dot = dot_row<scalar_t>(g, y + r * D, D, threadIdx.x, blockDim.x);
     for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_down_sync(0xffffffffu, dot, offset);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = dot;
     __syncthreads();
