@@ -26,6 +26,7 @@ test: setup
 	$(VPY) -m pytest -q tests
 
 bench: setup
+	DS_BUILD_OPS=0 $(VPY) -m pip install --quiet --no-build-isolation -e '.[bench]'
 	@for b in benchmarks/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 lint: setup

@@ -64,5 +64,5 @@ def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torc
     groups = [GradGroup(dense_params, mesh.group("dense_dp"), "dense_dp", d.degree("dense_dp"))]
     if expert_params:
         groups.append(GradGroup(expert_params, mesh.group("expert_dp"), "expert_dp", d.degree("dense_dp")))
-    sharded = {n: mesh.device_mesh["ep"] for n in expert_names}
+    sharded = {n: mesh.views["ep"] for n in expert_names}
     return Parallelized(model, GradAverager(groups, comm), dense_params, expert_params, sharded)

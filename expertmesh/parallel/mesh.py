@@ -86,26 +86,28 @@ class ParallelDims:
             raise RuntimeError("build_mesh needs an initialized process group when WORLD_SIZE > 1")
         axes = self.active_axes
         if not axes:
-            return Mesh(self, None)
+            return Mesh(self, None, {})
         mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in axes), mesh_dim_names=axes)
+        views = {a: mesh[a] for a in axes}
         for view, members in VIEWS.items():
             present = tuple(a for a in members if a in axes)
-            if len(present) > 1:
-                mesh[present]._flatten(view)
-        return Mesh(self, mesh)
+            if len(present) == 1:
+                views[view] = mesh[present[0]]
+            elif len(present) > 1:
+                views[view] = mesh[present]._flatten(view)  # kept here: torch wants flattened meshes held
+        return Mesh(self, mesh, views)
 
 
 @dataclass(frozen=True)
 class Mesh:
-    """The job's one DeviceMesh (None when every axis is 1) and lookups by view name."""
+    """The job's one DeviceMesh (None when every axis is 1) and its 1-D views by name."""
 
     dims: ParallelDims
     device_mesh: DeviceMesh | None
+    views: dict[str, DeviceMesh]
 
     def group(self, view: str) -> dist.ProcessGroup | None:
         """Process group of a view; None when its degree is 1 (nothing to communicate)."""
         if self.dims.degree(view) == 1:
             return None
-        present = tuple(a for a in VIEWS.get(view, (view,)) if getattr(self.dims, a) > 1)
-        name = present[0] if len(present) == 1 else view
-        return self.device_mesh[name].get_group()
+        return self.views[view].get_group()
