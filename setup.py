@@ -35,7 +35,7 @@ def _extensions():
         ext = CUDAExtension(
             "expertmesh._C",
             cpp + cu,
-            extra_compile_args={"cxx": cxx + ["-DEXPERTMESH_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
             **common,
         )
     else:

@@ -62,7 +62,8 @@ def main() -> None:
         def timed(fn):
             return lambda: (fn(), sync())
 
-        fns = {"copy_": timed(lambda: dst.copy_(src)), "copy_cold": timed(lambda: torch.empty_like(src).copy_(src))}
+        fns = {"copy_": timed(lambda dst=dst, src=src: dst.copy_(src)),
+               "copy_cold": timed(lambda src=src: torch.empty_like(src).copy_(src))}
         for op in ("dispatch", "combine"):
             fns[f"{op}:{fused}"] = timed(fused_cases[op])
             fns[f"{op}:reference"] = timed(ref_cases[op])

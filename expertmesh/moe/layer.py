@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from expertmesh.config import MoEConfig
+from expertmesh.models.mlp import SwiGLU
 from expertmesh.moe import ops
 from expertmesh.moe.experts import GroupedExperts
 from expertmesh.moe.router import TopKRouter
-from expertmesh.models.mlp import SwiGLU
 
 
 @dataclass
