@@ -3,6 +3,9 @@
   expertmesh run   --config FILE [--nproc N] [--max-restarts R] [key=value ...]   torchrun on this machine
   expertmesh train --config FILE [key=value ...]                                  one rank, in this process
   expertmesh config --config FILE [key=value ...]                                 print the resolved config
+  expertmesh submit --config FILE --nodes N (--gpus-per-node G | --procs-per-node P) [--dry-run] …  Slurm
+  expertmesh status JOBID                                                         job state + last metrics line
+  expertmesh report RUN_DIR                                                       PNG plots + summary.md
 
 Everything that can be checked before processes start (config, parallel degrees against the
 process count, data paths) is checked here, so a mistake costs one line, not a torchrun failure.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,12 +48,15 @@ def cmd_run(args) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     # Huge pages for torch's large CPU allocations: fresh activations otherwise fault in 4 KiB at a time.
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "expertmesh.launch.agent", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={args.max_restarts}", "-m", "expertmesh.launch.train"]
     if args.config:
         cmd += ["--config", args.config]
     cmd += args.overrides
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    # SIGUSR1 (checkpoint and stop) goes on to the agent, which relays it to the workers.
+    signal.signal(signal.SIGUSR1, lambda signum, _frame: proc.send_signal(signum))
+    return proc.wait()
 
 
 def cmd_train(args) -> int:
@@ -61,6 +68,38 @@ def cmd_train(args) -> int:
 def cmd_config(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from expertmesh.launch import slurm
+
+    cfg = config_mod.load(args.config, args.overrides)
+    req = slurm.SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+                             partition=args.partition, time=args.time)
+    req.check()
+    ParallelDims.from_config(cfg.parallel, req.nodes * req.nproc_per_node)
+    script = slurm.render(cfg, req, args.config, args.overrides)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    job = slurm.submit(script, cfg.run_path)
+    print(f"submitted job {job}; run dir {cfg.run_path.resolve()}, log {cfg.run_path.resolve()}/slurm-{job}.out")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from expertmesh.launch import slurm
+
+    print(slurm.status(args.job_id))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from expertmesh.report import report
+
+    for path in report(args.run_dir):
+        print(path)
     return 0
 
 
@@ -81,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("train", "run one rank in this process (torchrun/Slurm set the environment)").set_defaults(
         func=cmd_train)
     with_config("config", "print the resolved config as JSON").set_defaults(func=cmd_config)
+
+    s = with_config("submit", "render the sbatch script for a config and submit it to Slurm")
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--gpus-per-node", type=int, default=0)
+    s.add_argument("--procs-per-node", type=int, default=0, help="processes per node for a CPU job")
+    s.add_argument("--partition", default="")
+    s.add_argument("--time", default="04:00:00", help="time limit, as sbatch --time")
+    s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    s.set_defaults(func=cmd_submit)
+    st = sub.add_parser("status", help="a Slurm job's state and its run's last metrics line")
+    st.add_argument("job_id")
+    st.set_defaults(func=cmd_status)
+    rp = sub.add_parser("report", help="plots and a summary of a run directory")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

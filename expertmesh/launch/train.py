@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -148,6 +149,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
 def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
                start_step, device, autocast) -> dict:
     model = par.model
+    preemption = Preemption()
     eval_loss = None
     if start_step == 0:
         eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
@@ -182,10 +184,16 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
             rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)
             metrics.log(rec)
-        if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+        stop = preemption.agreed(mesh, comm)
+        if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop):
             checkpointer.save(step, model, optimizer, scheduler,
                               {"rng": torch.get_rng_state(), "loader": loader.state_dict()})
         maybe_inject_fault(step, env)
+        if stop:
+            log.info("stop requested (SIGUSR1): checkpointed step %d", step)
+            if env.is_rank0:
+                requeue_slurm_job()
+            break
     return rec
 
 
@@ -197,6 +205,37 @@ def update_router_bias(model, step_load: list[list[torch.Tensor]], mesh: Mesh, c
     comm.all_reduce(packed, mesh.group("dense_dp"), "router")
     for layer, load in zip(moe_layers(model), packed.split(sizes), strict=True):
         layer.router.update_bias(load.to(layer.router.expert_bias.device))
+
+
+class Preemption:
+    """Set by SIGUSR1 (Slurm's warning before a time limit or preemption). Ranks receive the signal
+    at different moments, so at the end of every step they agree through one tiny all-reduce:
+    either every rank checkpoints and stops after this step, or none does."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGUSR1, self._set)
+
+    def _set(self, _signum, _frame) -> None:
+        self.requested = True
+
+    def agreed(self, mesh: Mesh, comm: Comm) -> bool:
+        flag = torch.tensor([1 if self.requested else 0])
+        if dist.is_initialized():
+            comm.all_reduce(flag, dist.group.WORLD, "control", op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def requeue_slurm_job() -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.info("not running under Slurm: stopping without requeue")
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode:
+        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+    else:
+        log.info("requeued Slurm job %s", job)
 
 
 def maybe_inject_fault(step: int, env: DistEnv) -> None:

@@ -1,0 +1,162 @@
+"""`expertmesh report RUN_DIR`: plots and a short summary of a run, from its metrics.jsonl.
+
+Writes RUN_DIR/report/{loss,throughput,comm,expert_load[,acceptance]}.png (800x450 px) and
+RUN_DIR/report/summary.md, and logs the same images to the run's W&B run when it has one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from expertmesh.config import ConfigError
+
+SIZE, DPI = (8, 4.5), 100
+
+
+def load_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
+    by_step: dict[tuple[str, int], dict] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        by_step[(rec["kind"], rec["step"])] = rec  # a step logged before a restart and after: keep the later
+    records = sorted(by_step.values(), key=lambda r: r["step"])
+    return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
+
+
+def _figure(title: str, xlabel: str = "step", ylabel: str = ""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=SIZE, dpi=DPI)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(train, evals, out: Path) -> Path:
+    plt, fig, ax = _figure("loss", ylabel="cross-entropy (nats/token)")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    ax.legend()
+    return _save(plt, fig, out / "loss.png")
+
+
+def plot_throughput(train, out: Path) -> Path:
+    plt, fig, ax = _figure("throughput", ylabel="tokens/s (all ranks)")
+    ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
+    return _save(plt, fig, out / "throughput.png")
+
+
+def plot_comm(train, out: Path) -> Path:
+    plt, fig, ax = _figure("bytes sent per step by rank 0", ylabel="MB/step")
+    labels = sorted({k for r in train for k in r["comm_bytes_per_step"]})
+    for label in labels:
+        ax.plot([r["step"] for r in train], [r["comm_bytes_per_step"].get(label, 0) / 1e6 for r in train], label=label)
+    if labels:
+        ax.legend()
+    return _save(plt, fig, out / "comm.png")
+
+
+def plot_expert_load(train, out: Path) -> Path | None:
+    """One heatmap per MoE layer: experts down, logging windows across, colour = share of the
+    layer's tokens (1/E everywhere means perfectly balanced)."""
+    loads = [r["expert_load"] for r in train if r.get("expert_load")]
+    if not loads:
+        return None
+    import numpy as np
+
+    n_layers = len(loads[0])
+    plt, fig, _ = _figure("expert load")
+    fig.clf()
+    axes = fig.subplots(1, n_layers, squeeze=False)[0]
+    steps = [r["step"] for r in train if r.get("expert_load")]
+    for i, ax in enumerate(axes):
+        m = np.array([rec[i] for rec in loads], dtype=float).T  # [E, windows]
+        m = m / np.maximum(m.sum(0, keepdims=True), 1)
+        im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(steps[0], steps[-1], m.shape[0] - 0.5, -0.5))
+        ax.set_title(f"MoE layer {i}", fontsize=9)
+        ax.set_xlabel("step")
+        if i == 0:
+            ax.set_ylabel("expert")
+    fig.colorbar(im, ax=list(axes), label="share of tokens")
+    fig.suptitle("expert load")
+    fig.savefig(out / "expert_load.png", dpi=DPI)
+    plt.close(fig)
+    return out / "expert_load.png"
+
+
+def plot_acceptance(train, out: Path) -> Path | None:
+    rows = [r for r in train if "acceptance_rate" in r]
+    if not rows:
+        return None
+    plt, fig, ax = _figure("draft acceptance rate", ylabel="alpha")
+    ax.plot([r["step"] for r in rows], [r["acceptance_rate"] for r in rows])
+    return _save(plt, fig, out / "acceptance.png")
+
+
+def summary(run_dir: Path, train, evals, plots: list[Path]) -> str:
+    lines = [f"# {run_dir.name}", ""]
+    if train:
+        last = train[-1]
+        imbalance = [max(layer) / (sum(layer) / len(layer)) for layer in last.get("expert_load", []) if sum(layer)]
+        lines += [
+            f"- steps logged: {train[0]['step']}-{last['step']} ({len(train)} records)",
+            f"- final train loss: {last['loss']:.4f}",
+            f"- median tokens/s: {statistics.median(r['tokens_per_s'] for r in train):,.0f}",
+            f"- bytes sent per step (rank 0, last window): {sum(last['comm_bytes_per_step'].values()) / 1e6:.2f} MB",
+            f"- dropped tokens (last window): {last['dropped_tokens']}",
+        ]
+        if imbalance:
+            lines.append(f"- expert load max/mean per layer (last window): {', '.join(f'{x:.2f}' for x in imbalance)}")
+    if evals:
+        best = min(evals, key=lambda r: r["eval_loss"])
+        lines.append(f"- held-out loss: first {evals[0]['eval_loss']:.4f} (step {evals[0]['step']}), last "
+                     f"{evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']}), best {best['eval_loss']:.4f} "
+                     f"(step {best['step']})")
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    return "\n".join(lines)
+
+
+def log_to_wandb(run_dir: Path, plots: list[Path]) -> bool:
+    id_file = run_dir / "wandb_run_id"
+    cfg_file = run_dir / "config.json"
+    if not id_file.is_file() or not cfg_file.is_file():
+        return False
+    metrics_cfg = json.loads(cfg_file.read_text())["metrics"]
+    if metrics_cfg["wandb_mode"] == "disabled":
+        return False
+    import wandb
+
+    run = wandb.init(project=metrics_cfg["wandb_project"], id=id_file.read_text().strip(), resume="allow",
+                     dir=str(run_dir), mode=metrics_cfg["wandb_mode"])
+    run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in plots})
+    run.finish()
+    return True
+
+
+def report(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    train, evals = load_records(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    plots = [plot_loss(train, evals, out), plot_throughput(train, out), plot_comm(train, out)]
+    plots += [p for p in (plot_expert_load(train, out), plot_acceptance(train, out)) if p is not None]
+    (out / "summary.md").write_text(summary(run_dir, train, evals, plots))
+    log_to_wandb(run_dir, plots)
+    return [*plots, out / "summary.md"]

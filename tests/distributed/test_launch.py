@@ -1,0 +1,113 @@
+"""Launching: sbatch rendering, torchrun restarts after a SIGKILL, SIGUSR1 checkpoint-and-stop, reports."""
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import ROOT, expertmesh_run, read_metrics
+
+pytestmark = pytest.mark.distributed
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "expertmesh.launch.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_submit_dry_run_renders_the_sbatch_script(nodes):
+    r = _cli("submit", "--config", "configs/default.toml", "--nodes", str(nodes), "--gpus-per-node", "8",
+             "--partition", "gpu", "--time", "01:00:00", "--dry-run", "parallel.ep=4", "train.steps=20")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    for expected in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                     "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00", "#SBATCH --signal=USR1@90",
+                     "#SBATCH --requeue", "NPROC_PER_NODE=8"):
+        assert expected in lines, expected
+    script = r.stdout
+    # Nothing in the launch line depends on the node count: Slurm's variables carry it.
+    assert '--nnodes="$SLURM_JOB_NUM_NODES"' in script and '--rdzv-id="$SLURM_JOB_ID"' in script
+    assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert '--rdzv-endpoint="$head_node:29500"' in script and "-m expertmesh.launch.agent" in script
+    assert script.rstrip().endswith("parallel.ep=4 train.steps=20")
+    assert "OMP_NUM_THREADS" not in script  # GPU job: one thread setting per process is torch's default
+
+
+def test_submit_refuses_inconsistent_requests():
+    r = _cli("submit", "--nodes", "2", "--gpus-per-node", "4", "--procs-per-node", "2", "--dry-run")
+    assert r.returncode == 2 and "exactly one of --gpus-per-node (4) and --procs-per-node (2)" in r.stderr
+    r = _cli("submit", "--nodes", "3", "--procs-per-node", "1", "--dry-run", "parallel.ep=2")
+    assert r.returncode == 2 and "does not divide WORLD_SIZE(3)" in r.stderr
+
+
+def test_torchrun_restart_after_sigkill_finishes_with_the_same_losses(tiny_overrides, tmp_path):
+    common = tiny_overrides + ["train.steps=10", "metrics.log_every=1", "checkpoint.every=3", "model.dim=64"]
+    ref = expertmesh_run(2, common + ["train.name=ref"])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    crashed = expertmesh_run(2, common + ["train.name=crash"], env_extra={"EXPERTMESH_KILL_AT": "7:1"},
+                             extra_args=("--max-restarts", "1"))
+    assert crashed.returncode == 0, crashed.stderr[-3000:]
+    assert "resumed from" in crashed.stdout and "step-6" in crashed.stdout
+    ref_losses = {s: r["loss"] for s, r in read_metrics(tmp_path / "ref").items()}
+    assert {s: r["loss"] for s, r in read_metrics(tmp_path / "crash").items()} == ref_losses
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigusr1_checkpoints_and_stops_then_resumes(tiny_overrides, tmp_path):
+    overrides = tiny_overrides + ["train.steps=100000", "metrics.log_every=1", "checkpoint.every=100000",
+                                  "model.dim=64", "data.batch_size=16"]
+    cmd = [sys.executable, "-m", "expertmesh.launch.agent", "--standalone", "--nproc_per_node=2",
+           "-m", "expertmesh.launch.train", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "default" / "metrics.jsonl"
+    try:
+        assert _wait_for(lambda: metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 3)
+        proc.send_signal(signal.SIGUSR1)  # what Slurm sends 90 s before the time limit
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested (SIGUSR1)" in out and "not running under Slurm" in out
+    stopped_at = max(read_metrics(tmp_path / "default"))
+    assert (tmp_path / "default" / f"step-{stopped_at}" / "COMPLETE.json").is_file()
+    assert stopped_at < 1000
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_path):
+    from expertmesh import config
+    from expertmesh.launch.env import DistEnv
+    from expertmesh.launch.train import run
+
+    run(config.load(None, tiny_overrides + ["train.steps=8", "metrics.log_every=2", "train.eval_every=4",
+                                            "checkpoint.enabled=false"]), DistEnv(0, 0, 1, 1, "single"))
+    r = _cli("report", str(tmp_path / "default"))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "default" / "report"
+    for name in ("loss", "throughput", "comm", "expert_load"):
+        png = out / f"{name}.png"
+        assert png.stat().st_size > 5000, name  # a plot, not an empty canvas
+        assert _png_size(png) == (800, 450), name
+    summary = (out / "summary.md").read_text()
+    assert "held-out loss: first" in summary and "![expert_load](expert_load.png)" in summary
+    assert "expert load max/mean per layer" in summary
