@@ -81,7 +81,7 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NUM_NODES node(s), rendezvous $head_node"
 srun --kill-on-bad-exit=1 {shlex.quote(python)} -m expertmesh.launch.agent \\
   --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$NPROC_PER_NODE" \\
-  --rdzv-backend=c10d --rdzv-endpoint="$head_node:29500" --rdzv-id="$SLURM_JOB_ID" \\
+  --rdzv-backend=c10d --rdzv-endpoint="$head_node:${{RDZV_PORT:-29500}}" --rdzv-id="$SLURM_JOB_ID" \\
   -m expertmesh.launch.train {" ".join(shlex.quote(a) for a in args)}
 """
     return "\n".join(sb) + "\n" + body.replace("\n\n\n", "\n\n")

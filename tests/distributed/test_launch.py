@@ -33,7 +33,7 @@ def test_submit_dry_run_renders_the_sbatch_script(nodes):
     # Nothing in the launch line depends on the node count: Slurm's variables carry it.
     assert '--nnodes="$SLURM_JOB_NUM_NODES"' in script and '--rdzv-id="$SLURM_JOB_ID"' in script
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
-    assert '--rdzv-endpoint="$head_node:29500"' in script and "-m expertmesh.launch.agent" in script
+    assert '--rdzv-endpoint="$head_node:${RDZV_PORT:-29500}"' in script and "-m expertmesh.launch.agent" in script
     assert script.rstrip().endswith("parallel.ep=4 train.steps=20")
     assert "OMP_NUM_THREADS" not in script  # GPU job: one thread setting per process is torch's default
 
