@@ -42,7 +42,11 @@ def detect(environ=None) -> DistEnv:
         # One Slurm task per process (srun without torchrun); the sbatch script exports MASTER_ADDR/PORT.
         world, rank = _int(environ, "SLURM_NTASKS"), _int(environ, "SLURM_PROCID")
         local_rank = _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
-        local_world = world // max(_int(environ, "SLURM_NNODES"), 1) if "SLURM_NNODES" in environ else world
+        nodes = _int(environ, "SLURM_NNODES") if "SLURM_NNODES" in environ else 1
+        local_world = world // max(nodes, 1)
+        per_node = environ.get("SLURM_NTASKS_PER_NODE", "")
+        if per_node.isdigit() and int(per_node) * nodes != world:
+            raise ConfigError(f"SLURM_NTASKS={world} != SLURM_NNODES({nodes}) * SLURM_NTASKS_PER_NODE({per_node})")
         launcher = "slurm"
     else:
         return DistEnv(0, 0, 1, 1, "single")

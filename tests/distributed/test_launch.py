@@ -111,3 +111,12 @@ def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_pa
     summary = (out / "summary.md").read_text()
     assert "held-out loss: first" in summary and "![expert_load](expert_load.png)" in summary
     assert "expert load max/mean per layer" in summary
+
+
+def test_torchrun_script_runs_a_job(tiny_overrides, tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2")
+    r = subprocess.run(["bash", "launch/torchrun.sh", *tiny_overrides, "train.steps=3", "metrics.log_every=1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(read_metrics(tmp_path / "default")) == [1, 2, 3]
+    assert r.stdout.count("step 3/3 | loss") == 1
