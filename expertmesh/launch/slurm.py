@@ -14,12 +14,11 @@ import json
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from expertmesh.config import ConfigError, JobConfig
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ def render(cfg: JobConfig, req: SlurmRequest, config_path: str | None, overrides
            python: str = "") -> str:
     req.check()
     run_dir = cfg.run_path.resolve()
-    python = python or str(ROOT / ".venv" / "bin" / "python")
+    python = python or sys.executable  # the interpreter (and so the environment) that submitted the job
     sb = [
         "#!/usr/bin/env bash",
         f"#SBATCH --job-name={cfg.train.name}",
@@ -73,7 +72,7 @@ def render(cfg: JobConfig, req: SlurmRequest, config_path: str | None, overrides
         '${SLURM_CPUS_ON_NODE:-$(nproc)} / NPROC_PER_NODE : 1 ))'
     body = f"""
 set -euo pipefail
-cd {shlex.quote(str(ROOT))}
+cd {shlex.quote(str(Path.cwd()))}
 NPROC_PER_NODE={req.nproc_per_node}
 {threads}
 export THP_MEM_ALLOC_ENABLE=1

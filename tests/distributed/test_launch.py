@@ -100,7 +100,8 @@ def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_pa
     from expertmesh.launch.train import run
 
     run(config.load(None, tiny_overrides + ["train.steps=8", "metrics.log_every=2", "train.eval_every=4",
-                                            "checkpoint.enabled=false"]), DistEnv(0, 0, 1, 1, "single"))
+                                            "checkpoint.enabled=false", "metrics.wandb_mode=offline"]),
+        DistEnv(0, 0, 1, 1, "single"))
     r = _cli("report", str(tmp_path / "default"))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "default" / "report"
@@ -111,6 +112,10 @@ def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_pa
     summary = (out / "summary.md").read_text()
     assert "held-out loss: first" in summary and "![expert_load](expert_load.png)" in summary
     assert "expert load max/mean per layer" in summary
+    # The plots also went to the run's W&B run (offline here): same id, images in its media folder.
+    run_id = (tmp_path / "default" / "wandb_run_id").read_text().strip()
+    images = (tmp_path / "default").glob(f"wandb/offline-run-*-{run_id}/files/media/images/report/*.png")
+    assert {p.name.rsplit("_", 2)[0] for p in images} == {"loss", "throughput", "comm", "expert_load"}
 
 
 def test_torchrun_script_runs_a_job(tiny_overrides, tmp_path):
