@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,8 +73,21 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
     if env.world_size == 1 or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, store=_attempt_store(env),
                             device_id=device if device.type == "cuda" else None)
+
+
+def _attempt_store(env: DistEnv, environ=None):
+    """Under torchrun the workers share the agent's TCPStore, and after a restart (--max-restarts) the
+    new workers find the old workers' keys there: gloo then connects to the dead processes' ports and
+    fails. Namespacing every key by the restart count gives each attempt a clean store. Outside
+    torchrun: None, and init_process_group reads MASTER_ADDR/MASTER_PORT as usual."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), env.world_size, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"expertmesh/attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def set_threads(requested: int, env: DistEnv) -> int:
