@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -59,17 +60,21 @@ class Metrics:
         id_file = self.run_path / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(
-            project=self.cfg.metrics.wandb_project,
-            name=self.cfg.train.name,
-            id=run_id,
-            resume="allow",
-            dir=str(self.run_path),
-            mode=self.cfg.metrics.wandb_mode,
-            config=self.cfg.to_dict(),
-        )
-        id_file.write_text(run_id + "\n")
-        return run
+        # W&B mirrors metrics.jsonl; it must never stop training. A resumed run can find its id still
+        # held by the previous attempt's W&B service for a moment: retry, then go on without W&B.
+        for attempt in range(4):
+            try:
+                run = wandb.init(project=self.cfg.metrics.wandb_project, name=self.cfg.train.name, id=run_id,
+                                 resume="allow", dir=str(self.run_path), mode=self.cfg.metrics.wandb_mode,
+                                 config=self.cfg.to_dict())
+                id_file.write_text(run_id + "\n")
+                return run
+            except Exception as e:  # wandb raises its own exception types
+                error = e
+                time.sleep(5 * (attempt + 1))
+        log.warning("W&B run %s could not be started (%s); continuing without W&B, metrics.jsonl is complete",
+                    run_id, error)
+        return None
 
     def log(self, rec: dict) -> None:
         if not self.is_rank0:
@@ -96,5 +101,11 @@ class Metrics:
             return
         self.jsonl.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            # A stop signal arriving now (Slurm follows a requeue with SIGTERM) must not cut the flush
+            # short: an unfinished W&B run stays locked and the resumed job could not reopen it.
+            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                self.wandb_run.finish()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             self.wandb_run = None

@@ -191,6 +191,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         maybe_inject_fault(step, env)
         if stop:
             log.info("stop requested (SIGUSR1): checkpointed step %d", step)
+            metrics.close()  # flush W&B before the requeue: Slurm kills the job right after it
             if env.is_rank0:
                 requeue_slurm_job()
             break
