@@ -22,11 +22,13 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f}B"
+    for unit in ("KB", "MB"):
         n /= 1024
-    return f"{n}"
+        if abs(n) < 1024:
+            return f"{n:.1f}{unit}"
+    return f"{n / 1024:.1f}GB"
 
 
 def format_line(rec: dict, total_steps: int) -> str:

@@ -25,17 +25,14 @@ def _nbytes(t: torch.Tensor) -> int:
 class Comm:
     def __init__(self) -> None:
         self.sent: dict[str, int] = defaultdict(int)
-        self.calls: dict[str, int] = defaultdict(int)
 
     def _count(self, label: str, nbytes: float) -> None:
         self.sent[label] += int(nbytes)
-        self.calls[label] += 1
 
     def take(self) -> dict[str, int]:
         """Returns bytes sent per label since the last call, and resets the counters."""
         out = dict(self.sent)
         self.sent.clear()
-        self.calls.clear()
         return out
 
     def all_reduce(self, t: torch.Tensor, group, label: str, op=dist.ReduceOp.SUM, async_op: bool = False):

@@ -184,7 +184,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
             rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)
             metrics.log(rec)
-        stop = preemption.agreed(mesh, comm)
+        stop = preemption.agreed(comm)
         if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop):
             checkpointer.save(step, model, optimizer, scheduler,
                               {"rng": torch.get_rng_state(), "loader": loader.state_dict()})
@@ -220,7 +220,7 @@ class Preemption:
     def _set(self, _signum, _frame) -> None:
         self.requested = True
 
-    def agreed(self, mesh: Mesh, comm: Comm) -> bool:
+    def agreed(self, comm: Comm) -> bool:
         flag = torch.tensor([1 if self.requested else 0])
         if dist.is_initialized():
             comm.all_reduce(flag, dist.group.WORLD, "control", op=dist.ReduceOp.MAX)
@@ -297,6 +297,9 @@ class Window:
         last_ce, tokens, seconds = packed[0] / n, packed[1], packed[2] / n
         sums = packed[3:8]
         self.tokens_seen += int(tokens)
+        expert_load = [t.long().tolist() for t in packed[8:].split([t.numel() for t in load])]
+        dropped = int(sums[3])
+        routed = sum(sum(layer) for layer in expert_load) + dropped
         rec = {
             "kind": "train",
             "step": step,
@@ -311,14 +314,12 @@ class Window:
             "tokens_seen": self.tokens_seen,
             "aux_loss": float(sums[1] / n / self.micro),
             "z_loss": float(sums[2] / n / self.micro),
-            "dropped_tokens": int(sums[3]),
-            "drop_fraction": 0.0,
+            "dropped_tokens": dropped,
+            "drop_fraction": dropped / routed if routed else 0.0,
             "router_entropy": float(sums[4] / n / self.micro),
-            "expert_load": [t.long().tolist() for t in packed[8:].split([t.numel() for t in load])],
+            "expert_load": expert_load,
             "comm_bytes_per_step": comm_bytes,
         }
-        routed = sum(sum(layer) for layer in rec["expert_load"]) + rec["dropped_tokens"]
-        rec["drop_fraction"] = rec["dropped_tokens"] / routed if routed else 0.0
         self._reset()
         return rec
 
