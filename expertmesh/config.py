@@ -69,6 +69,10 @@ class ParallelConfig:
     dp: int = -1  # -1: whatever WORLD_SIZE leaves after the other degrees
     ep: int = 1
     tp: int = 1
+    dp_shard: bool = True  # FSDP2: params, grads, optimizer state sharded over data-parallel ranks; false: replicated
+    sequence_parallel: bool = True  # under tp: norms and residual stream split along the sequence
+    vocab_parallel: bool = True  # under tp: embedding and output head split over the vocabulary; false: replicated
+    activation_checkpoint: Literal["none", "full"] = "none"  # full: recompute every block in backward
 
 
 @dataclass(kw_only=True)
@@ -333,3 +337,12 @@ def check(cfg: JobConfig) -> None:
     for key, value in (("model.ffn_dim", m.ffn_dim), ("moe.expert_dim", e.expert_dim)):
         if value % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide {key}={value}")
+    if p.tp > 1:
+        if p.sequence_parallel and d.seq_len % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide data.seq_len={d.seq_len} "
+                              "(sequence parallelism splits the sequence; or set parallel.sequence_parallel=false)")
+        if p.vocab_parallel and m.vocab_size % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size} "
+                              "(or set parallel.vocab_parallel=false)")
+        if m.tie_embeddings:
+            raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.tp={p.tp}")

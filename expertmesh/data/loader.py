@@ -1,10 +1,10 @@
 """Deterministic, resumable token batches sharded by data-parallel rank.
 
 The token stream is split once into train and held-out parts (the last `eval_fraction`).
-Each data-parallel rank owns one contiguous shard of the training part and draws random
-windows from it with its own generator, seeded from (seed, rank); the generator state is the
-loader's whole state, so a checkpoint restores the exact batch sequence. Evaluation windows are
-fixed, evenly spaced positions in the rank's shard of the held-out part.
+Every step reads one global batch of random windows; each data-parallel rank takes its rows. The
+batch depends only on (seed, micro-batch counter), so the batch sequence is the same under any
+layout with the same global batch, and a checkpoint restores it from one integer. Evaluation
+windows are fixed, evenly spaced positions in the held-out part.
 
 Legend: B batch, S sequence length.
 """
@@ -21,50 +21,53 @@ def split_tokens(tokens: torch.Tensor, eval_fraction: float) -> tuple[torch.Tens
     return tokens[:-n_eval], tokens[-n_eval:]
 
 
-def shard(tokens: torch.Tensor, rank: int, world: int, min_len: int, what: str) -> torch.Tensor:
-    size = len(tokens) // world
-    if size < min_len:
-        raise ConfigError(
-            f"the {what} split has {len(tokens)} tokens: {size} per data-parallel rank (x{world}) "
-            f"is fewer than one sequence of {min_len}; use more data or a shorter data.seq_len"
-        )
-    return tokens[rank * size: (rank + 1) * size]
-
-
 class TokenLoader:
+    """Micro-batch c of the run is a global batch of `batch_size * world` random windows drawn from
+    the whole training split by a generator seeded with (seed, c); data rank r reads rows
+    [r * batch_size, (r + 1) * batch_size). The state is the counter c alone, so it means the same
+    under any layout: a run resumed with other parallel degrees but the same global batch reads
+    exactly the batches the original run would have read."""
+
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, rank: int, world: int, seed: int):
-        self.seq_len, self.batch_size, self.rank, self.world = seq_len, batch_size, rank, world
-        self.tokens = shard(tokens, rank, world, seq_len + 1, "training")
-        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.seq_len, self.batch_size, self.rank, self.world, self.seed = seq_len, batch_size, rank, world, seed
+        if len(tokens) < seq_len + 2:
+            raise ConfigError(f"the training split has {len(tokens)} tokens, fewer than one sequence of "
+                              f"{seq_len + 1}; use more data or a shorter data.seq_len")
+        self.tokens = tokens
         self.batches_served = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches_served)
         high = len(self.tokens) - self.seq_len
-        starts = torch.randint(0, high, (self.batch_size,), generator=self.gen)
-        window_BS1 = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()])
+        starts = torch.randint(0, high, (self.batch_size * self.world,), generator=gen)
+        mine = starts[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        window_BS1 = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in mine.tolist()])
         self.batches_served += 1
         return window_BS1[:, :-1], window_BS1[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state(), "batches_served": self.batches_served,
-                "rank": self.rank, "world": self.world}
+        return {"batches_served": self.batches_served, "global_batch": self.batch_size * self.world}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["rank"], state["world"]) != (self.rank, self.world):
-            raise ValueError(
-                f"loader state is for data rank {state['rank']} of {state['world']}, "
-                f"this loader is rank {self.rank} of {self.world}"
-            )
-        self.gen.set_state(state["generator"])
-        self.batches_served = state["batches_served"]
+        self.batches_served = int(state["batches_served"])
 
 
 def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, num_batches: int, rank: int, world: int):
-    """Fixed held-out windows: the same every evaluation, disjoint across ranks."""
-    part = shard(tokens, rank, world, seq_len + 1, "held-out")
-    n_windows = min(num_batches * batch_size, (len(part) - 1) // seq_len)
-    step = (len(part) - seq_len - 1) // max(n_windows - 1, 1) if n_windows > 1 else 0
+    """Fixed held-out windows: `num_batches` global batches of evenly spaced windows over the held-out
+    split, the same every evaluation and under any layout with the same global batch; data rank r
+    reads its `batch_size` rows of each."""
+    n_windows = min(num_batches * batch_size * world, (len(tokens) - 1) // seq_len)
+    if n_windows < world:
+        raise ConfigError(f"the held-out split has {len(tokens)} tokens: fewer than one sequence of {seq_len + 1} "
+                          f"per data-parallel rank (x{world}); use more data or a shorter data.seq_len")
+    step = (len(tokens) - seq_len - 1) // max(n_windows - 1, 1)
     starts = [i * step for i in range(n_windows)]
-    for b in range(0, n_windows, batch_size):
-        window = torch.stack([part[s: s + seq_len + 1] for s in starts[b: b + batch_size]])
+    global_batch = batch_size * world
+    for b in range(0, n_windows, global_batch):
+        chunk = starts[b: b + global_batch]
+        per_rank = len(chunk) // world  # a short last batch is split evenly (the remainder dropped)
+        mine = chunk[rank * per_rank: (rank + 1) * per_rank]
+        if not mine:
+            break
+        window = torch.stack([tokens[s: s + seq_len + 1] for s in mine])
         yield window[:, :-1], window[:, 1:]

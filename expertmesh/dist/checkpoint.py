@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor, Shard
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
@@ -100,67 +99,41 @@ def latest_intact(run_path: Path) -> Path | None:
     return None
 
 
-def _map_sharded(model_sd: dict, optim_sd: dict, sharded: dict, fn) -> tuple[dict, dict]:
-    """Returns copies of the state dicts with fn(tensor, mesh) applied to every entry of a sharded
-    parameter: its weights and its optimizer state tensors (Adam's scalar step is left alone). The
-    inputs are never modified: get_state_dict's dicts share objects with the live optimizer."""
-    model_sd = dict(model_sd)
-    optim_sd = dict(optim_sd)
-    state = {fqn: dict(v) for fqn, v in optim_sd.get("state", {}).items()}
-    for fqn, mesh in sharded.items():
-        model_sd[fqn] = fn(model_sd[fqn], mesh)
-        for key, value in state.get(fqn, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                state[fqn][key] = fn(value, mesh)
-    if "state" in optim_sd:
-        optim_sd["state"] = state
-    return model_sd, optim_sd
-
-
-def _as_global(local: torch.Tensor, mesh) -> DTensor:
-    # Expert weights are split evenly along dim 0 over `mesh`; DCP stores the global tensor, so a
-    # checkpoint does not depend on how many ranks held the pieces.
-    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
-
-
-def _as_local(t, _mesh) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class Checkpointer:
-    """`sharded` maps parameter names to the 1-D DeviceMesh their local tensors are Shard(0) on
-    (expert weights under expert parallelism)."""
+    """Every sharded weight is a DTensor (tensor, expert and FSDP parallelism make them so), and DCP
+    stores global tensors, so a checkpoint does not depend on the layout that wrote it: loading under
+    other parallel degrees reads each rank's new slices. `shared` state (the data position) is the
+    same on every rank and is saved once; `per_rank` state (RNG) only matters under the same layout."""
 
-    def __init__(self, run_path: Path, keep: int, rank: int, sharded: dict | None = None) -> None:
+    def __init__(self, run_path: Path, keep: int, rank: int) -> None:
         self.run_path, self.keep, self.rank = run_path, keep, rank
-        self.sharded = sharded or {}
 
-    def save(self, step: int, model, optimizer, scheduler, per_rank: dict) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, shared: dict, per_rank: dict, layout: str = "") -> Path:
         path = self.run_path / f"step-{step}"
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # a leftover from a crashed attempt at the same step
         _barrier()
-        model_sd, optim_sd = _map_sharded(*get_state_dict(model, optimizer), self.sharded, _as_global)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
         with warnings.catch_warnings():  # DCP warns when a single process saves without a group
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step},
-                     checkpoint_id=str(path))
+            dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
+                      "shared": shared}, checkpoint_id=str(path))
         tmp = path / f"rank-{self.rank}.pt.tmp"
         torch.save(per_rank, tmp)
         os.replace(tmp, path / f"rank-{self.rank}.pt")
         _barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
-            self._write_marker(path, step)
+            self._write_marker(path, step, layout)
             self._prune()
         _barrier()
         return path
 
-    def _write_marker(self, path: Path, step: int) -> None:
+    def _write_marker(self, path: Path, step: int, layout: str) -> None:
         files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
                  for f in sorted(path.iterdir()) if f.is_file() and f.name != MARKER}
         world = dist.get_world_size() if dist.is_initialized() else 1
         tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
+        tmp.write_text(json.dumps({"step": step, "world_size": world, "layout": layout, "files": files}, indent=1))
         os.replace(tmp, path / MARKER)
 
     def _prune(self) -> None:
@@ -171,20 +144,21 @@ class Checkpointer:
             else:  # older than the last `keep` complete ones, or an abandoned partial write
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
-        """Restores model/optimizer/scheduler in place; returns (step, this rank's extra state)."""
+    def load(self, path: Path, model, optimizer, scheduler, shared: dict, layout: str) -> tuple[int, dict, dict]:
+        """Restores model/optimizer/scheduler in place, under this run's layout whatever the saved one;
+        returns (step, shared state, this rank's state or {} when the layout changed). `shared` gives
+        the keys and types to read; `layout` names this run's parallel degrees."""
         manifest = verify(path)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if manifest["world_size"] != world:
-            raise CheckpointError(f"{path} was written by {manifest['world_size']} ranks, this run has {world}; "
-                                  "loading under another layout is not supported yet")
-        model_sd, optim_sd = _map_sharded(*get_state_dict(model, optimizer), self.sharded, _as_global)
-        state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": -1}
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": -1,
+                 "shared": dict(shared)}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(state, checkpoint_id=str(path))
-        model_sd, optim_sd = _map_sharded(state["model"], state["optim"], self.sharded, _as_local)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(state["scheduler"])
-        extra = torch.load(path / f"rank-{self.rank}.pt", weights_only=False)
-        return int(state["step"]), extra
+        same = manifest.get("layout") == layout
+        if not same:
+            log.info("resharding %s: saved under %s, loading under %s", path, manifest.get("layout"), layout)
+        per_rank = torch.load(path / f"rank-{self.rank}.pt", weights_only=False) if same else {}
+        return int(state["step"]), state["shared"], per_rank

@@ -8,14 +8,20 @@ the root, all-to-all the rows that leave the rank.
 
 A `group` of None means a group of one (an axis of size 1 has no process group): the call
 does the local equivalent and counts nothing. Pass `dist.group.WORLD` to mean everyone.
+
+Collectives that libraries issue themselves (FSDP2's all-gathers and reduce-scatters, DTensor's
+redistributions under tensor parallelism) are counted by `CollectiveTap`, a dispatch mode that sees
+every c10d op while it is active and labels it by the mesh view its process group belongs to.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -25,9 +31,18 @@ def _nbytes(t: torch.Tensor) -> int:
 class Comm:
     def __init__(self) -> None:
         self.sent: dict[str, int] = defaultdict(int)
+        self.busy = False  # inside one of our own calls: the tap must not count it again
 
     def _count(self, label: str, nbytes: float) -> None:
         self.sent[label] += int(nbytes)
+
+    @contextmanager
+    def _own(self):
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
 
     def take(self) -> dict[str, int]:
         """Returns bytes sent per label since the last call, and resets the counters."""
@@ -40,7 +55,8 @@ class Comm:
             return None
         n = dist.get_world_size(group)
         self._count(label, 2 * (n - 1) / n * _nbytes(t))
-        return dist.all_reduce(t, op=op, group=group, async_op=async_op)
+        with self._own():
+            return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
     def all_gather_into_tensor(self, out: torch.Tensor, inp: torch.Tensor, group, label: str, async_op=False):
         if group is None:
@@ -48,7 +64,8 @@ class Comm:
             return None
         n = dist.get_world_size(group)
         self._count(label, (n - 1) * _nbytes(inp))
-        return dist.all_gather_into_tensor(out, inp, group=group, async_op=async_op)
+        with self._own():
+            return dist.all_gather_into_tensor(out, inp, group=group, async_op=async_op)
 
     def reduce_scatter_tensor(self, out, inp, group, label: str, op=dist.ReduceOp.SUM, async_op=False):
         if group is None:
@@ -56,7 +73,8 @@ class Comm:
             return None
         n = dist.get_world_size(group)
         self._count(label, (n - 1) / n * _nbytes(inp))
-        return dist.reduce_scatter_tensor(out, inp, op=op, group=group, async_op=async_op)
+        with self._own():
+            return dist.reduce_scatter_tensor(out, inp, op=op, group=group, async_op=async_op)
 
     def broadcast(self, t: torch.Tensor, src: int, group, label: str, async_op: bool = False):
         """`src` is a global rank, as in torch.distributed."""
@@ -64,7 +82,8 @@ class Comm:
             return None
         if dist.get_rank() == src:
             self._count(label, _nbytes(t))
-        return dist.broadcast(t, src=src, group=group, async_op=async_op)
+        with self._own():
+            return dist.broadcast(t, src=src, group=group, async_op=async_op)
 
     def all_to_all_single(self, out, inp, out_splits, in_splits, group, label: str, async_op=False):
         if group is None:
@@ -75,10 +94,83 @@ class Comm:
         row_bytes = _nbytes(inp) // rows if rows else 0
         leaving = rows - (in_splits[me] if in_splits is not None else rows // dist.get_world_size(group))
         self._count(label, leaving * row_bytes)
-        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+        with self._own():
+            return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 
     def all_reduce_ints(self, values: list[int], group, label: str) -> list[int]:
         """Sums small integer vectors (load counts, flags) across a group; every rank gets the same."""
         t = torch.tensor(values, dtype=torch.int64)
         self.all_reduce(t, group, label)
         return t.tolist()
+
+
+_FUNCTIONAL_COST = {  # bytes one rank sends, from the input's bytes B and the group size n
+    "all_reduce": lambda b, n: 2 * (n - 1) / n * b,
+    "all_reduce_": lambda b, n: 2 * (n - 1) / n * b,
+    "all_reduce_coalesced": lambda b, n: 2 * (n - 1) / n * b,
+    "all_gather_into_tensor": lambda b, n: (n - 1) * b,
+    "all_gather_into_tensor_coalesced": lambda b, n: (n - 1) * b,
+    "reduce_scatter_tensor": lambda b, n: (n - 1) / n * b,
+    "reduce_scatter_tensor_coalesced": lambda b, n: (n - 1) / n * b,
+    "broadcast": lambda b, n: b,
+}
+_C10D_COST = {  # op name -> (index of the input tensor(s), index of the process group, cost)
+    "allreduce_": (0, 1, _FUNCTIONAL_COST["all_reduce"]),
+    "_allgather_base_": (1, 2, _FUNCTIONAL_COST["all_gather_into_tensor"]),
+    "allgather_": (1, 2, _FUNCTIONAL_COST["all_gather_into_tensor"]),
+    "allgather_into_tensor_coalesced_": (1, 2, _FUNCTIONAL_COST["all_gather_into_tensor"]),
+    "_reduce_scatter_base_": (1, 2, _FUNCTIONAL_COST["reduce_scatter_tensor"]),
+    "reduce_scatter_tensor_coalesced_": (1, 2, _FUNCTIONAL_COST["reduce_scatter_tensor"]),
+    "broadcast_": (0, 1, _FUNCTIONAL_COST["broadcast"]),
+}
+
+
+def _bytes_of(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return _nbytes(x)
+    if isinstance(x, (list, tuple)):
+        return sum(_bytes_of(v) for v in x)
+    return 0
+
+
+class CollectiveTap(TorchDispatchMode):
+    """While active, counts into `comm` the bytes of every collective not issued through `comm`
+    itself, labelled by `labels[group_name]` ("other" for a group no view owns)."""
+
+    def __init__(self, comm: Comm, labels: dict[str, str]) -> None:
+        super().__init__()
+        self.comm, self.labels = comm, labels
+
+    def _record(self, group_name: str, nbytes: float) -> None:
+        self.comm._count(self.labels.get(group_name, "other"), nbytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ns, name = func.namespace, func._schema.name.split("::")[-1]
+        if not self.comm.busy and ns == "_c10d_functional" and name in _FUNCTIONAL_COST:
+            group_name = args[-1] if isinstance(args[-1], str) else kwargs.get("group_name")
+            n = dist.get_world_size(dist.distributed_c10d._resolve_process_group(group_name))
+            self._record(group_name, _FUNCTIONAL_COST[name](_bytes_of(args[0]), n))
+        elif not self.comm.busy and ns == "_c10d_functional" and name == "all_to_all_single":
+            group_name = args[3]
+            group = dist.distributed_c10d._resolve_process_group(group_name)
+            me, rows = dist.get_rank(group), args[0].shape[0]
+            splits = args[2] or [rows // dist.get_world_size(group)] * dist.get_world_size(group)
+            self._record(group_name, (rows - splits[me]) * (_nbytes(args[0]) // max(rows, 1)))
+        elif not self.comm.busy and ns == "c10d" and name in _C10D_COST:
+            t_i, g_i, cost = _C10D_COST[name]
+            group = args[g_i]
+            if isinstance(group, torch.ScriptObject):  # how c10d ops carry their group
+                group = dist.ProcessGroup.unbox(group)
+            self._record(group.group_name, cost(_bytes_of(args[t_i]), group.size()))
+        return func(*args, **kwargs)
+
+
+def view_labels(views: dict) -> dict[str, str]:
+    """group_name -> view name for a mesh's 1-D views; when two views share a group (ep = 1 makes
+    dense_dp and expert_dp the same ranks), the first of dense_dp, expert_dp, then the axes wins."""
+    order = ["dense_dp", "expert_dp", "ep", "tp", "dp", "dp_replicate"]
+    labels: dict[str, str] = {}
+    for view in sorted(views, key=lambda v: order.index(v) if v in order else len(order)):
+        labels.setdefault(views[view].get_group().group_name, view)
+    return labels

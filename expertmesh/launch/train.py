@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from expertmesh import config as config_mod
 from expertmesh.config import ConfigError, JobConfig
@@ -30,7 +31,7 @@ from expertmesh.data.corpus import load_text
 from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
 from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact
-from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.comm_stats import CollectiveTap, Comm, view_labels
 from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
 from expertmesh.metrics import Metrics
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
@@ -57,12 +58,13 @@ def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv):
 
 def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
     o = cfg.optim
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-    )
+    groups = []
+    for distributed in (False, True):  # foreach kernels take DTensors and plain tensors in separate groups
+        params = [p for p in model.parameters() if isinstance(p, DTensor) == distributed]
+        decay = [p for p in params if p.ndim >= 2]  # matrices decay; norms do not
+        no_decay = [p for p in params if p.ndim < 2]
+        groups += [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
     def lr_factor(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
         if step < o.warmup_steps:
@@ -126,12 +128,18 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank, par.sharded_fqns)
+    checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
     start_step = 0
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path)) is not None:
-        start_step, extra = checkpointer.load(path, model, optimizer, scheduler)
-        torch.set_rng_state(extra["rng"])
-        loader.load_state_dict(extra["loader"])
+        start_step, shared, per_rank = checkpointer.load(path, model, optimizer, scheduler,
+                                                         {"loader": loader.state_dict()}, layout_name(cfg, dims))
+        if "rng" in per_rank:
+            torch.set_rng_state(per_rank["rng"])
+        saved_batch, batch = shared["loader"]["global_batch"], loader.state_dict()["global_batch"]
+        if saved_batch != batch:
+            log.warning("the global batch changed from %d to %d sequences: the data order differs from the "
+                        "original run's from here on", saved_batch, batch)
+        loader.load_state_dict(shared["loader"])
         log.info("resumed from %s (step %d)", path, start_step)
     if env.is_rank0:
         config_mod.save(cfg, run_path / "config.json")
@@ -155,27 +163,14 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
         metrics.log_eval(0, eval_loss)
     window = Window(mesh, comm)
+    tap = CollectiveTap(comm, view_labels(mesh.views))  # FSDP's and DTensor's own collectives
+    layout = layout_name(cfg, mesh.dims)
     rec: dict = {}
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step_load = []
-        for _ in range(cfg.train.grad_accum):
-            x, y = loader.next_batch()
-            with autocast:
-                logits, stats = model(x.to(device))
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
-            aux, z = moe_losses(stats)
-            loss = ce + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
-            (loss / cfg.train.grad_accum).backward()
-            window.add_micro(ce, aux, z, stats, x.numel())
-            step_load.append([s.tokens_per_expert_E.detach() for s in stats])
-        par.grad_sync.average()
-        grad_norm = clip_grad_norm(par.dense_params, par.expert_params, mesh.group("ep"), comm, cfg.optim.grad_clip)
-        optimizer.step()
+        with tap:
+            grad_norm = train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast)
         scheduler.step()
-        if cfg.moe.bias_update_rate > 0:
-            update_router_bias(model, step_load, mesh, comm)
         window.add_step(time.perf_counter() - t0)
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -186,8 +181,8 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
             metrics.log(rec)
         stop = preemption.agreed(comm)
         if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop):
-            checkpointer.save(step, model, optimizer, scheduler,
-                              {"rng": torch.get_rng_state(), "loader": loader.state_dict()})
+            checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()},
+                              {"rng": torch.get_rng_state()}, layout)
         maybe_inject_fault(step, env)
         if stop:
             log.info("stop requested (SIGUSR1): checkpointed step %d", step)
@@ -196,6 +191,33 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
                 requeue_slurm_job()
             break
     return rec
+
+
+def layout_name(cfg: JobConfig, dims: ParallelDims) -> str:
+    return (f"dp_replicate={dims.dp_replicate} dp={dims.dp} ep={dims.ep} tp={dims.tp} "
+            f"dp_shard={str(cfg.parallel.dp_shard).lower()}")
+
+
+def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast) -> float:
+    """Forward and backward over the micro-batches, gradient reduction, clip, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    step_load = []
+    for _ in range(cfg.train.grad_accum):
+        x, y = loader.next_batch()
+        with autocast:
+            logits, stats = model(x.to(device))
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
+        aux, z = moe_losses(stats)
+        loss = ce + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
+        (loss / cfg.train.grad_accum).backward()
+        window.add_micro(ce, aux, z, stats, x.numel())
+        step_load.append([s.tokens_per_expert_E.detach() for s in stats])
+    par.grad_sync.average()
+    grad_norm = clip_grad_norm(list(model.parameters()), comm, cfg.optim.grad_clip)
+    optimizer.step()
+    if cfg.moe.bias_update_rate > 0:
+        update_router_bias(model, step_load, mesh, comm)
+    return grad_norm
 
 
 def update_router_bias(model, step_load: list[list[torch.Tensor]], mesh: Mesh, comm: Comm) -> None:

@@ -102,12 +102,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initializes every parameter and buffer; call after materializing from meta."""
+    def init_rope(self) -> None:
+        """Fills the (non-persistent) rotary tables; they are never checkpointed or sharded."""
         m = self.cfg
         cos, sin = rope_tables(m.dim // m.n_heads, m.max_seq_len, m.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initializes every parameter and buffer; call after materializing from meta."""
+        m = self.cfg
+        self.init_rope()
         out_std = m.init_std / math.sqrt(2 * m.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=1.0)
         for block in self.layers.values():

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.models.mlp import local
+
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -63,7 +65,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Rows of x_ND are grouped by expert, `tokens_per_expert_E[e]` rows for local expert e."""
-        w1, w3, w2 = self.w1, self.w3, self.w2
+        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)  # this rank's experts / F slice
         if _can_group(x_ND, w1):
             offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
             h_NF = F.silu(grouped_mm(x_ND, w1, offs_E)) * grouped_mm(x_ND, w3, offs_E)
@@ -72,10 +74,11 @@ class GroupedExperts(nn.Module):
 
     def forward_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """One matmul chain per expert: the reference the grouped path is tested against."""
+        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
         outs = [x_ND.new_zeros(0, self.dim)]
         for e, x in enumerate(torch.split(x_ND, tokens_per_expert_E.tolist())):
             if x.shape[0]:
-                outs.append((F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e])
+                outs.append((F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e])
         out = torch.cat(outs)
         # Keep every weight in the graph so experts with no tokens still get a (zero) gradient.
-        return out + 0 * (self.w1.sum() + self.w3.sum() + self.w2.sum()) if out.shape[0] == 0 else out
+        return out + 0 * (w1.sum() + w3.sum() + w2.sum()) if out.shape[0] == 0 else out

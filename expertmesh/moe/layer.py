@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.config import MoEConfig
-from expertmesh.models.mlp import SwiGLU
+from expertmesh.models.mlp import SwiGLU, local
 from expertmesh.moe import ops
 from expertmesh.moe.experts import GroupedExperts
 from expertmesh.moe.router import TopKRouter
@@ -27,8 +28,10 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    """`num_experts` may differ per layer (PR-MoE's pyramid). Expert placement (expert parallelism)
-    is attached from outside by `parallelize_model`, as `self.placement`; None runs every expert here."""
+    """`num_experts` may differ per layer (PR-MoE's pyramid). Parallelism is attached from outside by
+    `parallelize_model`: `self.placement` (expert parallelism; None runs every expert here) and
+    `self.tp_sync` (expert tensor parallelism: applied to tensors whose gradients are partial per
+    rank; None without tensor parallelism)."""
 
     def __init__(self, dim: int, cfg: MoEConfig, num_experts: int | None = None) -> None:
         super().__init__()
@@ -42,6 +45,7 @@ class MoELayer(nn.Module):
         self.residual_mlp = SwiGLU(dim, cfg.expert_dim) if cfg.residual else None
         self.coefficient = nn.Linear(dim, 2, bias=False) if cfg.residual else None
         self.placement = None
+        self.tp_sync = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.router.gate.weight, std=std)
@@ -57,17 +61,19 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         r = self.router(x_TD)
-        x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(x_TD, r.topk_idx_TK, self.num_experts,
+        sync = self.tp_sync or (lambda t: t)
+        xe_TD, topk_w_TK = sync(x_TD), sync(r.topk_w_TK)  # what the (F-split) experts see
+        x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(xe_TD, r.topk_idx_TK, self.num_experts,
                                                                     self.backend)
         if self.placement is None:
             y_sorted_ND = self.experts(x_sorted_ND, tokens_per_expert_E)
         else:
             y_sorted_ND = self.placement(x_sorted_ND, tokens_per_expert_E, self.experts)
-        out_TD = ops.combine(y_sorted_ND, row_map_TK, r.topk_w_TK, self.backend)
+        out_TD = ops.combine(y_sorted_ND, row_map_TK, topk_w_TK, self.backend)
         if self.residual_mlp is not None:
-            c_T2 = self.coefficient(x_TD).softmax(dim=-1)
-            out_TD = out_TD * c_T2[:, :1] + self.residual_mlp(x_TD) * c_T2[:, 1:]
+            c_T2 = sync(F.linear(x_TD, local(self.coefficient.weight)).softmax(dim=-1))
+            out_TD = out_TD * c_T2[:, :1] + self.residual_mlp.forward_local(xe_TD) * c_T2[:, 1:]
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            out_TD = out_TD + self.shared.forward_local(xe_TD)
         stats = MoEStats(r.aux_loss, r.z_loss, r.tokens_per_expert_E, r.dropped, r.entropy)
         return out_TD.view(B, S, D), stats

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.models.mlp import local
+
 
 @dataclass
 class RouterOutput:
@@ -71,7 +73,7 @@ class TopKRouter(nn.Module):
         return grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = self.gate(x_TD).float()
+        logits_TE = F.linear(x_TD, local(self.gate.weight)).float()
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:

@@ -1,68 +1,129 @@
 """parallelize_model: everything that turns a meta-device model into this rank's trainable part.
 
-Order: tensor parallelism -> expert placement -> data parallelism -> materialize + init. The model
-itself knows nothing of this. Initialization happens on the full model with one seed before any
-slicing, so the same seed gives the same full weights whatever the layout.
+Order (each step is a function below, applied from outside the model):
+  1. tensor parallelism      DTensor plans over `tp` (parallel/tensor.py)
+  2. expert placement        experts split along E over `ep` (Shard(0)), the all-to-all attached
+  3. activation checkpointing  every block recomputed in backward (`parallel.activation_checkpoint`)
+  4. data parallelism        FSDP2 over `dense_dp` for dense weights and over `expert_dp` for experts
+                             (`parallel.dp_shard`), or replicated weights with bucketed all-reduce
+  5. materialize + init      one full model initialized from `train.seed`, each rank keeps its part
+
+After step 4 every sharded weight is a DTensor that knows its global shape and its placement, so a
+DCP checkpoint is layout-free and loads under any other layout. Step 5 initializes the *full* model
+on every rank and copies this rank's slice out of it, so the same seed gives the same full weights
+whatever the layout (it costs one full copy of the model in memory per rank at start-up).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
-from expertmesh.config import ConfigError, JobConfig
+from expertmesh.config import JobConfig
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.models.transformer import moe_layers
+from expertmesh.models.transformer import Transformer, moe_layers
 from expertmesh.parallel.data_parallel import GradAverager, GradGroup
 from expertmesh.parallel.expert import ExpertParallel
 from expertmesh.parallel.mesh import Mesh
+from expertmesh.parallel.tensor import apply_tensor_parallel
 
 
 @dataclass
 class Parallelized:
     model: nn.Module
-    grad_sync: GradAverager
-    dense_params: list[nn.Parameter]
-    expert_params: list[nn.Parameter]  # sharded over ep (empty when ep = 1)
-    sharded_fqns: dict[str, object] = field(default_factory=dict)  # fqn -> 1-D DeviceMesh they are Shard(0) on
+    grad_sync: GradAverager  # the gradient reductions FSDP does not do (all of them when dp_shard=false)
+    fsdp: bool
 
 
-def check_supported(mesh: Mesh) -> None:
-    if mesh.dims.tp > 1:
-        raise ConfigError(f"parallel.tp={mesh.dims.tp}: tensor parallelism is not available yet (use tp=1)")
+def expert_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in moe_layers(model) for p in layer.experts.parameters()]
 
 
-def _place_experts(model: nn.Module, mesh: Mesh, comm: Comm) -> list[str]:
-    """Keeps this rank's slice of every MoE layer's experts and attaches the all-to-all placement."""
+def place_experts(model: nn.Module, mesh: Mesh, comm: Comm) -> None:
+    """Keeps this rank's experts of every MoE layer (a global Shard(0) DTensor over `ep`, composed with
+    the tp split of F if any) and attaches the all-to-all placement."""
     group = mesh.group("ep")
-    names = []
-    prefix = {m: n for n, m in model.named_modules()}
     for layer in moe_layers(model):
         placement = ExpertParallel(layer.num_experts, group, comm)
-        local = placement.local_slice()
-        for w in ("w1", "w3", "w2"):
-            full = getattr(layer.experts, w)
-            setattr(layer.experts, w, nn.Parameter(full.detach()[local].clone()))
-            names.append(f"{prefix[layer.experts]}.{w}")
+        rows = placement.local_slice()
+        for name in ("w1", "w3", "w2"):
+            param = getattr(layer.experts, name)
+            if isinstance(param, DTensor):  # already split over tp: add ep in front, (ep, tp) mesh
+                sub = mesh.device_mesh[("ep", *param.device_mesh.mesh_dim_names)]
+                local, placements = param.to_local()[rows], [Shard(0), *param.placements]
+            else:
+                sub, local, placements = mesh.views["ep"], param.detach()[rows], [Shard(0)]
+            setattr(layer.experts, name, nn.Parameter(DTensor.from_local(local, sub, placements, run_check=False)))
         layer.placement = placement
-    return names
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    for key, block in list(model.layers.items()):
+        model.layers[key] = checkpoint_wrapper(block)
+
+
+def apply_data_parallel(model: nn.Module, mesh: Mesh, shard: bool, comm: Comm) -> tuple[GradAverager, bool]:
+    """Dense weights are replicated over dense_dp (dp_replicate x dp x ep: ranks of an ep group see
+    different tokens); experts only over expert_dp. Expert gradients already hold every ep rank's
+    tokens (the all-to-all backward brought them), so both kinds are divided by the dense_dp degree."""
+    d = mesh.dims
+    n_dense, n_expert = d.degree("dense_dp"), d.degree("expert_dp")
+    experts = expert_params(model) if d.ep > 1 else []
+    if not shard or n_dense == 1:
+        dense = [p for p in model.parameters() if all(p is not e for e in experts)]
+        groups = [GradGroup(dense, mesh.group("dense_dp"), "dense_dp", n_dense)]
+        if experts:
+            groups.append(GradGroup(experts, mesh.group("expert_dp"), "expert_dp", n_dense))
+        return GradAverager(groups, comm), False
+    sum_only = dist.get_backend() == "gloo"  # gloo has no AVG / PREMUL_SUM: sum, then FSDP divides
+
+    def shard(module, dp_mesh, **kw):
+        fully_shard(module, mesh=dp_mesh, **kw)
+        module.set_force_sum_reduction_for_comms(sum_only)
+        return module
+
+    leftover: list[nn.Parameter] = []
+    if experts and n_expert > 1:
+        for layer in moe_layers(model):
+            shard(layer.experts, mesh.views["expert_dp"]).set_gradient_divide_factor(float(n_dense))
+    elif experts:  # ep = dense_dp: nothing replicates the experts; only the 1/n scale is left to do
+        leftover = experts
+    ignored = set(leftover) or None
+    for block in model.layers.values():
+        shard(block, mesh.views["dense_dp"], ignored_params=ignored)
+    shard(model, mesh.views["dense_dp"], ignored_params=ignored)
+    return GradAverager([GradGroup(leftover, None, "expert_dp", n_dense)], comm), True
+
+
+@torch.no_grad()
+def init_from_seed(model: nn.Module, cfg: JobConfig, device: torch.device) -> None:
+    """Initializes the full model from the seed and loads this rank's part of it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        with torch.device("meta"):
+            full = Transformer(cfg)
+        full.to_empty(device=device)
+        full.init_weights()
+    set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+    model.init_rope()
 
 
 def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm):
-    check_supported(mesh)
+    d, p = mesh.dims, cfg.parallel
+    if d.tp > 1:
+        apply_tensor_parallel(model, mesh.views["tp"], p, comm)
+    if d.ep > 1:
+        place_experts(model, mesh, comm)
+    if p.activation_checkpoint == "full":
+        apply_activation_checkpointing(model)
+    grad_sync, fsdp = apply_data_parallel(model, mesh, p.dp_shard, comm)
     model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.train.seed)
-        model.init_weights()
-    d = mesh.dims
-    expert_names = _place_experts(model, mesh, comm) if d.ep > 1 else []
-    named = dict(model.named_parameters())
-    expert_params = [named[n] for n in expert_names]
-    dense_params = [p for n, p in named.items() if n not in set(expert_names)]
-    groups = [GradGroup(dense_params, mesh.group("dense_dp"), "dense_dp", d.degree("dense_dp"))]
-    if expert_params:
-        groups.append(GradGroup(expert_params, mesh.group("expert_dp"), "expert_dp", d.degree("dense_dp")))
-    sharded = {n: mesh.views["ep"] for n in expert_names}
-    return Parallelized(model, GradAverager(groups, comm), dense_params, expert_params, sharded)
+    init_from_seed(model, cfg, device)
+    return Parallelized(model, grad_sync, fsdp)

@@ -1,5 +1,5 @@
-"""Replicated data parallelism: gradient averaging over the right group per parameter, and the
-global gradient-norm clip.
+"""Replicated data parallelism (`parallel.dp_shard = false`): gradient averaging over the right group
+per parameter; and the global gradient-norm clip, for every layout.
 
 Dense weights are replicated over `dense_dp` (dp_replicate x dp x ep) and averaged there. Expert
 weights under expert parallelism are replicated only over `expert_dp`; their gradients already
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from expertmesh.dist.comm_stats import Comm
 
@@ -52,32 +54,64 @@ class GradAverager:
         for g, bucket in self.buckets:
             if g.group is None and g.divisor == 1:
                 continue
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+            # DTensor parameters (tensor/expert parallel) are reduced through their local parts.
+            grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in bucket]
             flat = torch.cat([x.reshape(-1) for x in grads])
             self.comm.all_reduce(flat, g.group, g.label)
             flat.div_(g.divisor)
             offset = 0
             for p, x in zip(bucket, grads, strict=True):
-                p.grad = flat[offset: offset + x.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = _like(p, flat[offset: offset + x.numel()].view_as(x).clone())
+                else:
+                    x.copy_(flat[offset: offset + x.numel()].view_as(x))
                 offset += x.numel()
 
 
-@torch.no_grad()
-def clip_grad_norm(dense: list[nn.Parameter], sharded: list[nn.Parameter], shard_group, comm: Comm,
-                   max_norm: float) -> float:
-    """Clips by the global norm over all parameters: dense grads are equal on every rank, sharded
-    (expert-parallel) grads differ, so their squares are summed over the shard group first. Every
-    rank gets the same norm and the same scale."""
-    def sq(params):
-        grads = [p.grad.float().pow(2).sum() for p in params if p.grad is not None]
-        return torch.stack(grads).sum() if grads else torch.zeros(())
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
 
-    shard_sq = sq(sharded).reshape(1).double()
-    comm.all_reduce(shard_sq, shard_group, "grad_norm")
-    total = float((sq(dense).double() + shard_sq[0]).sqrt())
-    if max_norm > 0 and total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for p in [*dense, *sharded]:
+
+def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    if isinstance(param, DTensor):
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False)
+    return local
+
+
+def _sharded_dims(t: torch.Tensor) -> tuple[tuple[str, object], ...]:
+    """(mesh dim name, process group) of each mesh dim a (gradient) tensor is sharded on: its global
+    squared norm is the sum of the local ones over those. Replicated dims hold copies."""
+    if not isinstance(t, DTensor):
+        return ()
+    mesh = t.device_mesh
+    return tuple((mesh.mesh_dim_names[i], mesh.get_group(i)) for i, pl in enumerate(t.placements)
+                 if pl.is_shard() or isinstance(pl, _StridedShard))  # FSDP's shard of a tp shard
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> float:
+    """Clips by the norm of the full gradient of the whole model, whatever the layout. Each rank sums
+    the squares of its local gradient parts per kind of sharding; each sum is all-reduced over the
+    groups that kind is sharded on. Every rank gets the same norm and the same scale."""
+    sums: dict[tuple[str, ...], torch.Tensor] = {}
+    groups: dict[tuple[str, ...], list] = {}
+    for p in params:
+        if p.grad is not None:
+            dims = _sharded_dims(p.grad)
+            key = tuple(name for name, _ in dims)  # names, not groups: the same keys on every rank
+            groups[key] = [g for _, g in dims]
+            sq = _local(p.grad).double().pow(2).sum().cpu()
+            sums[key] = sums[key] + sq if key in sums else sq
+    total = torch.zeros((), dtype=torch.float64)
+    for key in sorted(sums):
+        part = sums[key].reshape(1)
+        for group in groups[key]:
+            comm.all_reduce(part, group, "grad_norm")
+        total += part[0]
+    norm = float(total.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
             if p.grad is not None:
-                p.grad.mul_(scale)
-    return total
+                _local(p.grad).mul_(scale)
+    return norm
