@@ -69,19 +69,11 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[key] = checkpoint_wrapper(block)
 
 
-def apply_data_parallel(model: nn.Module, mesh: Mesh, shard: bool, comm: Comm) -> tuple[GradAverager, bool]:
-    """Dense weights are replicated over dense_dp (dp_replicate x dp x ep: ranks of an ep group see
-    different tokens); experts only over expert_dp. Expert gradients already hold every ep rank's
-    tokens (the all-to-all backward brought them), so both kinds are divided by the dense_dp degree."""
+def apply_fsdp(model: nn.Module, mesh: Mesh) -> None:
+    """FSDP2: dense weights sharded over dense_dp (dp_replicate x dp x ep: ranks of an ep group see
+    different tokens, so they are data-parallel for dense weights), experts over expert_dp only."""
     d = mesh.dims
-    n_dense, n_expert = d.degree("dense_dp"), d.degree("expert_dp")
-    experts = expert_params(model) if d.ep > 1 else []
-    if not shard or n_dense == 1:
-        dense = [p for p in model.parameters() if all(p is not e for e in experts)]
-        groups = [GradGroup(dense, mesh.group("dense_dp"), "dense_dp", n_dense)]
-        if experts:
-            groups.append(GradGroup(experts, mesh.group("expert_dp"), "expert_dp", n_dense))
-        return GradAverager(groups, comm), False
+    n_dense = d.degree("dense_dp")
     sum_only = dist.get_backend() == "gloo"  # gloo has no AVG / PREMUL_SUM: sum, then FSDP divides
 
     def shard(module, dp_mesh, **kw):
@@ -89,17 +81,33 @@ def apply_data_parallel(model: nn.Module, mesh: Mesh, shard: bool, comm: Comm) -
         module.set_force_sum_reduction_for_comms(sum_only)
         return module
 
-    leftover: list[nn.Parameter] = []
-    if experts and n_expert > 1:
-        for layer in moe_layers(model):
+    ignored = None
+    if d.ep > 1 and d.degree("expert_dp") > 1:
+        for layer in moe_layers(model):  # see build_grad_sync for the divisor
             shard(layer.experts, mesh.views["expert_dp"]).set_gradient_divide_factor(float(n_dense))
-    elif experts:  # ep = dense_dp: nothing replicates the experts; only the 1/n scale is left to do
-        leftover = experts
-    ignored = set(leftover) or None
+    elif d.ep > 1:  # ep = dense_dp: nothing replicates the experts; build_grad_sync scales them
+        ignored = set(expert_params(model))
     for block in model.layers.values():
         shard(block, mesh.views["dense_dp"], ignored_params=ignored)
     shard(model, mesh.views["dense_dp"], ignored_params=ignored)
-    return GradAverager([GradGroup(leftover, None, "expert_dp", n_dense)], comm), True
+
+
+def build_grad_sync(model: nn.Module, mesh: Mesh, fsdp: bool, comm: Comm) -> GradAverager:
+    """The gradient reductions FSDP does not do (all of them without FSDP). Dense gradients are
+    averaged over dense_dp. Expert gradients already hold every ep rank's tokens (the all-to-all
+    backward brought them), so they are summed over expert_dp and divided by the dense_dp degree
+    too. Built after materialization: the parameter objects must be the final ones."""
+    d = mesh.dims
+    n_dense, n_expert = d.degree("dense_dp"), d.degree("expert_dp")
+    experts = expert_params(model) if d.ep > 1 else []
+    if fsdp:
+        leftover = experts if n_expert == 1 else []
+        return GradAverager([GradGroup(leftover, None, "expert_dp", n_dense)], comm)
+    dense = [p for p in model.parameters() if all(p is not e for e in experts)]
+    groups = [GradGroup(dense, mesh.group("dense_dp"), "dense_dp", n_dense)]
+    if experts:
+        groups.append(GradGroup(experts, mesh.group("expert_dp"), "expert_dp", n_dense))
+    return GradAverager(groups, comm)
 
 
 @torch.no_grad()
@@ -123,7 +131,9 @@ def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torc
         place_experts(model, mesh, comm)
     if p.activation_checkpoint == "full":
         apply_activation_checkpointing(model)
-    grad_sync, fsdp = apply_data_parallel(model, mesh, p.dp_shard, comm)
+    fsdp = p.dp_shard and d.degree("dense_dp") > 1
+    if fsdp:
+        apply_fsdp(model, mesh)
     model.to_empty(device=device)
     init_from_seed(model, cfg, device)
-    return Parallelized(model, grad_sync, fsdp)
+    return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm), fsdp)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from expertmesh.dist.comm_stats import Comm
@@ -51,6 +51,11 @@ class GradAverager:
 
     @torch.no_grad()
     def average(self) -> None:
+        for _, bucket in self.buckets:
+            for p in bucket:  # sequence-parallel norm weights get partial sums over tp: add them up first
+                if isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements):
+                    p.grad = p.grad.redistribute(placements=[Replicate() if pl.is_partial() else pl
+                                                             for pl in p.grad.placements])
         for g, bucket in self.buckets:
             if g.group is None and g.divisor == 1:
                 continue
