@@ -23,10 +23,6 @@ def run_distributed():
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides for a model and corpus small enough to train in seconds on one core per rank."""
-    return [
-        f"train.run_dir={str(tmp_path)!r}".replace("'", '"'),
-        "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64",
-        "moe.num_experts=4", "moe.expert_dim=32", "moe.every=2",
-        "data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000",
-        "train.eval_batches=2", "metrics.wandb_mode=\"disabled\"",
-    ]
+    from helpers import tiny_overrides as make
+
+    return make(tmp_path)

@@ -12,6 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def tiny_overrides(run_dir: Path) -> list[str]:
+    """Overrides for a model and corpus small enough to train in seconds on one core per rank."""
+    return [
+        f"train.run_dir={str(run_dir)!r}".replace("'", '"'),
+        "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64",
+        "moe.num_experts=4", "moe.expert_dim=32", "moe.every=2",
+        "data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000",
+        "train.eval_batches=2", "metrics.wandb_mode=\"disabled\"",
+    ]
+
+
 def read_metrics(run_path: Path, kind: str = "train") -> dict[int, dict]:
     """step -> record; a step logged twice (before a kill and after resuming) keeps the later one."""
     out = {}

@@ -162,14 +162,15 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
     if start_step == 0:
         eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
         metrics.log_eval(0, eval_loss)
-    window = Window(mesh, comm)
     tap = CollectiveTap(comm, view_labels(mesh.views))  # FSDP's and DTensor's own collectives
+    window = Window(mesh, comm, tap)
     layout = layout_name(cfg, mesh.dims)
     rec: dict = {}
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        with tap:
+        with tap if window.steps == 0 else nullcontext():  # one sampled step per metrics window
             grad_norm = train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast)
+        tap.steps += window.steps == 0
         scheduler.step()
         window.add_step(time.perf_counter() - t0)
 
@@ -276,8 +277,8 @@ def maybe_inject_fault(step: int, env: DistEnv) -> None:
 class Window:
     """Accumulates what happened since the last metrics line; `record` reduces it across ranks."""
 
-    def __init__(self, mesh: Mesh, comm: Comm) -> None:
-        self.mesh, self.comm = mesh, comm
+    def __init__(self, mesh: Mesh, comm: Comm, tap: CollectiveTap) -> None:
+        self.mesh, self.comm, self.tap = mesh, comm, tap
         self.tokens_seen = 0
         self._reset()
 
@@ -309,6 +310,8 @@ class Window:
 
     def record(self, step: int, lr: float, grad_norm: float, eval_loss) -> dict:
         comm_bytes = {k: v / max(self.steps, 1) for k, v in self.comm.take().items()}
+        for label, nbytes in self.tap.take_per_step().items():
+            comm_bytes[label] = comm_bytes.get(label, 0.0) + nbytes
         group = self.mesh.group("dense_dp")
         n = self.mesh.dims.degree("dense_dp")
         # One reduction for every figure: this step's loss, window means, dropped and token counts.

@@ -51,23 +51,24 @@ def test_bpe_trains_locally_and_reloads(tmp_path):
         BPETokenizer.load(tmp_path / "junk.json")
 
 
-def test_loader_shards_are_disjoint_and_resume_exactly():
+def test_loader_batches_depend_on_the_global_batch_not_the_layout():
     tokens = torch.arange(10_000)
     train, held = split_tokens(tokens, 0.1)
     assert len(held) == 1000 and int(train[-1]) + 1 == int(held[0])
-    a = TokenLoader(train, 16, 4, rank=0, world=2, seed=1)
-    b = TokenLoader(train, 16, 4, rank=1, world=2, seed=1)
-    xa, ya = a.next_batch()
-    xb, _ = b.next_batch()
-    assert int(xa.max()) < 4500 <= int(xb.min())  # contiguous shards per data rank
-    assert torch.equal(ya[:, :-1], xa[:, 1:])  # targets are inputs shifted by one
-    state = a.state_dict()
-    future = [a.next_batch()[0] for _ in range(3)]
-    c = TokenLoader(train, 16, 4, rank=0, world=2, seed=1)
-    c.load_state_dict(state)
-    assert all(torch.equal(f, c.next_batch()[0]) for f in future)
-    with pytest.raises(ValueError, match="data rank 0 of 2"):
-        TokenLoader(train, 16, 4, rank=1, world=2, seed=1).load_state_dict(state)
+    two = [TokenLoader(train, 16, 4, rank=r, world=2, seed=1) for r in range(2)]
+    one = TokenLoader(train, 16, 8, rank=0, world=1, seed=1)
+    four = [TokenLoader(train, 16, 2, rank=r, world=4, seed=1) for r in range(4)]
+    for _ in range(3):
+        x1, y1 = one.next_batch()
+        assert torch.equal(y1[:, :-1], x1[:, 1:])  # targets are inputs shifted by one
+        assert torch.equal(torch.cat([ld.next_batch()[0] for ld in two]), x1)
+        assert torch.equal(torch.cat([ld.next_batch()[0] for ld in four]), x1)
+    assert not torch.equal(one.next_batch()[0], x1)  # a new batch every step
+    state = two[0].state_dict()
+    future = [two[0].next_batch()[0] for _ in range(3)]
+    resumed = TokenLoader(train, 16, 4, rank=0, world=2, seed=1)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(f, resumed.next_batch()[0]) for f in future)
 
 
 def test_eval_batches_are_fixed_and_too_little_data_is_an_error():
@@ -75,5 +76,9 @@ def test_eval_batches_are_fixed_and_too_little_data_is_an_error():
     first = [x for x, _ in eval_batches(held, 32, 4, 3, 0, 2)]
     again = [x for x, _ in eval_batches(held, 32, 4, 3, 0, 2)]
     assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    # the same windows under another layout with the same global batch (8 sequences)
+    other = [torch.cat([x for x, _ in eval_batches(held, 32, 2, 3, r, 4)]) for r in range(4)]
+    whole = torch.cat([torch.cat([x for x, _ in eval_batches(held, 32, 4, 3, r, 2)]) for r in range(2)])
+    assert torch.equal(torch.sort(torch.cat(other)[:, 0]).values, torch.sort(whole[:, 0]).values)
     with pytest.raises(ConfigError, match="fewer than one sequence"):
         list(eval_batches(torch.arange(40), 32, 4, 3, 0, 2))
