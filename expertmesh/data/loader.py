@@ -22,14 +22,16 @@ def split_tokens(tokens: torch.Tensor, eval_fraction: float) -> tuple[torch.Tens
 
 
 class TokenLoader:
-    """Micro-batch c of the run is a global batch of `batch_size * world` random windows drawn from
-    the whole training split by a generator seeded with (seed, c); data rank r reads rows
-    [r * batch_size, (r + 1) * batch_size). The state is the counter c alone, so it means the same
-    under any layout: a run resumed with other parallel degrees but the same global batch reads
-    exactly the batches the original run would have read."""
+    """Step s of the run reads a global batch of `batch_size * world * accum` random windows drawn from
+    the whole training split by a generator seeded with (seed, s), in blocks of `batch_size` rows:
+    micro-batch i of data rank r reads block i * world + r. The state is a counter alone, so it
+    means the same under any layout: a run with other parallel degrees or accumulation but the same
+    global batch reads exactly the same windows, and so does a run resumed under another layout."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, rank: int, world: int, seed: int):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, rank: int, world: int, seed: int,
+                 accum: int = 1):
         self.seq_len, self.batch_size, self.rank, self.world, self.seed = seq_len, batch_size, rank, world, seed
+        self.accum = accum
         if len(tokens) < seq_len + 2:
             raise ConfigError(f"the training split has {len(tokens)} tokens, fewer than one sequence of "
                               f"{seq_len + 1}; use more data or a shorter data.seq_len")
@@ -37,16 +39,18 @@ class TokenLoader:
         self.batches_served = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches_served)
+        step, micro = divmod(self.batches_served, self.accum)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         high = len(self.tokens) - self.seq_len
-        starts = torch.randint(0, high, (self.batch_size * self.world,), generator=gen)
-        mine = starts[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        starts = torch.randint(0, high, (self.batch_size * self.world * self.accum,), generator=gen)
+        block = micro * self.world + self.rank
+        mine = starts[block * self.batch_size: (block + 1) * self.batch_size]
         window_BS1 = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in mine.tolist()])
         self.batches_served += 1
         return window_BS1[:, :-1], window_BS1[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"batches_served": self.batches_served, "global_batch": self.batch_size * self.world}
+        return {"batches_served": self.batches_served, "global_batch": self.batch_size * self.world * self.accum}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_served = int(state["batches_served"])

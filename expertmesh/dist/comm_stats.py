@@ -32,9 +32,20 @@ class Comm:
     def __init__(self) -> None:
         self.sent: dict[str, int] = defaultdict(int)
         self.busy = False  # inside one of our own calls: the tap must not count it again
+        self.paused = False
 
     def _count(self, label: str, nbytes: float) -> None:
-        self.sent[label] += int(nbytes)
+        if not self.paused:
+            self.sent[label] += int(nbytes)
+
+    @contextmanager
+    def pause(self):
+        """Nothing inside is counted (evaluation: the figures are per training step)."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     @contextmanager
     def _own(self):

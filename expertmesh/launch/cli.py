@@ -3,6 +3,7 @@
   expertmesh run   --config FILE [--nproc N] [--max-restarts R] [key=value ...]   torchrun on this machine
   expertmesh train --config FILE [key=value ...]                                  one rank, in this process
   expertmesh config --config FILE [key=value ...]                                 print the resolved config
+  expertmesh plan  --config FILE [--nproc N] [--measured RUN_DIR] [key=value ...]  bytes and memory per rank
   expertmesh submit --config FILE --nodes N (--gpus-per-node G | --procs-per-node P) [--dry-run] …  Slurm
   expertmesh status JOBID                                                         job state + last metrics line
   expertmesh report RUN_DIR                                                       PNG plots + summary.md
@@ -19,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from expertmesh import config as config_mod
 from expertmesh.config import ConfigError
@@ -71,6 +73,26 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from expertmesh.parallel.plan import plan, render
+
+    cfg = config_mod.load(args.config, args.overrides)
+    p = cfg.parallel
+    world = args.nproc or (p.dp_replicate * p.dp * p.ep * p.tp if p.dp > 0 else default_nproc())
+    measured = None
+    if args.measured:
+        path = Path(args.measured) / "metrics.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"--measured {args.measured}: no metrics.jsonl there")
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        train = [r for r in records if r.get("kind") == "train"]
+        if not train:
+            raise ConfigError(f"{path} has no training records yet")
+        measured = train[-1]["comm_bytes_per_step"]
+    print(render(plan(cfg, world), measured))
+    return 0
+
+
 def cmd_submit(args) -> int:
     from expertmesh.launch import slurm
 
@@ -120,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("train", "run one rank in this process (torchrun/Slurm set the environment)").set_defaults(
         func=cmd_train)
     with_config("config", "print the resolved config as JSON").set_defaults(func=cmd_config)
+    pl = with_config("plan", "predicted communication and memory per rank of a layout, without launching it")
+    pl.add_argument("--nproc", type=int, default=0, help="world size (default: the product of the degrees if "
+                    "parallel.dp is set, else as for run)")
+    pl.add_argument("--measured", default="", help="a run directory: print its last measured bytes per step beside")
+    pl.set_defaults(func=cmd_plan)
 
     s = with_config("submit", "render the sbatch script for a config and submit it to Slurm")
     s.add_argument("--nodes", type=int, required=True)

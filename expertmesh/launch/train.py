@@ -85,6 +85,11 @@ def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
+    with comm.pause():  # communication is reported per training step
+        return _evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
+
+
+def _evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
     model.eval()
     d = mesh.dims
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -117,7 +122,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     train_tokens, eval_tokens = split_tokens(tokenizer.encode(text), cfg.data.eval_fraction)
     loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, dims.data_rank(env.rank),
-                         dims.data_world, cfg.train.seed)
+                         dims.data_world, cfg.train.seed, cfg.train.grad_accum)
 
     # Model: built on meta, then placed, materialized and initialized from outside.
     with torch.device("meta"):

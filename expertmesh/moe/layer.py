@@ -30,8 +30,7 @@ class MoEStats:
 class MoELayer(nn.Module):
     """`num_experts` may differ per layer (PR-MoE's pyramid). Parallelism is attached from outside by
     `parallelize_model`: `self.placement` (expert parallelism; None runs every expert here) and
-    `self.tp_sync` (expert tensor parallelism: applied to tensors whose gradients are partial per
-    rank; None without tensor parallelism)."""
+    `self.tp_sync` (expert tensor parallelism, see parallel/tensor.py; None without it)."""
 
     def __init__(self, dim: int, cfg: MoEConfig, num_experts: int | None = None) -> None:
         super().__init__()
@@ -60,9 +59,10 @@ class MoELayer(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        r = self.router(x_TD)
-        sync = self.tp_sync or (lambda t: t)
-        xe_TD, topk_w_TK = sync(x_TD), sync(r.topk_w_TK)  # what the (F-split) experts see
+        tp = self.tp_sync
+        xr_TD, xe_TD = (tp.router_input(x_TD), tp.expert_input(x_TD)) if tp else (x_TD, x_TD)
+        r = self.router(xr_TD)
+        topk_w_TK = tp(r.topk_w_TK) if tp else r.topk_w_TK
         x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(xe_TD, r.topk_idx_TK, self.num_experts,
                                                                     self.backend)
         if self.placement is None:
@@ -71,7 +71,8 @@ class MoELayer(nn.Module):
             y_sorted_ND = self.placement(x_sorted_ND, tokens_per_expert_E, self.experts)
         out_TD = ops.combine(y_sorted_ND, row_map_TK, topk_w_TK, self.backend)
         if self.residual_mlp is not None:
-            c_T2 = sync(F.linear(x_TD, local(self.coefficient.weight)).softmax(dim=-1))
+            c_T2 = F.linear(xr_TD, local(self.coefficient.weight)).softmax(dim=-1)
+            c_T2 = tp(c_T2) if tp else c_T2
             out_TD = out_TD * c_T2[:, :1] + self.residual_mlp.forward_local(xe_TD) * c_T2[:, 1:]
         if self.shared is not None:
             out_TD = out_TD + self.shared.forward_local(xe_TD)

@@ -123,7 +123,8 @@ def init_from_seed(model: nn.Module, cfg: JobConfig, device: torch.device) -> No
     model.init_rope()
 
 
-def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm):
+def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> bool:
+    """Steps 1-4 on a meta-device model; returns whether FSDP manages the dense weights."""
     d, p = mesh.dims, cfg.parallel
     if d.tp > 1:
         apply_tensor_parallel(model, mesh.views["tp"], p, comm)
@@ -134,6 +135,11 @@ def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torc
     fsdp = p.dp_shard and d.degree("dense_dp") > 1
     if fsdp:
         apply_fsdp(model, mesh)
+    return fsdp
+
+
+def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm):
+    fsdp = shard_model(model, mesh, cfg, comm)
     model.to_empty(device=device)
     init_from_seed(model, cfg, device)
     return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm), fsdp)

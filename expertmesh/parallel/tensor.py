@@ -14,10 +14,10 @@ dimension F is split over tp (w1, w3 by columns, w2 by rows), and so are the sha
 the PR-MoE residual MLP. The router runs replicated on the full tokens, so every tp rank routes
 identically and the expert-parallel all-to-all (if any) runs inside each tp coordinate.
 Each rank's routed, shared and residual outputs are partial sums over its F slice; they are summed
-once at the layer's output. Two gradients need one all-reduce each in backward, because the
-partial outputs make them partial: the layer input as seen by the experts (`tp_sync` on x), and
-the combine weights / PR-MoE coefficients (`tp_sync` on them). Everything on the replicated router
-path then has identical gradients on every tp rank.
+once at the layer's output (all-reduce, or reduce-scatter to the sequence shards). In backward the
+combine weights' gradient is partial too and is all-reduced (T x K floats), so everything on the
+replicated router path gets the same gradient on every tp rank; the layer input's gradient is
+summed as a dense layer's is (see TensorParallelSync). The layer's tp traffic equals a dense MLP's.
 
 Legend: B batch, S sequence, D model dim, T tokens.
 """
@@ -58,14 +58,41 @@ class _SumGradOverTP(torch.autograd.Function):
         return grad, None, None
 
 
-class TensorParallelSync:
-    """Called by MoELayer as `tp_sync(t)` on a tensor whose gradient each tp rank sees only in part."""
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
 
-    def __init__(self, group, comm: Comm) -> None:
-        self.group, self.comm = group, comm
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class TensorParallelSync:
+    """What MoELayer calls under expert tensor parallelism (`self.tp_sync`):
+
+    `__call__(t)`     on tensors whose gradient each rank sees only in part (combine weights, PR-MoE
+                      coefficients): all-reduces that gradient, so the router's is whole everywhere.
+    `expert_input(x)` / `router_input(x)`: the layer input as the F-split experts and as the replicated
+                      router see it. The input's gradient must leave the layer summed over tp: the
+                      experts' part is partial, the router's whole on every rank. Without sequence
+                      parallelism the experts' part is all-reduced here (`f`). With it, the layer's
+                      input hook reduce-scatters the whole gradient as a partial sum instead (half the
+                      bytes), so the router's part is scaled by 1/tp to be counted once."""
+
+    def __init__(self, group, comm: Comm, sequence_parallel: bool) -> None:
+        self.group, self.comm, self.seq = group, comm, sequence_parallel
+        self.size = torch.distributed.get_world_size(group)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         return _SumGradOverTP.apply(t, self.group, self.comm)
+
+    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.seq else _SumGradOverTP.apply(x, self.group, self.comm)
+
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _ScaleGrad.apply(x, 1.0 / self.size) if self.seq else x
 
 
 def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placements) -> None:
@@ -95,14 +122,14 @@ class ExpertTensorParallel(ParallelStyle):
         _distribute(module.router.gate, "weight", device_mesh, [Replicate()])
         if module.coefficient is not None:
             _distribute(module.coefficient, "weight", device_mesh, [Replicate()])
-        module.tp_sync = TensorParallelSync(device_mesh.get_group(), self.comm)
         seq = self.sequence_parallel
+        module.tp_sync = TensorParallelSync(device_mesh.get_group(), self.comm, seq)
 
         def gather_input(_mod, args):
             x = args[0]
-            if isinstance(x, DTensor):  # sequence-parallel input: gather the sequence; its gradient is
-                # replicated (tp_sync made it so), so backward only keeps this rank's slice
-                x = x.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Replicate()])
+            if isinstance(x, DTensor):  # sequence-parallel input: gather the sequence; its gradient is a
+                # partial sum per rank (see TensorParallelSync), reduce-scattered back to the sequence shards
+                x = x.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
             return (x, *args[1:])
 
         def reduce_output(_mod, _args, output):
@@ -143,13 +170,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, p: ParallelConf
         if seq:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
-            plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                                   desired_input_layouts=(Replicate(), None, None))
+        # One DTensor input per region, shared by its column-wise layers, so that the input's gradient
+        # (a partial sum per rank) is reduced once at the region's boundary, not once per layer.
+        plan["attention"] = PrepareModuleInput(input_layouts=(stream, None, None),
+                                               desired_input_layouts=(Replicate(), None, None))
         if block.is_moe:
             plan["ffn"] = ExpertTensorParallel(seq, comm)
         else:
-            if seq:
-                plan["ffn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan["ffn"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),))
             plan["ffn.w1"] = ColwiseParallel()
             plan["ffn.w3"] = ColwiseParallel()
             plan["ffn.w2"] = RowwiseParallel(output_layouts=stream)

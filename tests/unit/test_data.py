@@ -58,11 +58,14 @@ def test_loader_batches_depend_on_the_global_batch_not_the_layout():
     two = [TokenLoader(train, 16, 4, rank=r, world=2, seed=1) for r in range(2)]
     one = TokenLoader(train, 16, 8, rank=0, world=1, seed=1)
     four = [TokenLoader(train, 16, 2, rank=r, world=4, seed=1) for r in range(4)]
+    accum = [TokenLoader(train, 16, 2, rank=r, world=2, seed=1, accum=2) for r in range(2)]
     for _ in range(3):
         x1, y1 = one.next_batch()
         assert torch.equal(y1[:, :-1], x1[:, 1:])  # targets are inputs shifted by one
         assert torch.equal(torch.cat([ld.next_batch()[0] for ld in two]), x1)
         assert torch.equal(torch.cat([ld.next_batch()[0] for ld in four]), x1)
+        micro = [[ld.next_batch()[0] for ld in accum] for _ in range(2)]  # micro-batch 0 of both, then 1
+        assert torch.equal(torch.cat([x for m in micro for x in m]), x1)
     assert not torch.equal(one.next_batch()[0], x1)  # a new batch every step
     state = two[0].state_dict()
     future = [two[0].next_batch()[0] for _ in range(3)]

@@ -1,0 +1,59 @@
+"""`expertmesh plan`: memory per rank read off the sharded model; the CLI's output and errors.
+(Predicted communication is checked against measured runs in tests/distributed/test_parallel_layouts.py.)"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from expertmesh import config
+from expertmesh.models.transformer import Transformer, count_params
+from expertmesh.parallel.plan import plan
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def _counts(cfg):
+    with torch.device("meta"):
+        return count_params(Transformer(cfg))
+
+
+@pytest.mark.parametrize("world, overrides, expected", [
+    (1, [], lambda n: n["total"]),
+    (4, ["parallel.ep=4", "parallel.dp_shard=false"], lambda n: n["dense"] + n["expert"] / 4),
+    # tp halves every matrix but the norms and router gates; ep halves the experts again
+    (4, ["parallel.ep=2", "parallel.tp=2", "parallel.dp_shard=false"],
+     lambda n: (n["dense"] - n["replicated"]) / 2 + n["replicated"] + n["expert"] / 4),
+])
+def test_parameter_bytes_per_rank(world, overrides, expected):
+    cfg = config.load(None, overrides)
+    n = _counts(cfg)
+    got = plan(cfg, world).memory["params"]
+    m = cfg.model
+    n["replicated"] = (2 * m.n_layers + 1) * m.dim + m.n_layers * m.dim * cfg.moe.num_experts
+    assert got == 4 * expected(n)
+
+
+def test_fsdp_shards_the_dense_weights_over_dense_dp():
+    cfg = config.load(None, [])
+    n = _counts(cfg)
+    mem = plan(cfg, 4).memory
+    assert 4 * n["total"] / 4 <= mem["params"] < 4 * n["total"] / 4 * 1.02  # FSDP pads dim 0 to a multiple of 4
+    assert mem["optimizer"] == 2 * mem["params"] and mem["fsdp_gathered"] > 0
+
+
+def test_plan_cli_prints_the_table_and_rejects_a_missing_run(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "expertmesh.launch.cli", "plan", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+
+    ok = cli("--nproc", "8", "parallel.ep=2", "parallel.tp=2")
+    assert ok.returncode == 0, ok.stderr
+    for view in ("dense_dp", "expert_dp", "ep", "tp"):
+        assert f"  {view}" in ok.stdout
+    assert "dp=2 ep=2 tp=2 (world 8)" in ok.stdout and "optimizer" in ok.stdout
+    bad = cli("--nproc", "8", "--measured", str(tmp_path), "parallel.ep=2")
+    assert bad.returncode == 2 and f"--measured {tmp_path}: no metrics.jsonl there" in bad.stderr
+    wrong = cli("--nproc", "6", "parallel.ep=4")
+    assert wrong.returncode == 2 and "does not divide WORLD_SIZE(6)" in wrong.stderr
