@@ -178,6 +178,12 @@ class CollectiveTap(TorchDispatchMode):
             me, rows = dist.get_rank(group), args[0].shape[0]
             splits = args[2] or [rows // dist.get_world_size(group)] * dist.get_world_size(group)
             self._record(group_name, (rows - splits[me]) * (_nbytes(args[0]) // max(rows, 1)))
+        elif not self.comm.busy and ns == "c10d" and name == "alltoall_base_":
+            out, inp, group, _out_splits, in_splits = args[:5]
+            group = dist.ProcessGroup.unbox(group) if isinstance(group, torch.ScriptObject) else group
+            rows = inp.shape[0]
+            own = in_splits[group.rank()] if in_splits else rows // group.size()
+            self._record(group.group_name, (rows - own) * (_nbytes(inp) // max(rows, 1)))
         elif not self.comm.busy and ns == "c10d" and name in _C10D_COST:
             t_i, g_i, cost = _C10D_COST[name]
             group = args[g_i]
