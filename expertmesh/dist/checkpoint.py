@@ -1,10 +1,11 @@
 """Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of `runs/<name>/step-N/`:
-  *.distcp, .metadata   model + optimizer + scheduler state, written collectively by DCP
-  rank-R.pt             per-rank state: RNG and data-loader position
+  *.distcp, .metadata   model + optimizer + scheduler state and the shared data position, written
+                        collectively by DCP as global tensors (loadable under any layout)
+  rank-R.pt             per-rank state (RNG), restored only under the same layout
   COMPLETE.json         written last, by rank 0, after every rank finished: step, world size,
-                        and size + sha256 of every file above
+                        layout, and size + sha256 of every file above
 
 A directory without an intact COMPLETE.json never counts. Resuming takes the newest directory
 whose manifest matches the files on disk; a damaged newest one is skipped with a warning. Every

@@ -90,8 +90,8 @@ def test_layout_trains_the_single_process_model(run_distributed, tmp_path, singl
 def test_checkpoint_resumes_under_another_layout(run_distributed, tmp_path, target):
     """Saved at dp2 x ep2; resumed at ep4 or tp2 x ep2 from the step-2 checkpoint, the losses of steps
     3 and 4 are the uninterrupted run's."""
-    common = tiny_overrides(tmp_path) + ["train.steps=4", "metrics.log_every=1", "checkpoint.every=2", "checkpoint.keep=3",
-                               "moe.every=1", "optim.grad_clip=0.5", "train.threads=1"]
+    common = tiny_overrides(tmp_path) + ["train.steps=4", "metrics.log_every=1", "checkpoint.every=2",
+                                         "checkpoint.keep=3", "moe.every=1", "optim.grad_clip=0.5", "train.threads=1"]
     run_distributed(_train, 4, common + ["train.name=orig", "parallel.ep=2", "data.batch_size=2"])
     orig = read_metrics(tmp_path / "orig")
     (tmp_path / target).mkdir()
