@@ -84,5 +84,7 @@ class GroupedExperts(nn.Module):
             if x.shape[0]:
                 outs.append((F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e])
         out = torch.cat(outs)
-        # Keep every weight in the graph so experts with no tokens still get a (zero) gradient.
-        return out + 0 * (w1.sum() + w3.sum() + w2.sum()) if out.shape[0] == 0 else out
+        # With no rows at all, keep the weights and the input in the graph: the weights still get a
+        # (zero) gradient, and backward still runs the all-to-all that brought the (empty) input, which
+        # every rank of an expert-parallel group must join.
+        return out + 0 * (w1.sum() + w3.sum() + w2.sum() + x_ND.sum()) if out.shape[0] == 0 else out
