@@ -131,6 +131,23 @@ class MetricsConfig:
 
 
 @dataclass(kw_only=True)
+class DiLoCoConfig:
+    """Streaming DiLoCo over the `parallel.dp_replicate` workers (expertmesh/dist/diloco.py)."""
+
+    enabled: bool = False
+    sync_every: int = 50  # H: inner steps between two syncs of the same fragment
+    fragments: int = 1  # P: fragments of transformer blocks, synced one every H/P steps
+    pattern: Literal["strided", "sequential"] = "strided"  # block i -> fragment i mod P, or contiguous runs
+    overlap: int = 0  # tau: inner steps between starting a fragment's exchange and applying it (0 = synchronous)
+    merge_alpha: float = 0.5  # with overlap: theta_local <- alpha * theta_local + (1 - alpha) * theta_global
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    quant_bits: int = 0  # pseudo-gradients on the wire: 0 = fp32, 8 or 4 = blockwise codes
+    quant_block: int = 64  # values per fp32 scale
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -140,6 +157,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -346,3 +364,30 @@ def check(cfg: JobConfig) -> None:
                               "(or set parallel.vocab_parallel=false)")
         if m.tie_embeddings:
             raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.tp={p.tp}")
+    check_diloco(cfg)
+
+
+def check_diloco(cfg: JobConfig) -> None:
+    g = cfg.diloco
+    if not g.enabled:
+        return
+    if g.sync_every < 1 or g.fragments < 1:
+        raise ConfigError(f"diloco.sync_every={g.sync_every} and diloco.fragments={g.fragments} must be >= 1")
+    if g.sync_every % g.fragments:
+        raise ConfigError(f"diloco.fragments={g.fragments} does not divide diloco.sync_every={g.sync_every} "
+                          "(fragments sync one every sync_every/fragments steps)")
+    if g.fragments > cfg.model.n_layers:
+        raise ConfigError(f"diloco.fragments={g.fragments} exceeds model.n_layers={cfg.model.n_layers}")
+    if not 0 <= g.overlap < g.sync_every // g.fragments:
+        raise ConfigError(f"diloco.overlap={g.overlap} must be in [0, sync_every/fragments="
+                          f"{g.sync_every // g.fragments})")
+    if not 0.0 <= g.merge_alpha <= 1.0:
+        raise ConfigError(f"diloco.merge_alpha={g.merge_alpha} must be in [0, 1]")
+    if g.quant_bits not in (0, 4, 8):
+        raise ConfigError(f"diloco.quant_bits={g.quant_bits} must be 0 (fp32), 4 or 8")
+    if g.quant_block < 2 or g.quant_block % 2:
+        raise ConfigError(f"diloco.quant_block={g.quant_block} must be an even number >= 2")
+    if g.outer_lr <= 0 or not 0.0 <= g.outer_momentum < 1.0:
+        raise ConfigError(f"diloco.outer_lr={g.outer_lr} must be > 0 and diloco.outer_momentum="
+                          f"{g.outer_momentum} in [0, 1)")
+

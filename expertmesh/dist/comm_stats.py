@@ -16,6 +16,7 @@ every c10d op while it is active and labels it by the mesh view its process grou
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -31,12 +32,18 @@ def _nbytes(t: torch.Tensor) -> int:
 class Comm:
     def __init__(self) -> None:
         self.sent: dict[str, int] = defaultdict(int)
-        self.busy = False  # inside one of our own calls: the tap must not count it again
+        self._thread = threading.local()  # busy: inside one of our own calls, the tap must not count it again
         self.paused = False
+        self._lock = threading.Lock()
 
     def _count(self, label: str, nbytes: float) -> None:
         if not self.paused:
-            self.sent[label] += int(nbytes)
+            with self._lock:  # DiLoCo's background exchange counts from another thread
+                self.sent[label] += int(nbytes)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.sent.values())
 
     @contextmanager
     def pause(self):
@@ -47,18 +54,23 @@ class Comm:
         finally:
             self.paused = False
 
+    @property
+    def busy(self) -> bool:
+        return getattr(self._thread, "busy", False)
+
     @contextmanager
     def _own(self):
-        self.busy = True
+        self._thread.busy = True
         try:
             yield
         finally:
-            self.busy = False
+            self._thread.busy = False
 
     def take(self) -> dict[str, int]:
         """Returns bytes sent per label since the last call, and resets the counters."""
-        out = dict(self.sent)
-        self.sent.clear()
+        with self._lock:
+            out = dict(self.sent)
+            self.sent.clear()
         return out
 
     def all_reduce(self, t: torch.Tensor, group, label: str, op=dist.ReduceOp.SUM, async_op: bool = False):

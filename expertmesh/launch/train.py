@@ -32,6 +32,7 @@ from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
 from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact
 from expertmesh.dist.comm_stats import CollectiveTap, Comm, view_labels
+from expertmesh.dist.diloco import DiLoCo, replica_group
 from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
 from expertmesh.metrics import Metrics
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
@@ -94,8 +95,9 @@ def _evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device
     d = mesh.dims
     rank = dist.get_rank() if dist.is_initialized() else 0
     total = torch.zeros(2, dtype=torch.float64)
+    world = d.data_world // d.dp_replicate if d.independent_replicas else d.data_world  # DiLoCo: one worker
     for x, y in eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
-                             d.data_rank(rank), d.data_world):
+                             d.data_rank(rank) % world, world):
         with autocast:
             logits, _ = model(x.to(device))
         total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
@@ -108,7 +110,7 @@ def _evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device
 def run(cfg: JobConfig, env: DistEnv) -> dict:
     """Trains per the config; returns the last metrics record (rank 0) or {}."""
     device = pick_device(cfg.train.device, env)
-    dims = ParallelDims.from_config(cfg.parallel, env.world_size)  # before any group exists
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size, independent_replicas=cfg.diloco.enabled)
     init_distributed(env, device)
     set_threads(cfg.train.threads, env)
     mesh = dims.build_mesh(device.type)
@@ -133,6 +135,8 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
+    diloco_group = replica_group(dims) if cfg.diloco.enabled else None
+    diloco = DiLoCo(model, cfg.model.n_layers, cfg.diloco, diloco_group, comm) if cfg.diloco.enabled else None
     checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
     start_step = 0
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path)) is not None:
@@ -140,6 +144,12 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
                                                          {"loader": loader.state_dict()}, layout_name(cfg, dims))
         if "rng" in per_rank:
             torch.set_rng_state(per_rank["rng"])
+        if diloco is not None and "diloco" in per_rank:
+            diloco.load_state_dict(per_rank["diloco"], optimizer)
+        elif diloco is not None:
+            log.warning("the checkpoint has no DiLoCo state for this layout: global copies restart from the "
+                        "loaded weights")
+            diloco = DiLoCo(model, cfg.model.n_layers, cfg.diloco, diloco_group, comm)
         saved_batch, batch = shared["loader"]["global_batch"], loader.state_dict()["global_batch"]
         if saved_batch != batch:
             log.warning("the global batch changed from %d to %d sequences: the data order differs from the "
@@ -154,13 +164,13 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     metrics = Metrics(cfg, run_path, env.is_rank0)
     try:
         return train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
-                          start_step, device, autocast)
+                          start_step, device, autocast, diloco)
     finally:
         metrics.close()  # also on a failing peer or SIGTERM: W&B flushes what it was given
 
 
 def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
-               start_step, device, autocast) -> dict:
+               start_step, device, autocast, diloco=None) -> dict:
     model = par.model
     preemption = Preemption()
     eval_loss = None
@@ -177,6 +187,8 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
             grad_norm = train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast)
         tap.steps += window.steps == 0
         scheduler.step()
+        if diloco is not None:
+            diloco.after_step(step)
         window.add_step(time.perf_counter() - t0)
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -184,11 +196,15 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
             metrics.log_eval(step, eval_loss)
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
             rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)
+            if diloco is not None:
+                rec["diloco"] = diloco.stats(step)
             metrics.log(rec)
         stop = preemption.agreed(comm)
         if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop):
-            checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()},
-                              {"rng": torch.get_rng_state()}, layout)
+            per_rank = {"rng": torch.get_rng_state()}
+            if diloco is not None:
+                per_rank["diloco"] = diloco.state_dict(optimizer)
+            checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()}, per_rank, layout)
         maybe_inject_fault(step, env)
         if stop:
             log.info("stop requested (SIGUSR1): checkpointed step %d", step)
@@ -196,6 +212,9 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
             if env.is_rank0:
                 requeue_slurm_job()
             break
+    else:
+        if diloco is not None:
+            diloco.finish()
     return rec
 
 
@@ -295,6 +314,8 @@ class Window:
         self.seconds = 0.0
         self.load = None
         self.last_ce = 0.0
+        self.peak = 0  # most bytes any one step of the window sent through the wrapper
+        self._sent_before = 0
 
     def add_micro(self, ce, aux, z, stats, tokens: int) -> None:
         self.micro += 1
@@ -312,6 +333,9 @@ class Window:
     def add_step(self, seconds: float) -> None:
         self.steps += 1
         self.seconds += seconds
+        sent = self.comm.total()  # bytes through the wrapper so far in this window
+        self.peak = max(self.peak, sent - self._sent_before)
+        self._sent_before = sent
 
     def record(self, step: int, lr: float, grad_norm: float, eval_loss) -> dict:
         comm_bytes = {k: v / max(self.steps, 1) for k, v in self.comm.take().items()}
@@ -325,6 +349,8 @@ class Window:
                             self.sums, *load])
         self.comm.all_reduce(packed, group, "metrics")
         last_ce, tokens, seconds = packed[0] / n, packed[1], packed[2] / n
+        if self.mesh.dims.independent_replicas:  # DiLoCo: the figures are worker 0's; every worker reads as much
+            tokens = tokens * self.mesh.dims.dp_replicate
         sums = packed[3:8]
         self.tokens_seen += int(tokens)
         expert_load = [t.long().tolist() for t in packed[8:].split([t.numel() for t in load])]
@@ -349,6 +375,7 @@ class Window:
             "router_entropy": float(sums[4] / n / self.micro),
             "expert_load": expert_load,
             "comm_bytes_per_step": comm_bytes,
+            "comm_peak_bytes_step": self.peak,
         }
         self._reset()
         return rec

@@ -8,6 +8,8 @@ Views a caller asks for by name:
   "dense_dp"   ranks that hold the same dense weights and see different data (dp_replicate x dp x ep)
   "expert_dp"  ranks that hold the same experts (dp_replicate x dp)
   "ep", "tp", "dp", "dp_replicate"  the single axes
+Under DiLoCo (`independent_replicas`) the dp_replicate workers train apart: gradients are averaged
+only inside a worker, so dense_dp is dp x ep and expert_dp is dp.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from expertmesh.config import ConfigError, ParallelConfig
 
 AXES = ("dp_replicate", "dp", "ep", "tp")
 VIEWS = {"dense_dp": ("dp_replicate", "dp", "ep"), "expert_dp": ("dp_replicate", "dp")}
+WORKER_VIEWS = {"dense_dp": ("dp", "ep"), "expert_dp": ("dp",)}  # DiLoCo: within one worker
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,14 @@ class ParallelDims:
     ep: int
     tp: int
     world_size: int
+    independent_replicas: bool = False  # DiLoCo workers: no gradient averaging across dp_replicate
+
+    @property
+    def views(self) -> dict[str, tuple[str, ...]]:
+        return WORKER_VIEWS if self.independent_replicas else VIEWS
 
     @classmethod
-    def from_config(cls, p: ParallelConfig, world_size: int) -> ParallelDims:
+    def from_config(cls, p: ParallelConfig, world_size: int, independent_replicas: bool = False) -> ParallelDims:
         """Resolves dp = -1 to the rest of WORLD_SIZE and checks that the degrees multiply to it."""
         if world_size < 1:
             raise ConfigError(f"WORLD_SIZE={world_size} must be >= 1")
@@ -51,10 +59,11 @@ class ParallelDims:
                 f"dp_replicate({p.dp_replicate}) * dp({dp}) * ep({p.ep}) * tp({p.tp}) = {total} "
                 f"!= WORLD_SIZE({world_size})"
             )
-        return cls(dp_replicate=p.dp_replicate, dp=dp, ep=p.ep, tp=p.tp, world_size=world_size)
+        return cls(dp_replicate=p.dp_replicate, dp=dp, ep=p.ep, tp=p.tp, world_size=world_size,
+                   independent_replicas=independent_replicas)
 
     def degree(self, name: str) -> int:
-        axes = VIEWS.get(name, (name,))
+        axes = self.views.get(name, (name,))
         out = 1
         for axis in axes:
             out *= getattr(self, axis)
@@ -89,7 +98,7 @@ class ParallelDims:
             return Mesh(self, None, {})
         mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in axes), mesh_dim_names=axes)
         views = {a: mesh[a] for a in axes}
-        for view, members in VIEWS.items():
+        for view, members in self.views.items():
             present = tuple(a for a in members if a in axes)
             if len(present) == 1:
                 views[view] = mesh[present[0]]

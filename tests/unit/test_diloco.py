@@ -1,0 +1,65 @@
+"""DiLoCo pieces that need no process group: fragments, schedule, config checks, the quantizer."""
+
+import pytest
+import torch
+
+from expertmesh import config
+from expertmesh.config import ConfigError
+from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.compress import dequantize, quantize, quantized_all_reduce_mean, wire_bytes_per_value
+from expertmesh.dist.diloco import DiLoCo, assign_fragments
+
+NAMES = ["tok_embeddings.weight"] + [f"layers.{i}.attention.wq.weight" for i in range(6)] + ["norm.weight",
+                                                                                           "output.weight"]
+
+
+def test_fragments_strided_and_sequential():
+    assert assign_fragments(NAMES, 6, 3, "strided") == [3, 0, 1, 2, 0, 1, 2, 3, 3]
+    assert assign_fragments(NAMES, 6, 3, "sequential") == [3, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert assign_fragments(["layers.10.ffn.w1", "layers._checkpoint_wrapped_module"], 12, 4, "strided")[0] == 2
+
+
+def test_schedule_staggers_fragments_h_over_p_apart():
+    from expertmesh.models.transformer import Transformer
+
+    cfg = config.load(None, ["diloco.enabled=true", "diloco.sync_every=8", "diloco.fragments=4"])
+    d = DiLoCo(Transformer(cfg), cfg.model.n_layers, cfg.diloco, None, Comm())
+    # a MoE block: 2 norms, wq wk wv wo, the gate, w1 w3 w2 = 10 tensors; then embeddings, norm, head
+    assert [len(ps) for ps in d.params] == [10, 10, 10, 10, 3]
+    starts = {t: d.fragments_starting(t) for t in range(1, 17)}
+    assert {t: f for t, f in starts.items() if f} == {2: [0], 4: [1], 6: [2], 8: [3, 4], 10: [0], 12: [1], 14: [2],
+                                                      16: [3, 4]}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["diloco.sync_every=10", "diloco.fragments=4"], "diloco.fragments=4 does not divide diloco.sync_every=10"),
+    (["diloco.sync_every=8", "diloco.fragments=4", "diloco.overlap=2"],
+     "diloco.overlap=2 must be in [0, sync_every/fragments=2)"),
+    (["diloco.merge_alpha=1.5"], "diloco.merge_alpha=1.5 must be in [0, 1]"),
+    (["diloco.quant_bits=2"], "diloco.quant_bits=2 must be 0 (fp32), 4 or 8"),
+    (["diloco.fragments=5", "diloco.sync_every=50"], "diloco.fragments=5 exceeds model.n_layers=4"),
+])
+def test_diloco_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["diloco.enabled=true", *overrides])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantizer_round_trip_is_within_half_a_step(bits):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64 * 50, generator=g) * torch.logspace(-3, 1, 64 * 50)  # blocks of very different scales
+    x[:64] = 0.0  # an all-zero block
+    codes, scales = quantize(x, bits, 64)
+    assert codes.dtype == torch.uint8 and codes.numel() == x.numel() * bits // 8
+    back = dequantize(codes, scales, bits, 64)
+    step = (x.view(-1, 64).abs().amax(1) / (2 ** (bits - 1) - 1)).repeat_interleave(64)
+    assert torch.all((back - x).abs() <= step / 2 + 1e-7)
+    assert torch.equal(back[:64], torch.zeros(64))
+    assert wire_bytes_per_value(bits, 64) == bits / 8 + 1 / 16
+
+
+def test_quantized_mean_of_one_rank_is_the_round_trip():
+    x = torch.randn(1000)
+    mean = quantized_all_reduce_mean(x, None, Comm(), 8, 32, "diloco")
+    assert mean.shape == x.shape and (mean - x).abs().max() <= x.abs().max() / 127  # two round trips
