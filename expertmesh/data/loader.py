@@ -56,10 +56,14 @@ class TokenLoader:
         self.batches_served = int(state["batches_served"])
 
 
-def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, num_batches: int, rank: int, world: int):
+def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, num_batches: int, rank: int, world: int,
+                 windows_world: int | None = None):
     """Fixed held-out windows: `num_batches` global batches of evenly spaced windows over the held-out
     split, the same every evaluation and under any layout with the same global batch; data rank r
-    reads its `batch_size` rows of each."""
+    of `world` reads its share of each. `windows_world` (default `world`) sizes the global batch: a
+    DiLoCo worker evaluates the windows the whole job would, with only its own ranks."""
+    windows_world = windows_world or world
+    batch_size = batch_size * windows_world // world
     n_windows = min(num_batches * batch_size * world, (len(tokens) - 1) // seq_len)
     if n_windows < world:
         raise ConfigError(f"the held-out split has {len(tokens)} tokens: fewer than one sequence of {seq_len + 1} "

@@ -20,6 +20,7 @@ the rank. Attached to the training loop through `after_step(step)`, nothing subc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -143,6 +144,19 @@ class DiLoCo:
             pend.thread = threading.Thread(target=self._exchange, args=(deltas, pend.result), daemon=True)
             pend.thread.start()
             self.pending.append(pend)
+
+    @contextlib.contextmanager
+    def global_weights(self):
+        """Inside, the model holds the global copies (what the workers agree on); the local weights
+        come back after."""
+        saved = [self._flat(f) for f in range(len(self.params))]
+        for f, g in enumerate(self.global_copy):
+            self._write(f, g)
+        try:
+            yield
+        finally:
+            for f, flat in enumerate(saved):
+                self._write(f, flat)
 
     def finish(self) -> None:
         """End of training: applies the exchanges still in flight (a thread must not outlive the run)."""

@@ -85,8 +85,9 @@ def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
-    with comm.pause():  # communication is reported per training step
+def evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast, diloco=None) -> float:
+    """Held-out loss; under DiLoCo, of the global model (every fragment's global copy)."""
+    with comm.pause(), (diloco.global_weights() if diloco is not None else nullcontext()):
         return _evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
 
 
@@ -97,7 +98,7 @@ def _evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device
     total = torch.zeros(2, dtype=torch.float64)
     world = d.data_world // d.dp_replicate if d.independent_replicas else d.data_world  # DiLoCo: one worker
     for x, y in eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
-                             d.data_rank(rank) % world, world):
+                             d.data_rank(rank) % world, world, d.data_world):
         with autocast:
             logits, _ = model(x.to(device))
         total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
@@ -175,7 +176,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
     preemption = Preemption()
     eval_loss = None
     if start_step == 0:
-        eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
+        eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast, diloco)
         metrics.log_eval(0, eval_loss)
     tap = CollectiveTap(comm, view_labels(mesh.views))  # FSDP's and DTensor's own collectives
     window = Window(mesh, comm, tap)
@@ -192,7 +193,9 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         window.add_step(time.perf_counter() - t0)
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
+            if step == cfg.train.steps and diloco is not None:
+                diloco.finish()  # the last exchanges land before the final evaluation
+            eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast, diloco)
             metrics.log_eval(step, eval_loss)
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
             rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)

@@ -1,0 +1,128 @@
+"""Streaming DiLoCo against data-parallel training: held-out loss at equal tokens, and bytes.
+
+4 workers of 1 gloo rank each, the same model, data order, steps and tokens in every arm:
+  data-parallel    gradients all-reduced every step (replicated weights, `parallel.dp_shard=false`)
+  DiLoCo           H = 50, one fragment
+  Streaming        H = 50, P = 4 fragments, overlap tau in {0, 1, 5}
+  Streaming 4-bit  the same with tau = 1 and 4-bit pseudo-gradients
+Bytes are what rank 0 sends to synchronize (gradient all-reduce, or DiLoCo exchanges), from the
+run's metrics; metrics/control scalars are left out. The simulated wall-clock adds, to the measured
+compute time, the transfer time of those bytes over a 1 Gbit/s link: every byte in the step it is
+sent (no overlap), or only what a fragment's exchange does not hide behind its tau inner steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import benchlib
+
+WORKERS = 4
+LINK_BITS_PER_S = 1e9
+SYNC_LABELS = ("dense_dp", "expert_dp", "diloco")
+
+
+def _train(rank, world, overrides):
+    from expertmesh import config
+    from expertmesh.launch.env import DistEnv
+    from expertmesh.launch.train import run
+
+    run(config.load(None, overrides), DistEnv(rank, rank, world, world, "torchrun"))
+    return rank
+
+
+def arms(H: int, P: int) -> dict[str, list[str]]:
+    streaming = ["diloco.enabled=true", f"parallel.dp_replicate={WORKERS}", f"diloco.sync_every={H}"]
+    return {
+        "data-parallel": ["parallel.dp_shard=false"],
+        f"DiLoCo H={H}": streaming + ["diloco.fragments=1"],
+        **{f"Streaming P={P} tau={t}": streaming + [f"diloco.fragments={P}", f"diloco.overlap={t}"]
+           for t in (0, 1, 5) if t < H // P},
+        f"Streaming P={P} tau=1 4-bit": streaming + [f"diloco.fragments={P}", "diloco.overlap=1", "diloco.quant_bits=4"],
+    }
+
+
+def summarize(run_dir: Path, steps: int, overrides: list[str]) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    sync_bytes, prev = 0.0, 0
+    for r in train:  # comm_bytes_per_step is a mean over the steps since the previous record
+        n = r["step"] - prev
+        prev = r["step"]
+        sync_bytes += n * sum(v for k, v in r["comm_bytes_per_step"].items() if k in SYNC_LABELS)
+    tokens_per_step = train[-1]["tokens_seen"] / steps
+    compute_s = steps * tokens_per_step / train[-1]["tokens_per_s"]  # from the last window's rate
+    peak = max(r["comm_peak_bytes_step"] for r in train)
+    tau = next((int(o.split("=")[1]) for o in overrides if o.startswith("diloco.overlap=")), 0)
+    link = LINK_BITS_PER_S / 8
+    if "diloco.enabled=true" in overrides:
+        per_sync = train[-1]["diloco"]["bytes_last_sync"]
+        n_syncs = sync_bytes / per_sync if per_sync else 0
+        step_s = compute_s / steps
+        exposed = max(per_sync / link - tau * step_s, 0.0) * n_syncs  # what tau inner steps do not hide
+        overlapped = compute_s + exposed
+    else:
+        overlapped = compute_s + sync_bytes / link
+    return {"final_eval_loss": evals[-1]["eval_loss"], "first_eval_loss": evals[0]["eval_loss"],
+            "sync_bytes_total": sync_bytes, "peak_bytes_per_step": peak, "compute_s": compute_s,
+            "sim_wall_s_no_overlap": compute_s + sync_bytes / link, "sim_wall_s_with_overlap": overlapped,
+            "tokens": train[-1]["tokens_seen"]}
+
+
+def main() -> None:
+    args = benchlib.parse_args(__doc__)
+    from expertmesh.testing import spawn
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if args.quick:
+        steps, H, P, log_every = 16, 8, 4, 4
+        model = ["model.dim=32", "model.n_layers=4", "model.n_heads=2", "model.ffn_dim=64", "moe.num_experts=4",
+                 "moe.expert_dim=32", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=300000"]
+    else:
+        steps, H, P, log_every = 400, 50, 4, 10
+        model = []  # the default model and data
+    tmp = Path(tempfile.mkdtemp(prefix="diloco-bench-"))
+    common = model + [f'train.run_dir="{tmp}"', f"train.steps={steps}", f"metrics.log_every={log_every}",
+                      f"train.eval_every={steps}", "checkpoint.enabled=false", 'metrics.wandb_mode="disabled"',
+                      "train.threads=1"]
+    results = {}
+    try:
+        for name, extra in arms(H, P).items():
+            run_name = name.replace(" ", "_").replace("=", "")
+            overrides = common + extra + [f"train.name={run_name}"]
+            spawn(_train, WORKERS, args=(overrides,), timeout=3600)
+            results[name] = summarize(tmp / run_name, steps, extra)
+            print(name, results[name], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = results["data-parallel"]
+    rows, claims = [], []
+    case = f"{WORKERS} workers x 1 rank, {steps} steps, H={H}"
+    for name, r in results.items():
+        rows.append({"case": case, "impl": name, **r,
+                     "bytes_reduction_vs_dp": base["sync_bytes_total"] / r["sync_bytes_total"] if r["sync_bytes_total"]
+                     else None,
+                     "peak_reduction_vs_dp": base["peak_bytes_per_step"] / r["peak_bytes_per_step"]
+                     if r["peak_bytes_per_step"] else None,
+                     "loss_vs_dp": r["final_eval_loss"] / base["final_eval_loss"] - 1})
+    best = results[f"Streaming P={P} tau=1 4-bit"]
+    claims += [
+        {"metric": f"total sync bytes, data-parallel / streaming 4-bit (P={P}, H={H})",
+         "value": base["sync_bytes_total"] / best["sync_bytes_total"], "op": ">=", "target": 200.0},
+        {"metric": f"peak bytes per step, data-parallel / streaming 4-bit (P={P}, H={H})",
+         "value": base["peak_bytes_per_step"] / best["peak_bytes_per_step"], "op": ">=", "target": 25.0},
+        {"metric": "final held-out loss, streaming 4-bit relative to data-parallel (fraction above)",
+         "value": best["final_eval_loss"] / base["final_eval_loss"] - 1, "op": "<=", "target": 0.02},
+    ]
+    benchlib.write("diloco", {"workers": WORKERS, "steps": steps, "H": H, "P": P, "link_bits_per_s": LINK_BITS_PER_S,
+                              "model_overrides": model, "quick": args.quick}, rows, claims, out=args.out,
+                   threads=1)
+
+
+if __name__ == "__main__":
+    main()
