@@ -42,7 +42,8 @@ def arms(H: int, P: int) -> dict[str, list[str]]:
         f"DiLoCo H={H}": streaming + ["diloco.fragments=1"],
         **{f"Streaming P={P} tau={t}": streaming + [f"diloco.fragments={P}", f"diloco.overlap={t}"]
            for t in (0, 1, 5) if t < H // P},
-        f"Streaming P={P} tau=1 4-bit": streaming + [f"diloco.fragments={P}", "diloco.overlap=1", "diloco.quant_bits=4"],
+        f"Streaming P={P} tau=1 4-bit": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
+                                                     "diloco.quant_bits=4"],
     }
 
 
@@ -84,7 +85,7 @@ def main() -> None:
         model = ["model.dim=32", "model.n_layers=4", "model.n_heads=2", "model.ffn_dim=64", "moe.num_experts=4",
                  "moe.expert_dim=32", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=300000"]
     else:
-        steps, H, P, log_every = 400, 50, 4, 10
+        steps, H, P, log_every = 400, 48, 4, 10  # H % P == 0 is required: 48 is the nearest to 50
         model = []  # the default model and data
     tmp = Path(tempfile.mkdtemp(prefix="diloco-bench-"))
     common = model + [f'train.run_dir="{tmp}"', f"train.steps={steps}", f"metrics.log_every={log_every}",

@@ -87,6 +87,10 @@ class Metrics:
         if self.wandb_run is not None:
             flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
             flat.update({f"comm/{k}": v for k, v in rec["comm_bytes_per_step"].items()})
+            if "diloco" in rec:
+                d = rec["diloco"]
+                flat.update({"diloco/outer_steps": d["outer_steps"], "diloco/bytes_last_sync": d["bytes_last_sync"],
+                             **{f"diloco/staleness_{i}": v for i, v in enumerate(d["staleness"])}})
             self.wandb_run.log(flat, step=rec["step"])
 
     def log_eval(self, step: int, eval_loss: float) -> None:
