@@ -72,3 +72,16 @@ def wandb_records(run_file: Path) -> list:
         r.ParseFromString(c)
         records.append(r)
     return records
+
+
+def assert_restart_reproduces(common: list[str], run_dir: Path) -> None:
+    """Runs `common` on 2 ranks twice: uninterrupted, and with rank 1 SIGKILLed after step 7 and
+    torchrun restarting the job; the restarted run must resume from step 6 with identical losses."""
+    ref = expertmesh_run(2, common + ["train.name=ref"])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    crashed = expertmesh_run(2, common + ["train.name=crash"], env_extra={"EXPERTMESH_KILL_AT": "7:1"},
+                             extra_args=("--max-restarts", "1"))
+    assert crashed.returncode == 0, crashed.stderr[-3000:]
+    assert "resumed from" in crashed.stdout and "step-6" in crashed.stdout
+    ref_losses = {s: r["loss"] for s, r in read_metrics(run_dir / "ref").items()}
+    assert {s: r["loss"] for s, r in read_metrics(run_dir / "crash").items()} == ref_losses

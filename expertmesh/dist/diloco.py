@@ -28,18 +28,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from expertmesh.config import DiLoCoConfig
 from expertmesh.dist.comm_stats import Comm
 from expertmesh.dist.compress import quantized_all_reduce_mean
+from expertmesh.parallel.data_parallel import local_part
 
 log = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def replica_group(dims):
@@ -93,14 +89,14 @@ class DiLoCo:
         self.bytes_last_sync = 0
 
     def _flat(self, f: int) -> torch.Tensor:
-        parts = [_local(p).detach().float().reshape(-1) for p in self.params[f]]
+        parts = [local_part(p).detach().float().reshape(-1) for p in self.params[f]]
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def _write(self, f: int, flat: torch.Tensor) -> None:
         offset = 0
         with torch.no_grad():
             for p in self.params[f]:
-                t = _local(p)
+                t = local_part(p)
                 t.copy_(flat[offset: offset + t.numel()].view_as(t))
                 offset += t.numel()
 
@@ -197,7 +193,7 @@ class DiLoCo:
                 "local": [self._flat(f) for f in range(len(self.params))],  # the workers differ: DCP keeps one
                 "last_sync": self.last_sync,
                 "pending": [(p.fragments, p.apply_at, p.result) for p in self.pending],
-                "inner": [{k: _local(v).clone() if isinstance(v, torch.Tensor) else v
+                "inner": [{k: local_part(v).clone() if isinstance(v, torch.Tensor) else v
                            for k, v in optimizer.state.get(p, {}).items()} for ps in self.params for p in ps]}
 
     def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
@@ -213,6 +209,6 @@ class DiLoCo:
                 for k, v in saved.items():
                     current = optimizer.state[p].get(k)
                     if isinstance(current, torch.Tensor):
-                        _local(current).copy_(v)
+                        local_part(current).copy_(v)
                     else:
                         optimizer.state[p][k] = v

@@ -60,7 +60,7 @@ class GradAverager:
             if g.group is None and g.divisor == 1:
                 continue
             # DTensor parameters (tensor/expert parallel) are reduced through their local parts.
-            grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in bucket]
+            grads = [local_part(p.grad) if p.grad is not None else torch.zeros_like(local_part(p)) for p in bucket]
             flat = torch.cat([x.reshape(-1) for x in grads])
             self.comm.all_reduce(flat, g.group, g.label)
             flat.div_(g.divisor)
@@ -73,13 +73,14 @@ class GradAverager:
                 offset += x.numel()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly DTensor) tensor, without autograd: for in-place updates."""
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     if isinstance(param, DTensor):
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False)
+        return DTensor.fromlocal_part(local, param.device_mesh, param.placements, run_check=False)
     return local
 
 
@@ -105,7 +106,7 @@ def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> f
             dims = _sharded_dims(p.grad)
             key = tuple(name for name, _ in dims)  # names, not groups: the same keys on every rank
             groups[key] = [g for _, g in dims]
-            sq = _local(p.grad).double().pow(2).sum().cpu()
+            sq = local_part(p.grad).double().pow(2).sum().cpu()
             sums[key] = sums[key] + sq if key in sums else sq
     total = torch.zeros((), dtype=torch.float64)
     for key in sorted(sums):
@@ -118,5 +119,5 @@ def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> f
         scale = max_norm / (norm + 1e-6)
         for p in params:
             if p.grad is not None:
-                _local(p.grad).mul_(scale)
+                local_part(p.grad).mul_(scale)
     return norm

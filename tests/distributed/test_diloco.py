@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import expertmesh_run, read_metrics
+from helpers import assert_restart_reproduces, read_metrics
 
 from expertmesh import config
 from expertmesh.launch.env import DistEnv
@@ -69,11 +69,4 @@ def test_a_killed_worker_restarts_the_job_from_the_last_checkpoint(tiny_override
     common = tiny_overrides + ["train.steps=10", "metrics.log_every=1", "checkpoint.every=3",
                                "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=4",
                                "diloco.fragments=2", "diloco.overlap=1", "diloco.quant_bits=4"]
-    ref = expertmesh_run(2, common + ["train.name=ref"])
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    crashed = expertmesh_run(2, common + ["train.name=crash"], env_extra={"EXPERTMESH_KILL_AT": "7:1"},
-                             extra_args=("--max-restarts", "1"))
-    assert crashed.returncode == 0, crashed.stderr[-3000:]
-    assert "resumed from" in crashed.stdout and "step-6" in crashed.stdout
-    ref_losses = {s: r["loss"] for s, r in read_metrics(tmp_path / "ref").items()}
-    assert {s: r["loss"] for s, r in read_metrics(tmp_path / "crash").items()} == ref_losses
+    assert_restart_reproduces(common, tmp_path)

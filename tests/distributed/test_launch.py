@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, expertmesh_run, read_metrics
+from helpers import ROOT, assert_restart_reproduces, read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -47,14 +47,7 @@ def test_submit_refuses_inconsistent_requests():
 
 def test_torchrun_restart_after_sigkill_finishes_with_the_same_losses(tiny_overrides, tmp_path):
     common = tiny_overrides + ["train.steps=10", "metrics.log_every=1", "checkpoint.every=3", "model.dim=64"]
-    ref = expertmesh_run(2, common + ["train.name=ref"])
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    crashed = expertmesh_run(2, common + ["train.name=crash"], env_extra={"EXPERTMESH_KILL_AT": "7:1"},
-                             extra_args=("--max-restarts", "1"))
-    assert crashed.returncode == 0, crashed.stderr[-3000:]
-    assert "resumed from" in crashed.stdout and "step-6" in crashed.stdout
-    ref_losses = {s: r["loss"] for s, r in read_metrics(tmp_path / "ref").items()}
-    assert {s: r["loss"] for s, r in read_metrics(tmp_path / "crash").items()} == ref_losses
+    assert_restart_reproduces(common, tmp_path)
 
 
 def _wait_for(predicate, timeout=120):
