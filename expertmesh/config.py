@@ -38,6 +38,17 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class FSSDPConfig:
+    """moe.placement = "fssdp": experts sharded over the ep group, hot ones replicated per step."""
+
+    window: int = 5  # w: steps of tokens-per-expert history the placement plan is computed from
+    extra_slots: int = -1  # m: replicas a rank may hold per layer; -1 = as many as it owns (E / ep)
+    calibrate: bool = False  # plan on this batch's counts after the router (one more small all-reduce)
+    rematerialize: bool = False  # free replicas after forward, gather them again in backward
+    reshard_every: int = 100  # R: move owners to balance their load every R steps (0 = never)
+
+
+@dataclass(kw_only=True)
 class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
@@ -55,7 +66,8 @@ class MoEConfig:
     residual: bool = False  # PR-MoE: a dense MLP beside the experts, mixed by a learned per-token coefficient
     num_experts_per_layer: list[int] = field(default_factory=list)  # per MoE layer; empty = num_experts everywhere
     backend: Literal["auto", "reference", "cpp", "cuda"] = "auto"
-    placement: Literal["ep"] = "ep"
+    placement: Literal["ep", "fssdp"] = "ep"  # fssdp: fully sharded sparse data parallelism over the ep group
+    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
 
     def experts_in_layers(self, n_layers: int) -> list[int]:
         """Expert count of each MoE layer, in order."""
@@ -365,6 +377,19 @@ def check(cfg: JobConfig) -> None:
         if m.tie_embeddings:
             raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.tp={p.tp}")
     check_diloco(cfg)
+    check_fssdp(cfg)
+
+
+def check_fssdp(cfg: JobConfig) -> None:
+    f, p = cfg.moe.fssdp, cfg.parallel
+    if cfg.moe.placement != "fssdp":
+        return
+    if p.ep < 2:
+        raise ConfigError(f"moe.placement='fssdp' shards experts over the ep group: needs parallel.ep >= 2, "
+                          f"got {p.ep}")
+    if f.window < 1 or f.reshard_every < 0 or f.extra_slots < -1:
+        raise ConfigError(f"moe.fssdp.window={f.window} must be >= 1, moe.fssdp.reshard_every={f.reshard_every} "
+                          f">= 0 and moe.fssdp.extra_slots={f.extra_slots} >= -1 (-1 = E / ep)")
 
 
 def check_diloco(cfg: JobConfig) -> None:

@@ -85,3 +85,52 @@ def assert_restart_reproduces(common: list[str], run_dir: Path) -> None:
     assert "resumed from" in crashed.stdout and "step-6" in crashed.stdout
     ref_losses = {s: r["loss"] for s, r in read_metrics(run_dir / "ref").items()}
     assert {s: r["loss"] for s, r in read_metrics(run_dir / "crash").items()} == ref_losses
+
+
+def moe_reference(full, world: int, T: int, skew: bool = False):
+    """Inputs for `world` ranks of T tokens and the reference: one process, every expert, each rank's
+    tokens routed as their own batch (capacity is per local batch, as in GShard/DeepSpeed; dropless
+    routing gives the same as one big batch). `skew`: every token prefers experts 0 and 1. Returns
+    (x_all, probe, output, input with its gradient after backward of (out * probe).sum())."""
+    import torch
+
+    D = full.router.gate.weight.shape[1]
+    g = torch.Generator().manual_seed(1)
+    x_all = torch.randn(world * T, D, generator=g)
+    if skew:
+        x_all = x_all.abs() + 1.0
+        with torch.no_grad():
+            full.router.gate.weight.zero_()
+            full.router.gate.weight[:2] = 1.0
+    probe = torch.randn(world * T, D, generator=g)
+    x_ref = x_all.clone().requires_grad_()
+    out_ref = torch.cat([full(x_ref[r * T:(r + 1) * T].view(1, T, D))[0].reshape(T, D) for r in range(world)])
+    (out_ref * probe).sum().backward()
+    return x_all, probe, out_ref, x_ref
+
+
+def assert_rank_matches_reference(layer, full, x_all, probe, out_ref, x_ref, rank: int, T: int, expert_rows):
+    """Runs this rank's tokens through the parallel `layer` and compares with the reference: output,
+    input gradient, this rank's expert gradients (rows `expert_rows` of the full ones) and the dense
+    gradients summed over ranks (dense weights see only local tokens). fp32, atol/rtol 1e-5."""
+    import torch
+    import torch.distributed as dist
+
+    D = x_all.shape[1]
+    part = slice(rank * T, (rank + 1) * T)
+    x = x_all[part].clone().requires_grad_()
+    out, stats = layer(x.view(1, T, D))
+    (out.reshape(-1, D) * probe[part]).sum().backward()
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.reshape(-1, D), out_ref.reshape(-1, D)[part].detach(), **close)
+    torch.testing.assert_close(x.grad, x_ref.grad[part], **close)
+    for name in ("w1", "w3", "w2"):
+        torch.testing.assert_close(getattr(layer.experts, name).grad, getattr(full.experts, name).grad[expert_rows],
+                                   **close)
+    for n, p in layer.named_parameters():
+        if not n.startswith("experts."):
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, dict(full.named_parameters())[n].grad, **close)
+    return stats
+

@@ -36,7 +36,8 @@ class Comm:
         self.paused = False
         self._lock = threading.Lock()
 
-    def _count(self, label: str, nbytes: float) -> None:
+    def count(self, label: str, nbytes: float) -> None:
+        """Records bytes sent by a call made outside these methods (point-to-point batches)."""
         if not self.paused:
             with self._lock:  # DiLoCo's background exchange counts from another thread
                 self.sent[label] += int(nbytes)
@@ -59,7 +60,8 @@ class Comm:
         return getattr(self._thread, "busy", False)
 
     @contextmanager
-    def _own(self):
+    def own(self):
+        """Marks a collective issued under it as counted already (the tap skips it)."""
         self._thread.busy = True
         try:
             yield
@@ -77,8 +79,8 @@ class Comm:
         if group is None:
             return None
         n = dist.get_world_size(group)
-        self._count(label, 2 * (n - 1) / n * _nbytes(t))
-        with self._own():
+        self.count(label, 2 * (n - 1) / n * _nbytes(t))
+        with self.own():
             return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
     def all_gather_into_tensor(self, out: torch.Tensor, inp: torch.Tensor, group, label: str, async_op=False):
@@ -86,8 +88,8 @@ class Comm:
             out.copy_(inp.reshape(out.shape))
             return None
         n = dist.get_world_size(group)
-        self._count(label, (n - 1) * _nbytes(inp))
-        with self._own():
+        self.count(label, (n - 1) * _nbytes(inp))
+        with self.own():
             return dist.all_gather_into_tensor(out, inp, group=group, async_op=async_op)
 
     def reduce_scatter_tensor(self, out, inp, group, label: str, op=dist.ReduceOp.SUM, async_op=False):
@@ -95,8 +97,8 @@ class Comm:
             out.copy_(inp.reshape(out.shape))
             return None
         n = dist.get_world_size(group)
-        self._count(label, (n - 1) / n * _nbytes(inp))
-        with self._own():
+        self.count(label, (n - 1) / n * _nbytes(inp))
+        with self.own():
             return dist.reduce_scatter_tensor(out, inp, op=op, group=group, async_op=async_op)
 
     def broadcast(self, t: torch.Tensor, src: int, group, label: str, async_op: bool = False):
@@ -104,8 +106,8 @@ class Comm:
         if group is None:
             return None
         if dist.get_rank() == src:
-            self._count(label, _nbytes(t))
-        with self._own():
+            self.count(label, _nbytes(t))
+        with self.own():
             return dist.broadcast(t, src=src, group=group, async_op=async_op)
 
     def all_to_all_single(self, out, inp, out_splits, in_splits, group, label: str, async_op=False):
@@ -116,8 +118,8 @@ class Comm:
         rows = inp.shape[0]
         row_bytes = _nbytes(inp) // rows if rows else 0
         leaving = rows - (in_splits[me] if in_splits is not None else rows // dist.get_world_size(group))
-        self._count(label, leaving * row_bytes)
-        with self._own():
+        self.count(label, leaving * row_bytes)
+        with self.own():
             return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 
     def all_reduce_ints(self, values: list[int], group, label: str) -> list[int]:

@@ -122,7 +122,7 @@ class DiLoCo:
                     mean /= torch.distributed.get_world_size(self.group)
             out.append(mean)
         self.bytes_last_sync = counter.total()
-        self.comm._count("diloco", self.bytes_last_sync)
+        self.comm.count("diloco", self.bytes_last_sync)
 
     def after_step(self, step: int) -> None:
         for p in [p for p in self.pending if p.apply_at == step]:

@@ -33,6 +33,7 @@ from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact
 from expertmesh.dist.comm_stats import CollectiveTap, Comm, view_labels
 from expertmesh.dist.diloco import DiLoCo, replica_group
+from expertmesh.dist.fssdp import FSSDP
 from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
 from expertmesh.metrics import Metrics
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
@@ -136,6 +137,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
+    fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm) if uses_fssdp(cfg, dims) else None
     diloco_group = replica_group(dims) if cfg.diloco.enabled else None
     diloco = DiLoCo(model, cfg.model.n_layers, cfg.diloco, diloco_group, comm) if cfg.diloco.enabled else None
     checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
@@ -145,6 +147,8 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
                                                          {"loader": loader.state_dict()}, layout_name(cfg, dims))
         if "rng" in per_rank:
             torch.set_rng_state(per_rank["rng"])
+        if fssdp is not None and "fssdp" in per_rank:  # else: expert-ordered owners, no history yet
+            fssdp.load_state_dict(per_rank["fssdp"], optimizer)
         if diloco is not None and "diloco" in per_rank:
             diloco.load_state_dict(per_rank["diloco"], optimizer)
         elif diloco is not None:
@@ -165,13 +169,13 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     metrics = Metrics(cfg, run_path, env.is_rank0)
     try:
         return train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
-                          start_step, device, autocast, diloco)
+                          start_step, device, autocast, diloco, fssdp)
     finally:
         metrics.close()  # also on a failing peer or SIGTERM: W&B flushes what it was given
 
 
 def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
-               start_step, device, autocast, diloco=None) -> dict:
+               start_step, device, autocast, diloco=None, fssdp=None) -> dict:
     model = par.model
     preemption = Preemption()
     eval_loss = None
@@ -184,8 +188,10 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
     rec: dict = {}
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
+        if fssdp is not None:
+            fssdp.begin_step(step, optimizer)
         with tap if window.steps == 0 else nullcontext():  # one sampled step per metrics window
-            grad_norm = train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast)
+            grad_norm = train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp)
         tap.steps += window.steps == 0
         scheduler.step()
         if diloco is not None:
@@ -201,13 +207,18 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
             rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)
             if diloco is not None:
                 rec["diloco"] = diloco.stats(step)
+            if fssdp is not None:
+                rec["fssdp"] = fssdp.stats()
             metrics.log(rec)
         stop = preemption.agreed(comm)
         if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop):
             per_rank = {"rng": torch.get_rng_state()}
             if diloco is not None:
                 per_rank["diloco"] = diloco.state_dict(optimizer)
-            checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()}, per_rank, layout)
+            if fssdp is not None:
+                per_rank["fssdp"] = fssdp.state_dict()
+            with fssdp.canonical(optimizer) if fssdp is not None else nullcontext():  # expert order on disk
+                checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()}, per_rank, layout)
         maybe_inject_fault(step, env)
         if stop:
             log.info("stop requested (SIGUSR1): checkpointed step %d", step)
@@ -221,12 +232,16 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
     return rec
 
 
+def uses_fssdp(cfg: JobConfig, dims: ParallelDims) -> bool:
+    return cfg.moe.placement == "fssdp" and dims.ep > 1
+
+
 def layout_name(cfg: JobConfig, dims: ParallelDims) -> str:
     return (f"dp_replicate={dims.dp_replicate} dp={dims.dp} ep={dims.ep} tp={dims.tp} "
-            f"dp_shard={str(cfg.parallel.dp_shard).lower()}")
+            f"dp_shard={str(cfg.parallel.dp_shard).lower()} placement={cfg.moe.placement}")
 
 
-def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast) -> float:
+def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp=None) -> float:
     """Forward and backward over the micro-batches, gradient reduction, clip, optimizer step."""
     optimizer.zero_grad(set_to_none=True)
     step_load = []
@@ -240,6 +255,8 @@ def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, a
         (loss / cfg.train.grad_accum).backward()
         window.add_micro(ce, aux, z, stats, x.numel())
         step_load.append([s.tokens_per_expert_E.detach() for s in stats])
+    if fssdp is not None:
+        fssdp.record(step_load)
     par.grad_sync.average()
     grad_norm = clip_grad_norm(list(model.parameters()), comm, cfg.optim.grad_clip)
     optimizer.step()

@@ -69,22 +69,30 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Rows of x_ND are grouped by expert, `tokens_per_expert_E[e]` rows for local expert e."""
-        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)  # this rank's experts / F slice
-        if _can_group(x_ND, w1):
-            offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-            h_NF = F.silu(grouped_mm(x_ND, w1, offs_E)) * grouped_mm(x_ND, w3, offs_E)
-            return grouped_mm(h_NF, w2, offs_E)
-        return self.forward_loop(x_ND, tokens_per_expert_E)
+        return compute(x_ND, tokens_per_expert_E, local(self.w1), local(self.w3), local(self.w2))
 
     def forward_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """One matmul chain per expert: the reference the grouped path is tested against."""
-        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
-        outs = [x_ND.new_zeros(0, self.dim)]
-        for e, x in enumerate(torch.split(x_ND, tokens_per_expert_E.tolist())):
-            if x.shape[0]:
-                outs.append((F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e])
-        out = torch.cat(outs)
-        # With no rows at all, keep the weights and the input in the graph: the weights still get a
-        # (zero) gradient, and backward still runs the all-to-all that brought the (empty) input, which
-        # every rank of an expert-parallel group must join.
-        return out + 0 * (w1.sum() + w3.sum() + w2.sum() + x_ND.sum()) if out.shape[0] == 0 else out
+        return compute_loop(x_ND, tokens_per_expert_E, local(self.w1), local(self.w3), local(self.w2))
+
+
+def compute(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
+    """The experts' SwiGLU on rows grouped by expert, with the weights given (this rank's experts, or
+    under FSSDP the experts it holds this step: its own and the replicas it received)."""
+    if _can_group(x_ND, w1_EDF):
+        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        h_NF = F.silu(grouped_mm(x_ND, w1_EDF, offs_E)) * grouped_mm(x_ND, w3_EDF, offs_E)
+        return grouped_mm(h_NF, w2_EFD, offs_E)
+    return compute_loop(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD)
+
+
+def compute_loop(x_ND, tokens_per_expert_E, w1, w3, w2) -> torch.Tensor:
+    outs = [x_ND.new_zeros(0, w2.shape[-1])]
+    for e, x in enumerate(torch.split(x_ND, tokens_per_expert_E.tolist())):
+        if x.shape[0]:
+            outs.append((F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e])
+    out = torch.cat(outs)
+    # With no rows at all, keep the weights and the input in the graph: the weights still get a
+    # (zero) gradient, and backward still runs the all-to-all that brought the (empty) input, which
+    # every rank of an expert-parallel group must join.
+    return out + 0 * (w1.sum() + w3.sum() + w2.sum() + x_ND.sum()) if out.shape[0] == 0 else out

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from expertmesh.config import JobConfig
 from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.fssdp import FSSDPPlacement
 from expertmesh.models.transformer import Transformer, moe_layers
 from expertmesh.parallel.data_parallel import GradAverager, GradGroup
 from expertmesh.parallel.expert import ExpertParallel
@@ -46,12 +47,16 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in moe_layers(model) for p in layer.experts.parameters()]
 
 
-def place_experts(model: nn.Module, mesh: Mesh, comm: Comm) -> None:
+def place_experts(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> None:
     """Keeps this rank's experts of every MoE layer (a global Shard(0) DTensor over `ep`, composed with
-    the tp split of F if any) and attaches the all-to-all placement."""
+    the tp split of F if any) and attaches the placement: the all-to-all of expert parallelism, or
+    FSSDP (the same owner shards at the start; replicas and owner moves per step, dist/fssdp.py)."""
     group = mesh.group("ep")
     for layer in moe_layers(model):
-        placement = ExpertParallel(layer.num_experts, group, comm)
+        if cfg.moe.placement == "fssdp":
+            placement = FSSDPPlacement(layer.num_experts, group, comm, cfg.moe.fssdp)
+        else:
+            placement = ExpertParallel(layer.num_experts, group, comm)
         rows = placement.local_slice()
         for name in ("w1", "w3", "w2"):
             param = getattr(layer.experts, name)
@@ -69,9 +74,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[key] = checkpoint_wrapper(block)
 
 
-def apply_fsdp(model: nn.Module, mesh: Mesh) -> None:
+def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False) -> None:
     """FSDP2: dense weights sharded over dense_dp (dp_replicate x dp x ep: ranks of an ep group see
-    different tokens, so they are data-parallel for dense weights), experts over expert_dp only."""
+    different tokens, so they are data-parallel for dense weights), experts over expert_dp only.
+    Under FSSDP the experts are already sharded (over ep, by owner) and FSDP leaves them alone."""
     d = mesh.dims
     n_dense = d.degree("dense_dp")
     sum_only = dist.get_backend() == "gloo"  # gloo has no AVG / PREMUL_SUM: sum, then FSDP divides
@@ -82,17 +88,17 @@ def apply_fsdp(model: nn.Module, mesh: Mesh) -> None:
         return module
 
     ignored = None
-    if d.ep > 1 and d.degree("expert_dp") > 1:
+    if d.ep > 1 and d.degree("expert_dp") > 1 and not fssdp:
         for layer in moe_layers(model):  # see build_grad_sync for the divisor
             shard(layer.experts, mesh.views["expert_dp"]).set_gradient_divide_factor(float(n_dense))
-    elif d.ep > 1:  # ep = dense_dp: nothing replicates the experts; build_grad_sync scales them
+    elif d.ep > 1:  # ep = dense_dp, or FSSDP: build_grad_sync reduces and scales the experts
         ignored = set(expert_params(model))
     for block in model.layers.values():
         shard(block, mesh.views["dense_dp"], ignored_params=ignored)
     shard(model, mesh.views["dense_dp"], ignored_params=ignored)
 
 
-def build_grad_sync(model: nn.Module, mesh: Mesh, fsdp: bool, comm: Comm) -> GradAverager:
+def build_grad_sync(model: nn.Module, mesh: Mesh, fsdp: bool, comm: Comm, fssdp: bool = False) -> GradAverager:
     """The gradient reductions FSDP does not do (all of them without FSDP). Dense gradients are
     averaged over dense_dp. Expert gradients already hold every ep rank's tokens (the all-to-all
     backward brought them), so they are summed over expert_dp and divided by the dense_dp degree
@@ -101,8 +107,8 @@ def build_grad_sync(model: nn.Module, mesh: Mesh, fsdp: bool, comm: Comm) -> Gra
     n_dense, n_expert = d.degree("dense_dp"), d.degree("expert_dp")
     experts = expert_params(model) if d.ep > 1 else []
     if fsdp:
-        leftover = experts if n_expert == 1 else []
-        return GradAverager([GradGroup(leftover, None, "expert_dp", n_dense)], comm)
+        leftover = experts if n_expert == 1 or fssdp else []
+        return GradAverager([GradGroup(leftover, mesh.group("expert_dp"), "expert_dp", n_dense)], comm)
     dense = [p for p in model.parameters() if all(p is not e for e in experts)]
     groups = [GradGroup(dense, mesh.group("dense_dp"), "dense_dp", n_dense)]
     if experts:
@@ -129,12 +135,12 @@ def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> boo
     if d.tp > 1:
         apply_tensor_parallel(model, mesh.views["tp"], p, comm)
     if d.ep > 1:
-        place_experts(model, mesh, comm)
+        place_experts(model, mesh, cfg, comm)
     if p.activation_checkpoint == "full":
         apply_activation_checkpointing(model)
     fsdp = p.dp_shard and d.degree("dense_dp") > 1
     if fsdp:
-        apply_fsdp(model, mesh)
+        apply_fsdp(model, mesh, cfg.moe.placement == "fssdp")
     return fsdp
 
 
@@ -142,4 +148,4 @@ def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torc
     fsdp = shard_model(model, mesh, cfg, comm)
     model.to_empty(device=device)
     init_from_seed(model, cfg, device)
-    return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm), fsdp)
+    return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm, cfg.moe.placement == "fssdp"), fsdp)

@@ -80,7 +80,7 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
 
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     if isinstance(param, DTensor):
-        return DTensor.fromlocal_part(local, param.device_mesh, param.placements, run_check=False)
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False)
     return local
 
 

@@ -106,10 +106,14 @@ def plan(cfg: JobConfig, world: int) -> Plan:
     comm = dict.fromkeys(VIEWS, 0.0)
 
     # data parallelism
+    fssdp = e.placement == "fssdp" and dims.ep > 1
     if fsdp:
         for view, root, nbytes in units:
             n = dims.degree(view)
             comm[view] += accum * (n - 1) * nbytes * (2 if root else 3)
+        if fssdp:  # FSDP leaves the owner shards alone; their gradients are all-reduced over expert_dp
+            n = dims.degree("expert_dp")
+            comm["expert_dp"] += 2 * (n - 1) / n * expert_local
     else:
         for view, nbytes in (("dense_dp", dense_local), ("expert_dp", expert_local)):
             n = dims.degree(view)
@@ -148,6 +152,11 @@ def plan(cfg: JobConfig, world: int) -> Plan:
     acts += T * m.vocab_size * 4 * 2  # logits and their fp32 softmax
     out.memory = {"params": param_bytes, "grads": param_bytes, "optimizer": opt, "fsdp_gathered": gathered,
                   "activations (estimate)": acts}
+    if fssdp:  # at most extra_slots replicas per layer, with their gradients; one layer's when re-materialized
+        per_expert = 3 * m.dim * F * 4
+        extra = e.fssdp.extra_slots if e.fssdp.extra_slots >= 0 else max(e.experts_in_layers(m.n_layers)) // dims.ep
+        layers = 1 if e.fssdp.rematerialize else n_moe
+        out.memory["fssdp_replicas (at most)"] = 2 * layers * extra * per_expert
     out.memory["total"] = sum(out.memory.values())
     return out
 

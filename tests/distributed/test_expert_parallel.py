@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_rank_matches_reference, moe_reference
 
 from expertmesh import config
 from expertmesh.dist.comm_stats import Comm
@@ -23,20 +24,7 @@ def _layer(overrides):
 
 def _ep_vs_single(rank, world, overrides, skew):
     full = _layer(overrides)
-    g = torch.Generator().manual_seed(1)
-    x_all = torch.randn(world * T, D, generator=g)
-    if skew:  # every token prefers experts 0 and 1, both on rank 0: other ranks receive nothing
-        x_all = x_all.abs() + 1.0
-        with torch.no_grad():
-            full.router.gate.weight.zero_()
-            full.router.gate.weight[:2] = 1.0
-    probe = torch.randn(world * T, D, generator=g)
-
-    # Reference: one process, every expert, each rank's tokens routed as their own batch (capacity is
-    # per local batch, as in GShard/DeepSpeed; for dropless routing this equals one big batch).
-    x_ref = x_all.clone().requires_grad_()
-    out_ref = torch.cat([full(x_ref[r * T:(r + 1) * T].view(1, T, D))[0].reshape(T, D) for r in range(world)])
-    (out_ref * probe).sum().backward()
+    x_all, probe, out_ref, x_ref = moe_reference(full, world, T, skew)
 
     # Expert parallel: this rank's tokens, this rank's experts.
     ep = _layer(overrides)
@@ -46,20 +34,7 @@ def _ep_vs_single(rank, world, overrides, skew):
     for name in ("w1", "w3", "w2"):
         setattr(ep.experts, name, torch.nn.Parameter(getattr(full.experts, name).detach()[local].clone()))
     ep.placement = placement
-    mine = slice(rank * T, (rank + 1) * T)
-    x = x_all[mine].clone().requires_grad_()
-    out, stats = ep(x.view(1, T, D))
-    (out.reshape(-1, D) * probe[mine]).sum().backward()
-
-    torch.testing.assert_close(out.reshape(-1, D), out_ref.reshape(-1, D)[mine].detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, x_ref.grad[mine], atol=1e-5, rtol=1e-5)
-    for name in ("w1", "w3", "w2"):
-        torch.testing.assert_close(getattr(ep.experts, name).grad, getattr(full.experts, name).grad[local],
-                                   atol=1e-5, rtol=1e-5)
-    dense = {n: p.grad.clone() for n, p in ep.named_parameters() if not n.startswith("experts.")}
-    for n, grad in dense.items():  # dense weights see only local tokens: their sum over ranks is the full grad
-        dist.all_reduce(grad)
-        torch.testing.assert_close(grad, dict(full.named_parameters())[n].grad, atol=1e-5, rtol=1e-5)
+    stats = assert_rank_matches_reference(ep, full, x_all, probe, out_ref, x_ref, rank, T, local)
     return int(stats.tokens_per_expert_E[2:].sum())
 
 

@@ -1,0 +1,456 @@
+"""Fully Sharded Sparse Data Parallelism (FSSDP) for expert weights, after Hecate (2025).
+
+Legend: P ranks of the expert group (the mesh's `ep` dim), E experts of a layer, L = E / P experts a
+rank owns, H experts a rank holds in a step (its L own + its replicas), N rows routed by this rank.
+
+Expert parallelism pins expert e to one rank: when routing is skewed, the rank holding the hot experts
+computes most of the tokens and everybody waits for it. FSSDP keeps each expert's weights (and
+optimizer state) on exactly one owner, but every step gives hot experts temporary replicas on other
+ranks, so the work spreads. Per MoE layer and step:
+  1. owners: `slots` lists the expert in each owner slot, rank r owns slots[r*L:(r+1)*L]. The owner
+     holds the weights as this rank's part of the parameter and the optimizer state: nobody else does.
+  2. plan (`plan_replicas`): from the tokens per expert of the last `window` steps (all-reduced
+     integers, the same on every rank) each rank gets up to `extra_slots` replicas, given greedily to
+     the expert with the largest per-holder share on the most loaded rank, on the least loaded rank
+     that lacks it, while that lowers the predicted maximum. Ties break by index: the same plan
+     everywhere, or the matched point-to-point calls below would hang.
+  3. SparseAllGather: owners send each replica's weights to its holders: one batch of point-to-point
+     sends/receives, posted before the token all-to-all so both transfers run at once.
+  4. tokens (`route`): a row for expert e stays on its rank when that rank holds e, else goes to e's
+     holders in an even split (the remainder rotated by source rank); then the uneven all-to-all, one
+     grouped GEMM over the H held experts, and the all-to-all back.
+  5. SparseReduceScatter (the backward of 3): each replica's gradient goes back to the owner and is
+     added to the owner's own. Gradient norm and clipping then see exactly EP's gradients.
+  6. rematerialize: replicas are freed after the layer's forward and gathered again in its backward.
+  7. re-sharding every `reshard_every` steps when the balanced ownership changed: owners move
+     (weights and optimizer state, point-to-point) so that each rank's own experts carry an even share
+     of the load, largest first onto the least loaded rank; fewer replicas are then needed.
+With no replicas FSSDP is expert parallelism; with every expert everywhere, data parallelism.
+Checkpoints are written with the ownership moved back to expert order, so they are EP checkpoints
+(layout-free like every other) and an EP checkpoint loads into an FSSDP run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from expertmesh.config import FSSDPConfig
+from expertmesh.dist.comm_stats import Comm
+from expertmesh.models.mlp import local
+from expertmesh.moe.experts import compute
+from expertmesh.parallel.data_parallel import local_part
+from expertmesh.parallel.expert import all_to_all, source_to_expert_major
+
+log = logging.getLogger("expertmesh")
+WEIGHTS = ("w1", "w3", "w2")
+
+
+@dataclass(frozen=True)
+class Plan:
+    slots: tuple[int, ...]  # expert in each owner slot; rank r owns slots[r*L:(r+1)*L]
+    holders: tuple[tuple[int, ...], ...]  # per expert: its owner, then the replica holders ascending
+    ranks: int
+
+    @classmethod
+    def expert_parallel(cls, num_experts: int, ranks: int, slots=None) -> Plan:
+        slots = tuple(range(num_experts)) if slots is None else tuple(slots)
+        L = num_experts // ranks
+        owner = {e: i // L for i, e in enumerate(slots)}
+        return cls(slots, tuple((owner[e],) for e in range(num_experts)), ranks)
+
+    @classmethod
+    def everywhere(cls, num_experts: int, ranks: int, slots=None) -> Plan:
+        base = cls.expert_parallel(num_experts, ranks, slots)
+        return cls(base.slots, tuple((h[0], *(r for r in range(ranks) if r != h[0])) for h in base.holders), ranks)
+
+    @property
+    def local_experts(self) -> int:
+        return len(self.slots) // self.ranks
+
+    @cached_property
+    def _held(self) -> tuple[tuple[int, ...], ...]:
+        L = self.local_experts
+        return tuple(self.slots[r * L:(r + 1) * L] + tuple(e for e, h in enumerate(self.holders) if r in h[1:])
+                     for r in range(self.ranks))
+
+    def held(self, rank: int) -> tuple[int, ...]:
+        """Experts `rank` computes this step, in the order of its weight stack: own slots, then replicas."""
+        return self._held[rank]
+
+    @property
+    def replicas(self) -> int:
+        return sum(len(h) - 1 for h in self.holders)
+
+    def digest(self) -> str:
+        return hashlib.sha256(repr((self.slots, self.holders, self.ranks)).encode()).hexdigest()[:16]
+
+    def predicted_load(self, load_E) -> list[float]:
+        """Rows per rank if each expert's rows split evenly over its holders."""
+        out = [0.0] * self.ranks
+        for e, h in enumerate(self.holders):
+            for r in h:
+                out[r] += load_E[e] / len(h)
+        return out
+
+
+def plan_replicas(load_E, slots, ranks: int, extra_slots: int) -> Plan:
+    """Replicas for the most loaded experts, at most `extra_slots` per rank, minimising the predicted
+    maximum rank load. Pure and deterministic: every rank computes the same plan from the same load."""
+    load = [int(v) for v in load_E]
+    plan = Plan.expert_parallel(len(load), ranks, slots)
+    holders = [list(h) for h in plan.holders]
+    rank_load = plan.predicted_load(load)
+    free = [extra_slots] * ranks
+    while True:
+        top = max(range(ranks), key=lambda r: (rank_load[r], -r))
+        peak = rank_load[top]
+        mine = sorted((e for e in range(len(load)) if top in holders[e] and load[e] > 0),
+                      key=lambda e: (-load[e] / len(holders[e]), e))
+        for e in mine:
+            candidates = [q for q in range(ranks) if free[q] > 0 and q not in holders[e]]
+            if not candidates:
+                continue
+            q = min(candidates, key=lambda r: (rank_load[r], r))
+            old, new = load[e] / len(holders[e]), load[e] / (len(holders[e]) + 1)
+            if rank_load[q] + new >= peak:
+                continue
+            for r in holders[e]:
+                rank_load[r] += new - old
+            rank_load[q] += new
+            holders[e].append(q)
+            free[q] -= 1
+            break
+        else:
+            return Plan(plan.slots, tuple((h[0], *sorted(h[1:])) for h in holders), ranks)
+
+
+def balanced_slots(load_E, ranks: int) -> tuple[int, ...]:
+    """Ownership with an even load per rank: experts largest first, each onto the least loaded rank
+    with a free slot (ties by index); each rank's experts in ascending order."""
+    E = len(load_E)
+    L = E // ranks
+    owned: list[list[int]] = [[] for _ in range(ranks)]
+    sums = [0] * ranks
+    for e in sorted(range(E), key=lambda e: (-int(load_E[e]), e)):
+        r = min((r for r in range(ranks) if len(owned[r]) < L), key=lambda r: (sums[r], r))
+        owned[r].append(e)
+        sums[r] += int(load_E[e])
+    return tuple(e for r in range(ranks) for e in sorted(owned[r]))
+
+
+def route(plan: Plan, me: int, counts_E: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where this rank's rows go. Rows arrive grouped by expert (counts_E[e] rows of expert e); returns
+    send_PE[q, e] (rows of expert e for rank q) and `order`, the row indices in sending order: by
+    destination, then in the destination's held order (so they arrive ready for its grouped GEMM)."""
+    P, E = plan.ranks, len(counts_E)
+    position = [{e: i for i, e in enumerate(plan.held(q))} for q in range(P)]
+    send = [[0] * E for _ in range(P)]
+    segments = []  # (destination, position there, first row, rows)
+    start = 0
+    for e, c in enumerate(counts_E):
+        holders = plan.holders[e]
+        if me in holders:
+            chunks = [(me, c)]
+        else:
+            k = len(holders)
+            base, rem = divmod(c, k)
+            chunks = [(q, base + ((i - me) % k < rem)) for i, q in enumerate(holders)]
+        row = start
+        for q, n in chunks:
+            if n:
+                segments.append((position[q][e], q, row, n))
+                send[q][e] += n
+                row += n
+        start += c
+    segments.sort(key=lambda s: (s[1], s[0]))
+    firsts = torch.tensor([s[2] for s in segments], dtype=torch.int64)
+    sizes = torch.tensor([s[3] for s in segments], dtype=torch.int64)
+    dst = torch.cumsum(sizes, 0) - sizes
+    total = int(sizes.sum())
+    order = torch.repeat_interleave(firsts - dst, sizes, output_size=total) + torch.arange(total)
+    return torch.tensor(send, dtype=torch.int64), order
+
+
+def _pack(tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+    return torch.cat([t[rows].reshape(len(rows), t[0].numel()) for t in tensors], dim=1)
+
+
+def _unpack(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    sizes = [t[0].numel() for t in like]
+    return [part.reshape(-1, *t.shape[1:]) for part, t in zip(flat.split(sizes, dim=1), like, strict=True)]
+
+
+class Exchange:
+    """The point-to-point pattern of one plan at one rank: which own slots go to which replica holder
+    (SparseAllGather), and, reversed, which replica gradients go back to which owner."""
+
+    def __init__(self, plan: Plan, me: int, group, comm: Comm, label: str = "fssdp") -> None:
+        L = plan.local_experts
+        mine = plan.held(me)
+        replica_pos = {e: i for i, e in enumerate(mine[L:])}
+        self.sends: dict[int, list[int]] = {}  # holder rank -> my slot indices it replicates
+        self.recvs: dict[int, list[int]] = {}  # owner rank -> my replica indices it owns
+        own_slot = {e: i for i, e in enumerate(plan.slots[me * L:(me + 1) * L])}
+        for e in sorted(own_slot):  # expert order on both sides of every pair
+            for q in plan.holders[e][1:]:
+                self.sends.setdefault(q, []).append(own_slot[e])
+        for e in mine[L:]:
+            self.recvs.setdefault(plan.holders[e][0], []).append(replica_pos[e])
+        self.replicas = len(mine) - L
+        self.group, self.comm, self.label = group, comm, label
+
+    def gather_start(self, own: list[torch.Tensor]):
+        """Posts the sends of own weights and the receives of replicas; `gather_finish` waits."""
+        sends = {q: _pack(own, rows) for q, rows in self.sends.items()}
+        row = sum(t[0].numel() for t in own)
+        recvs = {r: own[0].new_empty(len(idx), row) for r, idx in self.recvs.items()}
+        return p2p(self.comm, self.group, sends, recvs, self.label), recvs, own
+
+    def gather_finish(self, started) -> list[torch.Tensor]:
+        works, recvs, own = started
+        for w in works:
+            w.wait()
+        flat = own[0].new_empty(self.replicas, sum(t[0].numel() for t in own))
+        for r, idx in self.recvs.items():
+            flat[idx] = recvs[r]
+        return _unpack(flat, own)
+
+    def reduce(self, replica_grads: list[torch.Tensor], own: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each replica's gradient to its owner; returns the sum of the replicas' gradients per own slot."""
+        sends = {r: _pack(replica_grads, idx) for r, idx in self.recvs.items()}
+        row = sum(t[0].numel() for t in own)
+        recvs = {q: own[0].new_empty(len(slots), row) for q, slots in self.sends.items()}
+        for w in p2p(self.comm, self.group, sends, recvs, self.label):
+            w.wait()
+        total = own[0].new_zeros(own[0].shape[0], row)
+        for q, slots in sorted(self.sends.items()):  # a fixed order: the same sum on every run
+            total.index_add_(0, torch.tensor(slots, device=total.device), recvs[q])
+        return _unpack(total, own)
+
+
+def p2p(comm: Comm, group, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], label: str) -> list:
+    """Posts one batch of sends and receives to/from ranks of `group` (group ranks); returns the works."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, q), group) for q, t in sends.items()]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, q), group) for q, t in recvs.items()]
+    if not ops:
+        return []
+    comm.count(label, sum(t.numel() * t.element_size() for t in sends.values()))
+    with comm.own():
+        return dist.batch_isend_irecv(ops)
+
+
+class _Replicas(torch.autograd.Function):
+    """Forward: the replicas already gathered. Backward: SparseReduceScatter into the own weights."""
+
+    @staticmethod
+    def forward(ctx, exchange, started, w1, w3, w2):
+        ctx.exchange, ctx.own = exchange, (w1.detach(), w3.detach(), w2.detach())
+        return tuple(exchange.gather_finish(started))
+
+    @staticmethod
+    def backward(ctx, g1, g3, g2):
+        return (None, None, *ctx.exchange.reduce([g1, g3, g2], list(ctx.own)))
+
+
+def held_weights(exchange: Exchange | None, own: list[torch.Tensor], started=None) -> list[torch.Tensor]:
+    """The weight stacks of every expert this rank computes: its own slots, then its replicas."""
+    if exchange is None:  # nothing replicated anywhere: plain expert parallelism
+        return own
+    started = exchange.gather_start([w.detach() for w in own]) if started is None else started
+    replicas = _Replicas.apply(exchange, started, *own)
+    return [torch.cat([w, r]) for w, r in zip(own, replicas, strict=True)]
+
+
+class FSSDPPlacement:
+    """One MoE layer's experts under FSSDP over an expert group; called by MoELayer as `placement`."""
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, comm: Comm, cfg: FSSDPConfig) -> None:
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if num_experts % self.size:
+            raise ValueError(f"ep={self.size} does not divide num_experts={num_experts}")
+        self.num_experts, self.local = num_experts, num_experts // self.size
+        self.group, self.comm, self.cfg = group, comm, cfg
+        self.extra_slots = cfg.extra_slots if cfg.extra_slots >= 0 else self.local
+        self.plan = Plan.expert_parallel(num_experts, self.size)
+        self._exchange: tuple[str, Exchange | None] | None = None
+        self.rows: list[int] = []  # rows computed here per call since the last `take_rows`
+
+    def local_slice(self) -> slice:
+        return slice(self.rank * self.local, (self.rank + 1) * self.local)
+
+    def exchange(self, plan: Plan) -> Exchange | None:
+        key = plan.digest()
+        if self._exchange is None or self._exchange[0] != key:
+            xch = Exchange(plan, self.rank, self.group, self.comm) if plan.replicas else None
+            self._exchange = (key, xch)
+        return self._exchange[1]
+
+    def __call__(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:
+        counts = tokens_per_expert_E.detach().to("cpu", torch.int64)
+        plan = self.plan
+        if self.cfg.calibrate:  # this batch's own counts, summed over the group: the plan fits exactly
+            total = counts.clone()
+            self.comm.all_reduce(total, self.group, "fssdp")
+            plan = plan_replicas(total.tolist(), plan.slots, self.size, self.extra_slots)
+        xch = self.exchange(plan)
+        own = [local(getattr(experts, n)) for n in WEIGHTS]
+        remat = self.cfg.rematerialize and xch is not None
+        started = xch.gather_start([w.detach() for w in own]) if xch is not None and not remat else None
+
+        send_PE, order = route(plan, self.rank, counts.tolist())
+        recv_PE = torch.empty_like(send_PE)
+        self.comm.all_to_all_single(recv_PE, send_PE, None, None, self.group, "ep")
+        in_splits, out_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
+        order = order.to(x_sorted_ND.device)
+        x_recv = all_to_all(x_sorted_ND[order], out_splits, in_splits, self.group, self.comm)
+        recv_PH = recv_PE[:, list(plan.held(self.rank))]
+        perm = source_to_expert_major(recv_PH).to(x_recv.device)
+        counts_H = recv_PH.sum(0)
+        self.rows.append(int(counts_H.sum()))
+        if remat:
+            y_held = checkpoint(_gather_and_compute, xch, x_recv[perm], counts_H, *own, use_reentrant=False)
+        else:
+            y_held = compute(x_recv[perm], counts_H, *held_weights(xch, own, started))
+        y_recv = torch.empty_like(y_held).index_copy(0, perm, y_held) if y_held.shape[0] else y_held
+        y_back = all_to_all(y_recv, in_splits, out_splits, self.group, self.comm)
+        return torch.empty_like(y_back).index_copy(0, order, y_back) if y_back.shape[0] else y_back
+
+
+def _gather_and_compute(xch, x_held, counts_H, w1, w3, w2):
+    return compute(x_held, counts_H, *held_weights(xch, [w1, w3, w2]))
+
+
+class FSSDP:
+    """The per-step side of FSSDP for a whole model: load history, plans, re-sharding, checkpoints.
+
+    `load_group` spans every rank that shares the experts' ownership (dense_dp: the ep group and its
+    data-parallel copies), so all of them hold the same history and move owners identically."""
+
+    def __init__(self, layers, cfg: FSSDPConfig, load_group, comm: Comm) -> None:
+        self.layers = list(layers)
+        self.placements: list[FSSDPPlacement] = [layer.placement for layer in self.layers]
+        self.cfg, self.load_group, self.comm = cfg, load_group, comm
+        self.history: deque[list[list[int]]] = deque(maxlen=cfg.window)
+        self.reshards = 0
+        self._rows_window: list[list[int]] = []  # per step: rows computed here, per layer
+
+    def window_load(self) -> list[list[int]]:
+        return [[sum(step[i][e] for step in self.history) for e in range(p.num_experts)]
+                for i, p in enumerate(self.placements)]
+
+    def begin_step(self, step: int, optimizer) -> None:
+        """Re-shards on schedule, then plans this step's replicas from the load of the last steps."""
+        if not self.history:
+            return
+        load = self.window_load()
+        R = self.cfg.reshard_every
+        if R and step > 1 and (step - 1) % R == 0:
+            target = [balanced_slots(load_E, p.size) for load_E, p in zip(load, self.placements, strict=True)]
+            if target != [p.plan.slots for p in self.placements]:
+                self.reshard(target, optimizer)
+                self.reshards += 1
+        for load_E, p in zip(load, self.placements, strict=True):
+            p.plan = plan_replicas(load_E, p.plan.slots, p.size, p.extra_slots)
+
+    def record(self, step_load: list[list[torch.Tensor]]) -> None:
+        """After a step: this step's tokens per expert (per micro-batch, per layer), summed over the
+        load group, join the history; the rows each rank computed are kept for the metrics."""
+        per_layer = [torch.stack(layer).sum(0).cpu() for layer in zip(*step_load, strict=True)]
+        packed = torch.cat(per_layer).to(torch.int64)
+        self.comm.all_reduce(packed, self.load_group, "fssdp")
+        sizes = [t.numel() for t in per_layer]
+        self.history.append([t.tolist() for t in packed.split(sizes)])
+        self._rows_window.append([sum(p.rows) for p in self.placements])
+        for p in self.placements:
+            p.rows = []
+
+    def stats(self) -> dict:
+        """Rows computed per rank in the window, per layer: max/mean over the expert group, and the plan."""
+        rows = torch.tensor(self._rows_window, dtype=torch.float64).sum(0)  # [layers]
+        self._rows_window = []
+        group = self.placements[0].group
+        n = dist.get_world_size(group)
+        gathered = torch.zeros(n, rows.numel(), dtype=torch.float64)
+        gathered[dist.get_rank(group)] = rows
+        self.comm.all_reduce(gathered, group, "metrics")
+        mean = gathered.mean(0)
+        ratio = [float(m) / float(a) if a > 0 else 1.0 for m, a in zip(gathered.max(0).values, mean, strict=True)]
+        return {"load_max_over_mean": ratio, "replicas": [p.plan.replicas for p in self.placements],
+                "reshards": self.reshards}
+
+    # -- ownership moves ---------------------------------------------------------------------
+
+    def _moving_tensors(self, layer, optimizer) -> list[torch.Tensor]:
+        """This rank's rows of every tensor that belongs to an owner slot: weights and optimizer state."""
+        out = []
+        for name in WEIGHTS:
+            param = getattr(layer.experts, name)
+            out.append(local_part(param.data))
+            state = optimizer.state.get(param, {}) if optimizer is not None else {}
+            out += [local_part(v) for k, v in sorted(state.items()) if isinstance(v, torch.Tensor) and v.ndim > 0]
+        return out
+
+    @torch.no_grad()
+    def reshard(self, target: list[tuple[int, ...]], optimizer) -> None:
+        """Moves every layer's owner slots to `target` (weights and optimizer state, point-to-point)."""
+        for layer, p, new in zip(self.layers, self.placements, target, strict=True):
+            old = p.plan.slots
+            if tuple(new) != old:
+                move_slots(self._moving_tensors(layer, optimizer), old, tuple(new), p.size, p.rank, p.group, self.comm)
+                p.plan = Plan.expert_parallel(p.num_experts, p.size, new)
+
+    @contextmanager
+    def canonical(self, optimizer):
+        """Ownership in expert order (rank r owns experts r*L..): checkpoints are written so."""
+        current = [p.plan for p in self.placements]
+        self.reshard([tuple(range(p.num_experts)) for p in self.placements], optimizer)
+        try:
+            yield
+        finally:
+            self.reshard([plan.slots for plan in current], optimizer)
+            for p, plan in zip(self.placements, current, strict=True):
+                p.plan = plan
+
+    def state_dict(self) -> dict:
+        return {"slots": [list(p.plan.slots) for p in self.placements], "history": list(self.history),
+                "reshards": self.reshards}
+
+    def load_state_dict(self, state: dict, optimizer) -> None:
+        """After the (expert-ordered) weights were loaded: the saved ownership and load history."""
+        self.history = deque(state["history"], maxlen=self.cfg.window)
+        self.reshards = state["reshards"]
+        self.reshard([tuple(s) for s in state["slots"]], optimizer)
+
+
+def move_slots(tensors: list[torch.Tensor], old: tuple[int, ...], new: tuple[int, ...], ranks: int, me: int,
+               group, comm: Comm) -> None:
+    """Rewrites this rank's rows of `tensors` (each [L, ...]) from ownership `old` to `new`."""
+    L = len(old) // ranks
+    where_old = {e: i for i, e in enumerate(old)}
+    # Experts moving from rank r to rank q, in q's new slot order: both sides list them alike.
+    moving: dict[tuple[int, int], list[int]] = {}
+    for i, e in enumerate(new):
+        moving.setdefault((where_old[e] // L, i // L), []).append(e)
+    sends = {q: _pack(tensors, [where_old[e] % L for e in es]) for (r, q), es in moving.items() if r == me and q != me}
+    width = sum(t[0].numel() for t in tensors)
+    recvs = {r: tensors[0].new_empty(len(es), width) for (r, q), es in moving.items() if q == me and r != me}
+    kept = _pack(tensors, [where_old[e] % L for e in moving.get((me, me), [])])
+    works = p2p(comm, group, sends, recvs, "fssdp")
+    for w in works:
+        w.wait()
+    index = {e: i % L for i, e in enumerate(new)}
+    rows = torch.empty(L, width, dtype=tensors[0].dtype, device=tensors[0].device)
+    for (r, q), es in moving.items():
+        if q == me:
+            rows[[index[e] for e in es]] = kept if r == me else recvs[r]
+    for t, part in zip(tensors, _unpack(rows, tensors), strict=True):
+        t.copy_(part)
