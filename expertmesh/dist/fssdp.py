@@ -15,7 +15,8 @@ ranks, so the work spreads. Per MoE layer and step:
      that lacks it, while that lowers the predicted maximum. Ties break by index: the same plan
      everywhere, or the matched point-to-point calls below would hang.
   3. SparseAllGather: owners send each replica's weights to its holders: one batch of point-to-point
-     sends/receives, posted before the token all-to-all so both transfers run at once.
+     sends/receives, posted when the layer's block starts (so it travels during attention) and
+     waited for just before the experts run.
   4. tokens (`route`): a row for expert e stays on its rank when that rank holds e, else goes to e's
      holders in an even split (the remainder rotated by source rank); then the uneven all-to-all, one
      grouped GEMM over the H held experts, and the all-to-all back.
@@ -282,10 +283,18 @@ class FSSDPPlacement:
         self.extra_slots = cfg.extra_slots if cfg.extra_slots >= 0 else self.local
         self.plan = Plan.expert_parallel(num_experts, self.size)
         self._exchange: tuple[str, Exchange | None] | None = None
-        self.rows: list[int] = []  # rows computed here per call since the last `take_rows`
+        self.rows: list[int] = []  # rows computed here per call since the last `record`
+        self._prefetched = None  # a SparseAllGather posted by `prefetch`, consumed by the next call
 
     def local_slice(self) -> slice:
         return slice(self.rank * self.local, (self.rank + 1) * self.local)
+
+    def prefetch(self, experts) -> None:
+        """Posts this step's SparseAllGather early (called before the attention of the layer's block), so
+        the weights travel while attention computes; the MoE call then only waits for them."""
+        xch = self.exchange(self.plan)
+        if xch is not None and not self.cfg.calibrate and not self.cfg.rematerialize:
+            self._prefetched = xch.gather_start([local(getattr(experts, n)).detach() for n in WEIGHTS])
 
     def exchange(self, plan: Plan) -> Exchange | None:
         key = plan.digest()
@@ -304,7 +313,9 @@ class FSSDPPlacement:
         xch = self.exchange(plan)
         own = [local(getattr(experts, n)) for n in WEIGHTS]
         remat = self.cfg.rematerialize and xch is not None
-        started = xch.gather_start([w.detach() for w in own]) if xch is not None and not remat else None
+        started, self._prefetched = self._prefetched, None
+        if started is None and xch is not None and not remat:
+            started = xch.gather_start([w.detach() for w in own])
 
         send_PE, order = route(plan, self.rank, counts.tolist())
         recv_PE = torch.empty_like(send_PE)
@@ -342,6 +353,7 @@ class FSSDP:
         self.history: deque[list[list[int]]] = deque(maxlen=cfg.window)
         self.reshards = 0
         self._rows_window: list[list[int]] = []  # per step: rows computed here, per layer
+        self.last_rows: list[int] = []
 
     def window_load(self) -> list[list[int]]:
         return [[sum(step[i][e] for step in self.history) for e in range(p.num_experts)]
@@ -369,7 +381,8 @@ class FSSDP:
         self.comm.all_reduce(packed, self.load_group, "fssdp")
         sizes = [t.numel() for t in per_layer]
         self.history.append([t.tolist() for t in packed.split(sizes)])
-        self._rows_window.append([sum(p.rows) for p in self.placements])
+        self.last_rows = [sum(p.rows) for p in self.placements]
+        self._rows_window.append(self.last_rows)
         for p in self.placements:
             p.rows = []
 

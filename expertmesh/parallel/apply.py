@@ -67,6 +67,10 @@ def place_experts(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> N
                 sub, local, placements = mesh.views["ep"], param.detach()[rows], [Shard(0)]
             setattr(layer.experts, name, nn.Parameter(DTensor.from_local(local, sub, placements, run_check=False)))
         layer.placement = placement
+    if cfg.moe.placement == "fssdp":  # the replicas' weights travel while the block's attention runs
+        for block in model.layers.values():
+            for layer in moe_layers(block):
+                block.register_forward_pre_hook(lambda _m, _a, p=layer.placement, x=layer.experts: p.prefetch(x))
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
