@@ -91,6 +91,11 @@ class Metrics:
                 d = rec["diloco"]
                 flat.update({"diloco/outer_steps": d["outer_steps"], "diloco/bytes_last_sync": d["bytes_last_sync"],
                              **{f"diloco/staleness_{i}": v for i, v in enumerate(d["staleness"])}})
+            if "fssdp" in rec:
+                f = rec["fssdp"]
+                flat.update({"fssdp/reshards": f["reshards"],
+                             **{f"fssdp/load_max_over_mean_{i}": v for i, v in enumerate(f["load_max_over_mean"])},
+                             **{f"fssdp/replicas_{i}": v for i, v in enumerate(f["replicas"])}})
             self.wandb_run.log(flat, step=rec["step"])
 
     def log_eval(self, step: int, eval_loss: float) -> None:
