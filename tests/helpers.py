@@ -134,3 +134,17 @@ def assert_rank_matches_reference(layer, full, x_all, probe, out_ref, x_ref, ran
             torch.testing.assert_close(grad, dict(full.named_parameters())[n].grad, **close)
     return stats
 
+
+def chi2_pvalue(counts, probs) -> float:
+    """Pearson's chi-squared test of counts against probs (bins with expected < 5 pooled): the p-value."""
+    import torch
+
+    n = counts.sum()
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))

@@ -52,3 +52,100 @@ def verify(p_BG1V: torch.Tensor, q_BGV: torch.Tensor, draft_BG: torch.Tensor, gr
     dist = torch.where(mass > 0, residual / mass.clamp_min(1e-300), p_next)  # p == q: any draw from p is right
     next_token_B = torch.multinomial(dist, 1, generator=generator)[:, 0]
     return Verdict(accepted_B, next_token_B, alpha_B)
+
+
+@dataclass
+class DecodeStats:
+    drafted: int = 0  # draft tokens proposed (per request, summed)
+    accepted: int = 0  # of those, accepted by the rule (per request, before lockstep truncation)
+    alpha_sum: float = 0.0  # sum over rounds and requests of the expected acceptance rate
+    rounds: int = 0  # draft/verify rounds, each one target forward for the whole batch
+    target_forwards: int = 0
+    emitted: int = 0  # tokens emitted, all requests
+    rounds_requests: int = 0  # rounds x requests: the alpha_sum's count
+    accepted_lengths: list[int] | None = None
+
+    @property
+    def alpha(self) -> float:
+        return self.alpha_sum / max(self.rounds_requests, 1)
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """Tokens one request gains per target forward (plain decoding: 1)."""
+        return self.emitted / max(self.rounds_requests, 1)
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (greedy=True for argmax decoding)")
+    return torch.softmax(logits.double() / temperature, -1)
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, gamma: int, greedy: bool = False,
+                         temperature: float = 1.0, generator: torch.Generator | None = None, on_round=None):
+    """Generates `max_new` tokens per request with `draft` proposing `gamma` tokens and `target`
+    verifying them in one forward; both keep a KV cache (`make_cache()` / `model(tokens, cache)`).
+
+    Requests of a batch advance in lockstep: a round keeps m = the fewest drafts any request accepted,
+    and each request emits its own next token after those m (its residual/bonus token when it accepted
+    exactly m, else its own accepted draft at position m, which is a valid draw too). So caches stay
+    rectangular and every request's output is still distributed exactly as the target's.
+    `on_round(drafts_BG, p_BG1V, verdict)` sees each round's verification data (for distillation).
+    Returns (generated tokens [B, max_new], DecodeStats)."""
+    if gamma < 1 or max_new < 1:
+        raise ValueError(f"gamma={gamma} and max_new={max_new} must be >= 1")
+    B = prompt_BP.shape[0]
+    seq = prompt_BP.clone()
+    t_cache, d_cache = target.make_cache(), draft.make_cache()
+    stats = DecodeStats(accepted_lengths=[])
+    P = prompt_BP.shape[1]
+    while seq.shape[1] - P < max_new:
+        # draft: catch up on the tokens it has not seen, then propose gamma tokens one by one
+        logits, _ = draft(seq[:, d_cache.length:], d_cache)
+        drafts, q = [], []
+        for i in range(gamma):
+            qi = _probs(logits[:, -1], temperature)
+            xi = qi.argmax(-1) if greedy else torch.multinomial(qi, 1, generator=generator)[:, 0]
+            drafts.append(xi)
+            q.append(qi)
+            if i + 1 < gamma:
+                logits, _ = draft(xi[:, None], d_cache)
+        drafts_BG = torch.stack(drafts, 1)
+        # target: the unseen tokens plus the drafts in one forward; p_0..p_G are its last G + 1 positions
+        base = t_cache.length
+        t_logits, _ = target(torch.cat([seq[:, base:], drafts_BG], 1), t_cache)
+        p_BG1V = _probs(t_logits[:, -(gamma + 1):], temperature)
+        v = verify(p_BG1V, torch.stack(q, 1), drafts_BG, greedy=greedy, generator=generator)
+        if on_round is not None:
+            on_round(drafts_BG, p_BG1V, v)
+        m = int(v.accepted_B.min())
+        own = drafts_BG[:, m] if m < gamma else v.next_token_B
+        nxt = torch.where(v.accepted_B == m, v.next_token_B, own)
+        seq = torch.cat([seq, drafts_BG[:, :m], nxt[:, None]], 1)
+        t_cache.crop(seq.shape[1] - 1)  # everything but the newest token, which is fed next round
+        d_cache.crop(min(d_cache.length, seq.shape[1] - 1))
+        stats.rounds += 1
+        stats.target_forwards += 1
+        stats.drafted += gamma * B
+        stats.accepted += int(v.accepted_B.sum())
+        stats.alpha_sum += float(v.alpha_B.sum())
+        stats.rounds_requests += B
+        stats.emitted += (m + 1) * B
+        stats.accepted_lengths.extend(v.accepted_B.tolist())
+    return seq[:, P:P + max_new], stats
+
+
+class CachedLM:
+    """Wraps an expertmesh Transformer as the (model, cache) interface `speculative_generate` uses."""
+
+    def __init__(self, model) -> None:
+        from expertmesh.models.transformer import KVCache
+
+        self.model, self._cache_cls = model, KVCache
+
+    def make_cache(self):
+        return self._cache_cls()
+
+    def __call__(self, tokens_BS: torch.Tensor, cache):
+        return self.model(tokens_BS, cache)

@@ -49,13 +49,44 @@ class Attention(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=std)
         nn.init.trunc_normal_(self.wo.weight, std=out_std)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """`cos_SH`/`sin_SH` start at this chunk's first position; with a `cache` the chunk attends to
+        the cached keys/values too (decoding), and its own are appended."""
         B, S, _ = x_BSD.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q, k, v = (w(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos_SH, sin_SH), apply_rope(k, cos_SH, sin_SH)
-        o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.append(id(self), k, v)
+            mask_SL = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - S)
+            o_BHSDh = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SL)
         return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+
+class KVCache:
+    """Keys and values of every attention layer for a batch of sequences of one length, for decoding.
+    The model advances `length` after each forward; `crop(n)` forgets everything after position n
+    (speculative decoding drops the rejected drafts)."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+
+    def append(self, key: int, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor):
+        if key in self.kv:
+            k0, v0 = self.kv[key]
+            k_BHSDh, v_BHSDh = torch.cat([k0, k_BHSDh], 2), torch.cat([v0, v_BHSDh], 2)
+        self.kv[key] = (k_BHSDh, v_BHSDh)
+        return k_BHSDh, v_BHSDh
+
+    def crop(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.kv = {key: (k[:, :, :length], v[:, :, :length]) for key, (k, v) in self.kv.items()}
+        self.length = length
 
 
 class Block(nn.Module):
@@ -74,8 +105,8 @@ class Block(nn.Module):
         self.attention.init_weights(std, out_std)
         self.ffn.init_weights(std, out_std)
 
-    def forward(self, h_BSD, cos_SH, sin_SH) -> tuple[torch.Tensor, MoEStats | None]:
-        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos_SH, sin_SH)
+    def forward(self, h_BSD, cos_SH, sin_SH, cache: KVCache | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos_SH, sin_SH, cache)
         if self.is_moe:
             out, stats = self.ffn(self.ffn_norm(h_BSD))
             return h_BSD + out, stats
@@ -122,13 +153,20 @@ class Transformer(nn.Module):
         if not m.tie_embeddings:
             nn.init.trunc_normal_(self.output.weight, std=m.dim**-0.5)
 
-    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        """Logits for every position. With a `cache` (decoding) the tokens continue the cached ones."""
         h_BSD = self.tok_embeddings(tokens_BS)
         stats: list[MoEStats] = []
+        start, S = (cache.length if cache is not None else 0), tokens_BS.shape[1]
+        if start + S > self.rope_cos.shape[0]:
+            raise ValueError(f"position {start + S} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         for block in self.layers.values():
-            h_BSD, s = block(h_BSD, self.rope_cos, self.rope_sin)
+            h_BSD, s = block(h_BSD, cos, sin, cache) if cache is not None else block(h_BSD, cos, sin)
             if s is not None:
                 stats.append(s)
+        if cache is not None:
+            cache.length += S
         return self.output(self.norm(h_BSD)), stats
 
 

@@ -4,22 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import chi2_pvalue
 
 from expertmesh.distill.losses import densify, divergence
 from expertmesh.distill.speculative import verify
-
-
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-squared test of counts against probs (bins with expected < 5 pooled)."""
-    n = counts.sum()
-    expected = probs.double() * n
-    big = expected >= 5
-    obs = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def _emitted_first_tokens(p, q, draws, seed):
@@ -38,9 +26,9 @@ def test_sampling_is_lossless_chi_squared():
     q = torch.softmax(torch.randn(V, generator=g) * 2, 0).double()  # a poor draft: many rejections
     tokens = _emitted_first_tokens(p, q, 100_000, 1)
     counts = torch.bincount(tokens, minlength=V)
-    assert _chi2_pvalue(counts, p) > 0.01
+    assert chi2_pvalue(counts, p) > 0.01
     # and the draft's own distribution is rejected by the same test (the test has power)
-    assert _chi2_pvalue(counts, q) < 1e-6
+    assert chi2_pvalue(counts, q) < 1e-6
     # the empirical distribution approaches p as draws grow
     tvd = [0.5 * (torch.bincount(_emitted_first_tokens(p, q, n, 2), minlength=V) / n - p).abs().sum()
            for n in (1_000, 10_000, 100_000)]

@@ -1,0 +1,84 @@
+"""KV-cached decoding equals full forwards; greedy speculative decoding equals the target's own greedy
+decoding token for token (float64); sampled speculative decoding runs batched and counts what it did."""
+
+import pytest
+import torch
+from helpers import chi2_pvalue
+
+from expertmesh import config
+from expertmesh.distill.speculative import CachedLM, speculative_generate
+from expertmesh.models.transformer import KVCache, Transformer
+
+
+def _model(dim, layers, seed, moe=True):
+    cfg = config.load(None, [f"model.dim={dim}", f"model.n_layers={layers}", "model.n_heads=2",
+                             "model.ffn_dim=64", "moe.num_experts=4", "moe.expert_dim=16",
+                             f"moe.every={1 if moe else 99}", "model.max_seq_len=128"])
+    torch.manual_seed(seed)
+    m = Transformer(cfg)
+    m.init_weights()
+    return m.double().eval()
+
+
+def test_cached_decoding_equals_full_forward():
+    model = _model(32, 2, 0)
+    tokens = torch.randint(0, 256, (3, 20))
+    full, _ = model(tokens)
+    cache = KVCache()
+    parts = [model(tokens[:, :7], cache)[0], model(tokens[:, 7:8], cache)[0], model(tokens[:, 8:20], cache)[0]]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
+    cache.crop(8)  # drop 12 positions, then feed them again: the same logits
+    torch.testing.assert_close(model(tokens[:, 8:20], cache)[0], full[:, 8:20], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="crop"):
+        cache.crop(99)
+
+
+def _greedy(model, prompt, n):
+    seq = prompt
+    for _ in range(n):
+        logits, _ = model(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_speculative_equals_target_greedy(gamma):
+    target, draft = _model(32, 2, 0), _model(16, 1, 1, moe=False)
+    prompt = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(2))
+    want = _greedy(target, prompt, 24)
+    got, stats = speculative_generate(CachedLM(target), CachedLM(draft), prompt, 24, gamma, greedy=True)
+    assert torch.equal(got, want)
+    assert stats.target_forwards == stats.rounds and stats.drafted == gamma * 3 * stats.rounds
+    # the target drafting for itself: every draft accepted, gamma + 1 tokens per target forward
+    got, stats = speculative_generate(CachedLM(target), CachedLM(target), prompt, 24, gamma, greedy=True)
+    assert torch.equal(got, want)
+    assert stats.accepted == stats.drafted and stats.tokens_per_target_forward == pytest.approx(gamma + 1, rel=0.25)
+
+
+def test_sampled_speculative_runs_batched():
+    target, draft = _model(32, 2, 0), _model(16, 1, 1, moe=False)
+    prompt = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    out, stats = speculative_generate(CachedLM(target), CachedLM(draft), prompt, 16, 4, generator=g)
+    assert out.shape == (4, 16) and 0 <= stats.accepted <= stats.drafted and 0 < stats.alpha <= 1
+    assert stats.tokens_per_target_forward >= 1
+    with pytest.raises(ValueError, match="gamma"):
+        speculative_generate(CachedLM(target), CachedLM(draft), prompt, 16, 0)
+
+
+def test_lockstep_batch_keeps_the_first_token_distribution():
+    """4000 copies of one prompt in one batch: the round keeps the fewest accepted drafts (0 here), and
+    rows that accepted more emit their own accepted draft; the first tokens must still follow p."""
+    target, draft = _model(32, 2, 0), _model(16, 1, 1, moe=False)
+    with torch.no_grad():  # peaked distributions, so that p and q differ clearly
+        target.output.weight.mul_(8)
+        draft.output.weight.mul_(8)
+    prompt = torch.tensor([[5, 17, 99]]).expand(4000, 3)
+    with torch.no_grad():
+        p = torch.softmax(target(prompt[:1])[0][0, -1].double(), -1)
+        q = torch.softmax(draft(prompt[:1])[0][0, -1].double(), -1)
+    out, _ = speculative_generate(CachedLM(target), CachedLM(draft), prompt, 1, 3,
+                                  generator=torch.Generator().manual_seed(5))
+    counts = torch.bincount(out[:, 0], minlength=256)
+    assert chi2_pvalue(counts, p) > 0.01
+    assert 0.5 * (p - q).abs().sum() > 0.2 and chi2_pvalue(counts, q) < 1e-6
