@@ -91,7 +91,7 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
     and each request emits its own next token after those m (its residual/bonus token when it accepted
     exactly m, else its own accepted draft at position m, which is a valid draw too). So caches stay
     rectangular and every request's output is still distributed exactly as the target's.
-    `on_round(drafts_BG, p_BG1V, verdict)` sees each round's verification data (for distillation).
+    `on_round(seq_BL, drafts_BG, p_BG1V, verdict)` sees each round's verification data (distillation).
     Returns (generated tokens [B, max_new], DecodeStats)."""
     if gamma < 1 or max_new < 1:
         raise ValueError(f"gamma={gamma} and max_new={max_new} must be >= 1")
@@ -118,7 +118,7 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
         p_BG1V = _probs(t_logits[:, -(gamma + 1):], temperature)
         v = verify(p_BG1V, torch.stack(q, 1), drafts_BG, greedy=greedy, generator=generator)
         if on_round is not None:
-            on_round(drafts_BG, p_BG1V, v)
+            on_round(seq, drafts_BG, p_BG1V, v)
         m = int(v.accepted_B.min())
         own = drafts_BG[:, m] if m < gamma else v.next_token_B
         nxt = torch.where(v.accepted_B == m, v.next_token_B, own)

@@ -1,0 +1,116 @@
+"""Online draft distillation from the target's own verification passes (OSD; DistillSpec's divergences).
+
+Legend: G = gamma drafted tokens per round, K top-k target probabilities kept per position, V vocabulary.
+
+Each verification round already computed the target's distribution p at the G + 1 positions after
+the request's current sequence. `Recorder` keeps, per request and round, the tokens the draft saw
+(the sequence plus its drafts) and p, top-k compressed, at the positions chosen:
+  "rejected"  only the first position where the draft's token was rejected (OSD);
+  "all"       every drafted position whose context was accepted (0 .. first rejection).
+`OnlineDistiller` keeps a bounded replay buffer of those examples and, every `update_every` requests,
+takes optimizer steps on the draft minimizing divergence(p || q_draft) at the recorded positions.
+No second target forward is ever run: the target logits are the verification pass's.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from expertmesh.distill.losses import densify, divergence
+
+
+@dataclass
+class Example:
+    tokens: torch.Tensor  # [L] int64: the context the draft saw, ending with its drafted tokens
+    targets: torch.Tensor  # [n] int64: indices into `tokens` of the predicted positions
+    topk_idx: torch.Tensor  # [n, K] int64
+    topk_p: torch.Tensor  # [n, K] float32: the target's probabilities there
+
+
+class Recorder:
+    """An `on_round` callback for `speculative_generate` that turns verification data into Examples."""
+
+    def __init__(self, positions: str = "rejected", topk: int = 32) -> None:
+        if positions not in ("rejected", "all"):
+            raise ValueError(f"positions={positions!r} must be 'rejected' or 'all'")
+        self.positions, self.topk = positions, topk
+        self.examples: list[Example] = []
+
+    def __call__(self, seq_BL: torch.Tensor, drafts_BG: torch.Tensor, p_BG1V: torch.Tensor, verdict) -> None:
+        B, G = drafts_BG.shape
+        L = seq_BL.shape[1]
+        k = min(self.topk, p_BG1V.shape[-1])
+        top_p, top_i = p_BG1V.float().topk(k, dim=-1)
+        for b in range(B):
+            n = int(verdict.accepted_B[b])
+            if self.positions == "rejected":
+                js = [n] if n < G else []
+            else:
+                js = list(range(min(n, G - 1) + 1))
+            if not js:
+                continue
+            tokens = torch.cat([seq_BL[b], drafts_BG[b]]).cpu()
+            idx = torch.tensor(js)
+            self.examples.append(Example(tokens, L + idx, top_i[b, idx].cpu(), top_p[b, idx].cpu()))
+
+    def take(self) -> list[Example]:
+        out, self.examples = self.examples, []
+        return out
+
+
+class OnlineDistiller:
+    """The draft's trainer: a replay buffer and an optimizer; `maybe_update` after each request."""
+
+    def __init__(self, draft: nn.Module, vocab: int, kind: str = "fkl", beta: float = 0.5, lr: float = 3e-4,
+                 buffer: int = 4096, batch: int = 16, steps: int = 1, update_every: int = 8, seed: int = 0) -> None:
+        self.draft, self.vocab, self.kind, self.beta = draft, vocab, kind, beta
+        self.buffer: deque[Example] = deque(maxlen=buffer)
+        self.batch, self.steps, self.update_every = batch, steps, update_every
+        self.optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
+        self.rng = random.Random(seed)
+        self.requests = 0
+        self.updates = 0
+        self.last_loss = float("nan")
+
+    def add(self, examples: list[Example]) -> None:
+        self.buffer.extend(examples)
+
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        L = max(len(e.tokens) for e in batch)
+        tokens = torch.zeros(len(batch), L, dtype=torch.int64)
+        for i, e in enumerate(batch):  # right-padded: causal attention never looks at the padding
+            tokens[i, :len(e.tokens)] = e.tokens
+        device = next(self.draft.parameters()).device
+        logits, _ = self.draft(tokens.to(device))
+        rows = torch.cat([torch.full((len(e.targets),), i) for i, e in enumerate(batch)]).to(device)
+        cols = torch.cat([e.targets - 1 for e in batch]).to(device)  # logits at t-1 predict token t
+        p = densify(torch.cat([e.topk_idx for e in batch]), torch.cat([e.topk_p for e in batch]), self.vocab)
+        return divergence(self.kind, logits[rows, cols], p.to(device), beta=self.beta)
+
+    def update(self) -> float:
+        self.draft.train()
+        for _ in range(self.steps):
+            batch = self.rng.sample(list(self.buffer), min(self.batch, len(self.buffer)))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.draft.parameters(), 1.0)
+            self.optimizer.step()
+            self.last_loss = float(loss.detach())
+        self.draft.eval()
+        self.updates += 1
+        return self.last_loss
+
+    def maybe_update(self, requests_done: int = 1) -> bool:
+        """Counts finished requests; every `update_every` of them (with data) the draft takes its steps."""
+        before = self.requests // self.update_every
+        self.requests += requests_done
+        if self.requests // self.update_every > before and self.buffer:
+            self.update()
+            return True
+        return False
