@@ -75,6 +75,29 @@ class DecodeStats:
         return self.emitted / max(self.rounds_requests, 1)
 
 
+class AdaptiveGamma:
+    """Draft length from the recent acceptance: after each round, gamma grows by one when the requests
+    kept at least `grow` of their drafts on average over the last `window` rounds, and shrinks by one
+    below `shrink`, within [lo, hi]."""
+
+    def __init__(self, gamma: int, lo: int = 1, hi: int = 8, grow: float = 0.8, shrink: float = 0.4,
+                 window: int = 8) -> None:
+        if not 1 <= lo <= gamma <= hi:
+            raise ValueError(f"adaptive gamma needs 1 <= lo={lo} <= gamma={gamma} <= hi={hi}")
+        self.gamma, self.lo, self.hi, self.grow, self.shrink = gamma, lo, hi, grow, shrink
+        self.recent: list[float] = []
+        self.window = window
+
+    def update(self, accepted_fraction: float) -> int:
+        self.recent = (self.recent + [accepted_fraction])[-self.window:]
+        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) == self.window and mean >= self.grow and self.gamma < self.hi:
+            self.gamma, self.recent = self.gamma + 1, []
+        elif len(self.recent) == self.window and mean < self.shrink and self.gamma > self.lo:
+            self.gamma, self.recent = self.gamma - 1, []
+        return self.gamma
+
+
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (greedy=True for argmax decoding)")
@@ -82,9 +105,11 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, gamma: int, greedy: bool = False,
+def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, gamma: int | AdaptiveGamma,
+                         greedy: bool = False,
                          temperature: float = 1.0, generator: torch.Generator | None = None, on_round=None):
-    """Generates `max_new` tokens per request with `draft` proposing `gamma` tokens and `target`
+    """Generates `max_new` tokens per request with `draft` proposing `gamma` tokens (fixed, or an
+    `AdaptiveGamma` that moves with the acceptance) and `target`
     verifying them in one forward; both keep a KV cache (`make_cache()` / `model(tokens, cache)`).
 
     Requests of a batch advance in lockstep: a round keeps m = the fewest drafts any request accepted,
@@ -93,6 +118,8 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
     rectangular and every request's output is still distributed exactly as the target's.
     `on_round(seq_BL, drafts_BG, p_BG1V, verdict)` sees each round's verification data (distillation).
     Returns (generated tokens [B, max_new], DecodeStats)."""
+    adaptive = gamma if isinstance(gamma, AdaptiveGamma) else None
+    gamma = adaptive.gamma if adaptive is not None else gamma
     if gamma < 1 or max_new < 1:
         raise ValueError(f"gamma={gamma} and max_new={max_new} must be >= 1")
     B = prompt_BP.shape[0]
@@ -133,6 +160,8 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
         stats.rounds_requests += B
         stats.emitted += (m + 1) * B
         stats.accepted_lengths.extend(v.accepted_B.tolist())
+        if adaptive is not None:
+            gamma = adaptive.update(float(v.accepted_B.double().mean()) / gamma)
     return seq[:, P:P + max_new], stats
 
 

@@ -82,3 +82,18 @@ def test_lockstep_batch_keeps_the_first_token_distribution():
     counts = torch.bincount(out[:, 0], minlength=256)
     assert chi2_pvalue(counts, p) > 0.01
     assert 0.5 * (p - q).abs().sum() > 0.2 and chi2_pvalue(counts, q) < 1e-6
+
+
+def test_adaptive_gamma_follows_acceptance():
+    from expertmesh.distill.speculative import AdaptiveGamma
+
+    g = AdaptiveGamma(4, lo=2, hi=6, window=2)
+    assert [g.update(f) for f in (1.0, 1.0, 0.9, 0.9, 0.9, 0.9)] == [4, 5, 5, 6, 6, 6]  # capped at hi
+    assert [g.update(f) for f in (0.0, 0.1, 0.2, 0.1, 0.0, 0.0)] == [6, 5, 5, 4, 4, 3]
+    with pytest.raises(ValueError, match="lo"):
+        AdaptiveGamma(1, lo=2)
+    target = _model(32, 2, 0)
+    prompt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(1))
+    adaptive = AdaptiveGamma(2, hi=5, window=1)  # the target drafting for itself: all kept, gamma grows
+    _, stats = speculative_generate(CachedLM(target), CachedLM(target), prompt, 20, adaptive, greedy=True)
+    assert adaptive.gamma == 5 and stats.accepted == stats.drafted
