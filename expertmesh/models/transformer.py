@@ -106,7 +106,10 @@ class Block(nn.Module):
         self.ffn.init_weights(std, out_std)
 
     def forward(self, h_BSD, cos_SH, sin_SH, cache: KVCache | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos_SH, sin_SH, cache)
+        x_BSD = self.attention_norm(h_BSD)
+        # without a cache, exactly three inputs: tensor parallelism's input plan names three
+        attn = self.attention(x_BSD, cos_SH, sin_SH) if cache is None else self.attention(x_BSD, cos_SH, sin_SH, cache)
+        h_BSD = h_BSD + attn
         if self.is_moe:
             out, stats = self.ffn(self.ffn_norm(h_BSD))
             return h_BSD + out, stats
