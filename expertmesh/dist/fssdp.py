@@ -83,6 +83,11 @@ class Plan:
         return tuple(self.slots[r * L:(r + 1) * L] + tuple(e for e, h in enumerate(self.holders) if r in h[1:])
                      for r in range(self.ranks))
 
+    @cached_property
+    def positions(self) -> tuple[dict[int, int], ...]:
+        """Per rank: expert -> its index in that rank's held weight stack."""
+        return tuple({e: i for i, e in enumerate(self.held(r))} for r in range(self.ranks))
+
     def held(self, rank: int) -> tuple[int, ...]:
         """Experts `rank` computes this step, in the order of its weight stack: own slots, then replicas."""
         return self._held[rank]
@@ -153,7 +158,7 @@ def route(plan: Plan, me: int, counts_E: list[int]) -> tuple[torch.Tensor, torch
     send_PE[q, e] (rows of expert e for rank q) and `order`, the row indices in sending order: by
     destination, then in the destination's held order (so they arrive ready for its grouped GEMM)."""
     P, E = plan.ranks, len(counts_E)
-    position = [{e: i for i, e in enumerate(plan.held(q))} for q in range(P)]
+    position = plan.positions
     send = [[0] * E for _ in range(P)]
     segments = []  # (destination, position there, first row, rows)
     start = 0
@@ -282,7 +287,7 @@ class FSSDPPlacement:
         self.group, self.comm, self.cfg = group, comm, cfg
         self.extra_slots = cfg.extra_slots if cfg.extra_slots >= 0 else self.local
         self.plan = Plan.expert_parallel(num_experts, self.size)
-        self._exchange: tuple[str, Exchange | None] | None = None
+        self._exchange: tuple[Plan, Exchange | None] | None = None
         self.rows: list[int] = []  # rows computed here per call since the last `record`
         self._prefetched = None  # a SparseAllGather posted by `prefetch`, consumed by the next call
 
@@ -297,10 +302,9 @@ class FSSDPPlacement:
             self._prefetched = xch.gather_start([local(getattr(experts, n)).detach() for n in WEIGHTS])
 
     def exchange(self, plan: Plan) -> Exchange | None:
-        key = plan.digest()
-        if self._exchange is None or self._exchange[0] != key:
-            xch = Exchange(plan, self.rank, self.group, self.comm) if plan.replicas else None
-            self._exchange = (key, xch)
+        """The plan's point-to-point pattern, built once per plan (plans change once per step at most)."""
+        if self._exchange is None or self._exchange[0] != plan:
+            self._exchange = (plan, Exchange(plan, self.rank, self.group, self.comm) if plan.replicas else None)
         return self._exchange[1]
 
     def __call__(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:

@@ -60,7 +60,6 @@ class DecodeStats:
     accepted: int = 0  # of those, accepted by the rule (per request, before lockstep truncation)
     alpha_sum: float = 0.0  # sum over rounds and requests of the expected acceptance rate
     rounds: int = 0  # draft/verify rounds, each one target forward for the whole batch
-    target_forwards: int = 0
     emitted: int = 0  # tokens emitted, all requests
     rounds_requests: int = 0  # rounds x requests: the alpha_sum's count
     accepted_lengths: list[int] | None = None
@@ -68,6 +67,10 @@ class DecodeStats:
     @property
     def alpha(self) -> float:
         return self.alpha_sum / max(self.rounds_requests, 1)
+
+    @property
+    def target_forwards(self) -> int:
+        return self.rounds
 
     @property
     def tokens_per_target_forward(self) -> float:
@@ -153,7 +156,6 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
         t_cache.crop(seq.shape[1] - 1)  # everything but the newest token, which is fed next round
         d_cache.crop(min(d_cache.length, seq.shape[1] - 1))
         stats.rounds += 1
-        stats.target_forwards += 1
         stats.drafted += gamma * B
         stats.accepted += int(v.accepted_B.sum())
         stats.alpha_sum += float(v.alpha_B.sum())

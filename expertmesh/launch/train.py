@@ -137,7 +137,9 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm) if uses_fssdp(cfg, dims) else None
+    fssdp = None
+    if cfg.moe.placement == "fssdp":  # the config check guarantees ep >= 2
+        fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm)
     diloco_group = replica_group(dims) if cfg.diloco.enabled else None
     diloco = DiLoCo(model, cfg.model.n_layers, cfg.diloco, diloco_group, comm) if cfg.diloco.enabled else None
     checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
@@ -230,10 +232,6 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         if diloco is not None:
             diloco.finish()
     return rec
-
-
-def uses_fssdp(cfg: JobConfig, dims: ParallelDims) -> bool:
-    return cfg.moe.placement == "fssdp" and dims.ep > 1
 
 
 def layout_name(cfg: JobConfig, dims: ParallelDims) -> str:

@@ -106,10 +106,8 @@ class Block(nn.Module):
         self.ffn.init_weights(std, out_std)
 
     def forward(self, h_BSD, cos_SH, sin_SH, cache: KVCache | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        x_BSD = self.attention_norm(h_BSD)
-        # without a cache, exactly three inputs: tensor parallelism's input plan names three
-        attn = self.attention(x_BSD, cos_SH, sin_SH) if cache is None else self.attention(x_BSD, cos_SH, sin_SH, cache)
-        h_BSD = h_BSD + attn
+        # the cache as a keyword: tensor parallelism's input plan lays out the three positional inputs
+        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos_SH, sin_SH, cache=cache)
         if self.is_moe:
             out, stats = self.ffn(self.ffn_norm(h_BSD))
             return h_BSD + out, stats
@@ -165,7 +163,7 @@ class Transformer(nn.Module):
             raise ValueError(f"position {start + S} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         for block in self.layers.values():
-            h_BSD, s = block(h_BSD, cos, sin, cache) if cache is not None else block(h_BSD, cos, sin)
+            h_BSD, s = block(h_BSD, cos, sin, cache=cache)
             if s is not None:
                 stats.append(s)
         if cache is not None:
