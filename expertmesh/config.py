@@ -160,6 +160,39 @@ class DiLoCoConfig:
 
 
 @dataclass(kw_only=True)
+class DistillConfig:
+    """`expertmesh distill`: speculative decoding that keeps distilling its draft online (expertmesh/distill/)."""
+
+    target: str = ""  # an expertmesh run directory (its newest intact checkpoint) or a Hugging Face model directory
+    draft: str = ""  # the same kinds; target and draft must share the vocabulary
+    trainers: int = 1  # with N > 1 processes: ranks [0, trainers) train the draft, the others serve
+    online: bool = True  # false: serve with the draft as loaded (the static baseline)
+    overlap: bool = True  # trainers update while the servers decode; new weights arrive one exchange later
+    gamma: int = 4  # tokens the draft proposes per round
+    adaptive_gamma: bool = False  # grow/shrink gamma within [gamma_min, gamma_max] from the recent acceptance
+    gamma_min: int = 1
+    gamma_max: int = 8
+    greedy: bool = False  # argmax decoding (accept only the target's argmax); else sampling at `temperature`
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 1  # requests a serving rank decodes together (in lockstep)
+    prompts: str = "synthetic"  # "synthetic", "stdin", or a JSONL file of {"prompt" | "tokens", "domain", "id"}
+    synthetic: list[str] = field(default_factory=lambda: ["stdlib:64"])  # domain:count in order; stdlib, headers
+    prompt_len: int = 64  # synthetic prompts: tokens cut from the domain's text
+    positions: Literal["rejected", "all", "onpolicy"] = "rejected"  # where the draft learns (see online.py)
+    divergence: Literal["fkl", "rkl", "jsd", "tvd"] = "fkl"
+    beta: float = 0.5  # JSD[beta]
+    topk: int = 32  # target probabilities kept per position (the rest spread evenly)
+    buffer: int = 4096  # replay buffer, examples
+    update_every: int = 8  # I: requests between draft updates
+    update_steps: int = 1  # optimizer steps per update
+    update_batch: int = 16  # examples per optimizer step
+    lr: float = 3e-4
+    window: int = 50  # requests per metrics record
+    save_draft: bool = True  # write the distilled draft (state dict + its source) into the run directory
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -170,6 +203,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -378,6 +412,26 @@ def check(cfg: JobConfig) -> None:
             raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.tp={p.tp}")
     check_diloco(cfg)
     check_fssdp(cfg)
+    check_distill(cfg)
+
+
+def check_distill(cfg: JobConfig) -> None:
+    g = cfg.distill
+    for key in ("trainers", "gamma", "gamma_min", "max_new_tokens", "batch_size", "prompt_len", "topk", "buffer",
+                "update_every", "update_steps", "update_batch", "window"):
+        if getattr(g, key) < 1:
+            raise ConfigError(f"distill.{key}={getattr(g, key)} must be >= 1")
+    if g.adaptive_gamma and not g.gamma_min <= g.gamma <= g.gamma_max:
+        raise ConfigError(f"distill.adaptive_gamma needs gamma_min={g.gamma_min} <= gamma={g.gamma} <= "
+                          f"gamma_max={g.gamma_max}")
+    if g.temperature <= 0 or g.lr <= 0:
+        raise ConfigError(f"distill.temperature={g.temperature} and distill.lr={g.lr} must be > 0")
+    if not 0.0 < g.beta < 1.0:
+        raise ConfigError(f"distill.beta={g.beta} must be in (0, 1)")
+    for item in g.synthetic:
+        domain, _, count = item.partition(":")
+        if not domain or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"distill.synthetic entry {item!r} must be domain:count, e.g. 'stdlib:400'")
 
 
 def check_fssdp(cfg: JobConfig) -> None:

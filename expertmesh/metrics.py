@@ -98,6 +98,28 @@ class Metrics:
                              **{f"fssdp/replicas_{i}": v for i, v in enumerate(f["replicas"])}})
             self.wandb_run.log(flat, step=rec["step"])
 
+    def write(self, rec: dict) -> None:
+        """A record into metrics.jsonl only (no line printed, no W&B)."""
+        if self.is_rank0:
+            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
+
+    def log_distill(self, rec: dict) -> None:
+        """A window of online distillation (`expertmesh distill`): printed, metrics.jsonl, W&B `distill/*`
+        at step = requests answered so far."""
+        if not self.is_rank0:
+            return
+        log.info(f"requests {rec['requests']} | alpha {rec['alpha']:.3f} | accepted/drafted "
+                 f"{rec['accepted_per_drafted']:.3f} | tokens/target fwd {rec['tokens_per_target_forward']:.2f} | "
+                 f"draft v{rec['draft_version']} ({rec['draft_updates']} updates) | buffer {rec['buffer']}")
+        self.write(rec)
+        if self.wandb_run is not None:
+            keys = ("alpha", "accepted_per_drafted", "mean_accepted_len", "tokens_per_target_forward")
+            flat = {f"distill/{k}": rec[k] for k in keys + ("draft_updates", "buffer", "distill_loss")}
+            for domain, d in rec["domains"].items():
+                flat.update({f"distill/{domain}/{k}": d[k] for k in keys})
+            self.wandb_run.log(flat, step=rec["requests"])
+
     def log_eval(self, step: int, eval_loss: float) -> None:
         if not self.is_rank0:
             return

@@ -148,3 +148,20 @@ def chi2_pvalue(counts, probs) -> float:
     stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
     df = int(keep.sum()) - 1
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+def make_run(path, dim, layers, seed, moe_every=99):
+    """A randomly initialised tiny model saved as an expertmesh run directory (for `distill.target/draft`)."""
+    import torch
+
+    from expertmesh import config
+    from expertmesh.distill.models import export_run
+    from expertmesh.models.transformer import Transformer
+
+    cfg = config.load(None, [f"model.dim={dim}", f"model.n_layers={layers}", "model.n_heads=2",
+                             f"model.ffn_dim={2 * dim}", f"moe.every={moe_every}", "moe.num_experts=4",
+                             "moe.expert_dim=16", "model.max_seq_len=128"])
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    model.init_weights()
+    return export_run(cfg, model, path), model

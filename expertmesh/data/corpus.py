@@ -27,6 +27,25 @@ def stdlib_files() -> list[Path]:
     return sorted(files)
 
 
+def header_files() -> list[Path]:
+    """C headers under /usr/include: a second text domain present on every Debian-like machine."""
+    root = Path("/usr/include")
+    files = sorted(p for p in root.rglob("*.h") if p.is_file()) if root.is_dir() else []
+    if not files:
+        raise ConfigError(f"no .h files found under {root} (install libc6-dev, or use another domain)")
+    return files
+
+
+DOMAINS = {"stdlib": stdlib_files, "headers": header_files}
+
+
+def domain_text(name: str, max_bytes: int = 0) -> str:
+    """The text of a built-in domain (files in sorted order), capped at `max_bytes` (0 = all)."""
+    if name not in DOMAINS:
+        raise ConfigError(f"unknown text domain {name!r}; built-in domains: {', '.join(DOMAINS)}")
+    return _concat(DOMAINS[name](), max_bytes, lambda p: p.read_text(encoding="utf-8", errors="replace"))
+
+
 def glob_files(patterns: list[str]) -> list[Path]:
     files: set[Path] = set()
     for pattern in patterns:
@@ -57,12 +76,16 @@ def _read(path: Path, jsonl_field: str) -> str:
 def load_text(cfg: DataConfig) -> str:
     """The whole corpus as one string, capped at `cfg.max_bytes` characters (0 = no cap)."""
     files = stdlib_files() if cfg.source == "stdlib" else glob_files(cfg.paths)
+    return _concat(files, cfg.max_bytes, lambda p: _read(p, cfg.jsonl_field))
+
+
+def _concat(files: list[Path], max_bytes: int, read) -> str:
+    """The files' texts joined by SEPARATOR, read in order until `max_bytes` characters (0 = all)."""
     parts, size = [], 0
     for path in files:
-        text = _read(path, cfg.jsonl_field)
-        parts.append(text)
-        size += len(text) + len(SEPARATOR)
-        if cfg.max_bytes and size >= cfg.max_bytes:
+        parts.append(read(path))
+        size += len(parts[-1]) + len(SEPARATOR)
+        if max_bytes and size >= max_bytes:
             break
     corpus = SEPARATOR.join(parts)
-    return corpus[: cfg.max_bytes] if cfg.max_bytes else corpus
+    return corpus[:max_bytes] if max_bytes else corpus

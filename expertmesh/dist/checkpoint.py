@@ -100,6 +100,38 @@ def latest_intact(run_path: Path) -> Path | None:
     return None
 
 
+def write_marker(path: Path, step: int, layout: str, world_size: int) -> None:
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.iterdir()) if f.is_file() and f.name != MARKER}
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "world_size": world_size, "layout": layout, "files": files}, indent=1))
+    os.replace(tmp, path / MARKER)
+
+
+def save_model(run_path: Path, step: int, model) -> Path:
+    """A model-only checkpoint of an unsharded model, written by this process alone (other ranks of a
+    job need not take part): `run_path/step-N/`, read back by `load_model` (no optimizer state: not for
+    resuming training)."""
+    path = run_path / f"step-{step}"
+    shutil.rmtree(path, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save({"model": model.state_dict(), "step": step}, checkpoint_id=str(path), no_dist=True)
+    write_marker(path, step, "single", 1)
+    return path
+
+
+def load_model(path: Path, model) -> int:
+    """Fills an unsharded model from any intact checkpoint (whatever layout wrote it); returns its step."""
+    verify(path)
+    state = {"model": model.state_dict(), "step": -1}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"])
+    return int(state["step"])
+
+
 class Checkpointer:
     """Every sharded weight is a DTensor (tensor, expert and FSDP parallelism make them so), and DCP
     stores global tensors, so a checkpoint does not depend on the layout that wrote it: loading under
@@ -130,12 +162,7 @@ class Checkpointer:
         return path
 
     def _write_marker(self, path: Path, step: int, layout: str) -> None:
-        files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
-                 for f in sorted(path.iterdir()) if f.is_file() and f.name != MARKER}
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": world, "layout": layout, "files": files}, indent=1))
-        os.replace(tmp, path / MARKER)
+        write_marker(path, step, layout, dist.get_world_size() if dist.is_initialized() else 1)
 
     def _prune(self) -> None:
         intact = 0

@@ -6,7 +6,9 @@ Each verification round already computed the target's distribution p at the G + 
 the request's current sequence. `Recorder` keeps, per request and round, the tokens the draft saw
 (the sequence plus its drafts) and p, top-k compressed, at the positions chosen:
   "rejected"  only the first position where the draft's token was rejected (OSD);
-  "all"       every drafted position whose context was accepted (0 .. first rejection).
+  "all"       every drafted position whose context was accepted (0 .. first rejection);
+  "onpolicy"  every drafted position, past the rejection too: the draft's own samples scored by the
+              target in the same pass (DistillSpec's on-policy data, with no extra target forward).
 `OnlineDistiller` keeps a bounded replay buffer of those examples and, every `update_every` requests,
 takes optimizer steps on the draft minimizing divergence(p || q_draft) at the recorded positions.
 No second target forward is ever run: the target logits are the verification pass's.
@@ -14,6 +16,7 @@ No second target forward is ever run: the target logits are the verification pas
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -32,12 +35,37 @@ class Example:
     topk_p: torch.Tensor  # [n, K] float32: the target's probabilities there
 
 
+POSITIONS = ("rejected", "all", "onpolicy")
+
+
+def weights_vector(model: nn.Module) -> torch.Tensor:
+    """Every parameter, flattened in order, as fp32 on the CPU: what a weight broadcast sends."""
+    return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
+
+
+def load_weights_vector(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copies a `weights_vector` into the model's parameters (in place: dtype and device stay)."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if flat.numel() != total:
+        raise ValueError(f"weight vector of {flat.numel()} values for a model of {total} parameters")
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def weights_digest(model: nn.Module) -> str:
+    return hashlib.sha256(weights_vector(model).numpy().tobytes()).hexdigest()[:16]
+
+
 class Recorder:
     """An `on_round` callback for `speculative_generate` that turns verification data into Examples."""
 
     def __init__(self, positions: str = "rejected", topk: int = 32) -> None:
-        if positions not in ("rejected", "all"):
-            raise ValueError(f"positions={positions!r} must be 'rejected' or 'all'")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r} must be one of {', '.join(POSITIONS)}")
         self.positions, self.topk = positions, topk
         self.examples: list[Example] = []
 
@@ -50,8 +78,10 @@ class Recorder:
             n = int(verdict.accepted_B[b])
             if self.positions == "rejected":
                 js = [n] if n < G else []
-            else:
+            elif self.positions == "all":
                 js = list(range(min(n, G - 1) + 1))
+            else:
+                js = list(range(G))
             if not js:
                 continue
             tokens = torch.cat([seq_BL[b], drafts_BG[b]]).cpu()

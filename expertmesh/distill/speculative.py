@@ -113,7 +113,8 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
                          temperature: float = 1.0, generator: torch.Generator | None = None, on_round=None):
     """Generates `max_new` tokens per request with `draft` proposing `gamma` tokens (fixed, or an
     `AdaptiveGamma` that moves with the acceptance) and `target`
-    verifying them in one forward; both keep a KV cache (`make_cache()` / `model(tokens, cache)`).
+    verifying them in one forward; both keep a KV cache (`make_cache()` / `model(tokens, cache)`: an
+    expertmesh Transformer or an `HFCausalLM`).
 
     Requests of a batch advance in lockstep: a round keeps m = the fewest drafts any request accepted,
     and each request emits its own next token after those m (its residual/bonus token when it accepted
@@ -165,18 +166,3 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
         if adaptive is not None:
             gamma = adaptive.update(float(v.accepted_B.double().mean()) / gamma)
     return seq[:, P:P + max_new], stats
-
-
-class CachedLM:
-    """Wraps an expertmesh Transformer as the (model, cache) interface `speculative_generate` uses."""
-
-    def __init__(self, model) -> None:
-        from expertmesh.models.transformer import KVCache
-
-        self.model, self._cache_cls = model, KVCache
-
-    def make_cache(self):
-        return self._cache_cls()
-
-    def __call__(self, tokens_BS: torch.Tensor, cache):
-        return self.model(tokens_BS, cache)

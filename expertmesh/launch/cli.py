@@ -2,6 +2,7 @@
 
   expertmesh run   --config FILE [--nproc N] [--max-restarts R] [key=value ...]   torchrun on this machine
   expertmesh train --config FILE [key=value ...]                                  one rank, in this process
+  expertmesh distill --config FILE [--nproc N] [key=value ...]      speculative serving + online draft distillation
   expertmesh config --config FILE [key=value ...]                                 print the resolved config
   expertmesh plan  --config FILE [--nproc N] [--measured RUN_DIR] [key=value ...]  bytes and memory per rank
   expertmesh submit --config FILE --nodes N (--gpus-per-node G | --procs-per-node P) [--dry-run] …  Slurm
@@ -45,13 +46,16 @@ def _preflight(args, nproc: int):
 
 def cmd_run(args) -> int:
     nproc = args.nproc or default_nproc()
-    cfg = _preflight(args, nproc)
+    return _torchrun("expertmesh.launch.train", _preflight(args, nproc), args, nproc)
+
+
+def _torchrun(module: str, cfg, args, nproc: int) -> int:
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     # Huge pages for torch's large CPU allocations: fresh activations otherwise fault in 4 KiB at a time.
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     cmd = [sys.executable, "-m", "expertmesh.launch.agent", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={args.max_restarts}", "-m", "expertmesh.launch.train"]
+           f"--max-restarts={args.max_restarts}", "-m", module]
     if args.config:
         cmd += ["--config", args.config]
     cmd += args.overrides
@@ -59,6 +63,19 @@ def cmd_run(args) -> int:
     # SIGUSR1 (checkpoint and stop) goes on to the agent, which relays it to the workers.
     signal.signal(signal.SIGUSR1, lambda signum, _frame: proc.send_signal(signum))
     return proc.wait()
+
+
+def cmd_distill(args) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc={args.nproc} must be >= 1")
+    if args.nproc > 1 and args.nproc <= cfg.distill.trainers:
+        raise ConfigError(f"--nproc={args.nproc} leaves no serving rank beside distill.trainers={cfg.distill.trainers}")
+    if args.nproc == 1:
+        from expertmesh.launch import distill
+
+        return distill.main((["--config", args.config] if args.config else []) + args.overrides)
+    return _torchrun("expertmesh.launch.distill", cfg, args, args.nproc)
 
 
 def cmd_train(args) -> int:
@@ -141,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     with_config("train", "run one rank in this process (torchrun/Slurm set the environment)").set_defaults(
         func=cmd_train)
+    ds = with_config("distill", "serve prompts with speculative decoding and distill the draft online")
+    ds.add_argument("--nproc", type=int, default=1, help="processes: 1 serves and trains in this process; N > 1: "
+                    "distill.trainers trainer rank(s), the rest serve")
+    ds.add_argument("--max-restarts", type=int, default=0, help=argparse.SUPPRESS)
+    ds.set_defaults(func=cmd_distill)
     with_config("config", "print the resolved config as JSON").set_defaults(func=cmd_config)
     pl = with_config("plan", "predicted communication and memory per rank of a layout, without launching it")
     pl.add_argument("--nproc", type=int, default=0, help="world size (default: the product of the degrees if "

@@ -399,8 +399,8 @@ class Window:
         return rec
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="expertmesh.launch.train", description="One training rank.")
+def parse_args(argv, prog: str = "expertmesh.launch.train", description: str = "One training rank."):
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", help="TOML config file (default: the embedded defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.ep=2")
     return p.parse_args(argv)
@@ -417,15 +417,16 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def rank_main(run_fn, argv=None, **parser) -> int:
+    """One rank of a job: parse, detect torchrun/Slurm/single, run; config errors said once, exit 2."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, **parser)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     env = None
     try:
         env = detect()
         setup_logging(env)
         cfg = config_mod.load(args.config, args.overrides)
-        run(cfg, env)
+        run_fn(cfg, env)
     except (ConfigError, CheckpointError) as e:
         # The same deterministic problem on every rank: say it once.
         if env is None or env.is_rank0:
@@ -435,6 +436,10 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def main(argv=None) -> int:
+    return rank_main(run, argv)
 
 
 if __name__ == "__main__":

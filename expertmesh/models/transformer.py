@@ -154,6 +154,18 @@ class Transformer(nn.Module):
         if not m.tie_embeddings:
             nn.init.trunc_normal_(self.output.weight, std=m.dim**-0.5)
 
+    def make_cache(self) -> KVCache:
+        """An empty KV cache for decoding (`speculative_generate` takes any model with this method)."""
+        return KVCache()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.cfg.max_seq_len
+
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
         """Logits for every position. With a `cache` (decoding) the tokens continue the cached ones."""
         h_BSD = self.tok_embeddings(tokens_BS)

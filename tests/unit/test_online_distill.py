@@ -5,7 +5,7 @@ import torch
 
 from expertmesh import config
 from expertmesh.distill.online import OnlineDistiller, Recorder
-from expertmesh.distill.speculative import CachedLM, speculative_generate
+from expertmesh.distill.speculative import speculative_generate
 from expertmesh.models.transformer import Transformer
 
 
@@ -21,12 +21,12 @@ def _model(dim, layers, seed, sharpen=1.0):
 
 
 def _alpha(target, draft, prompts, seed):
-    _, stats = speculative_generate(CachedLM(target), CachedLM(draft), prompts, 8, 4,
+    _, stats = speculative_generate(target, draft, prompts, 8, 4,
                                     generator=torch.Generator().manual_seed(seed))
     return stats.alpha
 
 
-@pytest.mark.parametrize("positions", ["rejected", "all"])
+@pytest.mark.parametrize("positions", ["rejected", "all", "onpolicy"])
 def test_acceptance_rises_with_online_distillation(positions):
     target, draft = _model(32, 2, 0, sharpen=6.0), _model(32, 1, 1)  # a MoE target, a 1-layer draft
     prompts = torch.randint(0, 256, (8, 4), generator=torch.Generator().manual_seed(2))
@@ -34,7 +34,7 @@ def test_acceptance_rises_with_online_distillation(positions):
     rec = Recorder(positions, topk=16)
     trainer = OnlineDistiller(draft, 256, "fkl", lr=1e-2, batch=32, steps=8, update_every=8)
     for r in range(15):
-        speculative_generate(CachedLM(target), CachedLM(draft), prompts, 8, 4,
+        speculative_generate(target, draft, prompts, 8, 4,
                              generator=torch.Generator().manual_seed(100 + r), on_round=rec)
         trainer.add(rec.take())
         trainer.maybe_update(len(prompts))
@@ -58,5 +58,10 @@ def test_recorder_positions():
     rec(seq, drafts, p, v)
     a, b = rec.take()
     assert a.targets.tolist() == [3, 4] and b.targets.tolist() == [3, 4, 5, 6]
+    rec = Recorder("onpolicy", topk=3)  # every drafted position, past the rejection too
+    rec(seq, drafts, p, v)
+    a, b = rec.take()
+    assert a.targets.tolist() == b.targets.tolist() == [3, 4, 5, 6]
+    assert torch.equal(a.topk_p, p[0, :4].topk(3, -1).values)
     with pytest.raises(ValueError, match="positions"):
         Recorder("some")

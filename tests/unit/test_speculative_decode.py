@@ -6,7 +6,7 @@ import torch
 from helpers import chi2_pvalue
 
 from expertmesh import config
-from expertmesh.distill.speculative import CachedLM, speculative_generate
+from expertmesh.distill.speculative import speculative_generate
 from expertmesh.models.transformer import KVCache, Transformer
 
 
@@ -46,11 +46,11 @@ def test_greedy_speculative_equals_target_greedy(gamma):
     target, draft = _model(32, 2, 0), _model(16, 1, 1, moe=False)
     prompt = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(2))
     want = _greedy(target, prompt, 24)
-    got, stats = speculative_generate(CachedLM(target), CachedLM(draft), prompt, 24, gamma, greedy=True)
+    got, stats = speculative_generate(target, draft, prompt, 24, gamma, greedy=True)
     assert torch.equal(got, want)
     assert stats.target_forwards == stats.rounds and stats.drafted == gamma * 3 * stats.rounds
     # the target drafting for itself: every draft accepted, gamma + 1 tokens per target forward
-    got, stats = speculative_generate(CachedLM(target), CachedLM(target), prompt, 24, gamma, greedy=True)
+    got, stats = speculative_generate(target, target, prompt, 24, gamma, greedy=True)
     assert torch.equal(got, want)
     assert stats.accepted == stats.drafted and stats.tokens_per_target_forward == pytest.approx(gamma + 1, rel=0.25)
 
@@ -59,11 +59,11 @@ def test_sampled_speculative_runs_batched():
     target, draft = _model(32, 2, 0), _model(16, 1, 1, moe=False)
     prompt = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(4)
-    out, stats = speculative_generate(CachedLM(target), CachedLM(draft), prompt, 16, 4, generator=g)
+    out, stats = speculative_generate(target, draft, prompt, 16, 4, generator=g)
     assert out.shape == (4, 16) and 0 <= stats.accepted <= stats.drafted and 0 < stats.alpha <= 1
     assert stats.tokens_per_target_forward >= 1
     with pytest.raises(ValueError, match="gamma"):
-        speculative_generate(CachedLM(target), CachedLM(draft), prompt, 16, 0)
+        speculative_generate(target, draft, prompt, 16, 0)
 
 
 def test_lockstep_batch_keeps_the_first_token_distribution():
@@ -77,7 +77,7 @@ def test_lockstep_batch_keeps_the_first_token_distribution():
     with torch.no_grad():
         p = torch.softmax(target(prompt[:1])[0][0, -1].double(), -1)
         q = torch.softmax(draft(prompt[:1])[0][0, -1].double(), -1)
-    out, _ = speculative_generate(CachedLM(target), CachedLM(draft), prompt, 1, 3,
+    out, _ = speculative_generate(target, draft, prompt, 1, 3,
                                   generator=torch.Generator().manual_seed(5))
     counts = torch.bincount(out[:, 0], minlength=256)
     assert chi2_pvalue(counts, p) > 0.01
@@ -95,5 +95,5 @@ def test_adaptive_gamma_follows_acceptance():
     target = _model(32, 2, 0)
     prompt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(1))
     adaptive = AdaptiveGamma(2, hi=5, window=1)  # the target drafting for itself: all kept, gamma grows
-    _, stats = speculative_generate(CachedLM(target), CachedLM(target), prompt, 20, adaptive, greedy=True)
+    _, stats = speculative_generate(target, target, prompt, 20, adaptive, greedy=True)
     assert adaptive.gamma == 5 and stats.accepted == stats.drafted

@@ -1,0 +1,350 @@
+"""`expertmesh distill`: serve requests with speculative decoding and distill the draft online.
+
+    expertmesh distill --config configs/distill.toml [--nproc N] [key=value ...]
+
+Roles. One process serves and trains (a laptop, a test). With N > 1 processes, rank 0 trains the
+draft and ranks 1..N-1 serve: each holds the target and a copy of the draft and answers its share
+of the prompt stream (request i goes to server i mod (N-1)). The ranks meet once per served batch
+(an "exchange"):
+  server -> trainer   the batch's verification data (token ids + the target's top-k probabilities
+                      at the chosen positions) and per-request statistics (point-to-point)
+  trainer -> servers  a header [draft version, stop] and, when the version moved, the new draft
+                      weights (broadcast); servers swap them in between requests
+With `distill.overlap` the trainer's update steps run while the servers decode the next batch, so
+new weights reach the servers one exchange after the data that produced them.
+
+Outputs in runs/<name>/: metrics.jsonl (rank 0: `distill` records per window of requests, a
+`draft_update` record per new draft version with its digest, a final `distill_summary`),
+responses-rank{R}.jsonl (one line per answered request), swaps-rank{R}.jsonl (the version and
+digest of every draft a server swapped in), and draft/ (the distilled draft, loadable as
+`distill.draft`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from expertmesh import config as config_mod
+from expertmesh.config import ConfigError, JobConfig
+from expertmesh.distill.models import load_lm, save_lm
+from expertmesh.distill.online import (
+    OnlineDistiller,
+    Recorder,
+    load_weights_vector,
+    weights_digest,
+    weights_vector,
+)
+from expertmesh.distill.speculative import AdaptiveGamma, speculative_generate
+from expertmesh.distill.stream import Request, requests
+from expertmesh.launch.env import DistEnv, init_distributed, pick_device, set_threads
+from expertmesh.launch.train import rank_main
+from expertmesh.metrics import Metrics
+
+log = logging.getLogger("expertmesh")
+
+
+@dataclass
+class RequestStats:
+    id: str
+    index: int
+    domain: str
+    draft_version: int
+    drafted: int = 0
+    accepted: int = 0
+    alpha_sum: float = 0.0
+    rounds: int = 0  # target forwards spent on this request
+    emitted: int = 0
+
+
+def summarize(stats: list[RequestStats]) -> dict:
+    rounds = sum(s.rounds for s in stats)
+    return {
+        "requests": len(stats),
+        "alpha": sum(s.alpha_sum for s in stats) / max(rounds, 1),
+        "accepted_per_drafted": sum(s.accepted for s in stats) / max(sum(s.drafted for s in stats), 1),
+        "mean_accepted_len": sum(s.accepted for s in stats) / max(rounds, 1),
+        "tokens_per_target_forward": sum(s.emitted for s in stats) / max(rounds, 1),
+    }
+
+
+def summarize_by_domain(stats: list[RequestStats]) -> dict:
+    out = summarize(stats)
+    by: dict[str, list[RequestStats]] = defaultdict(list)
+    for s in stats:
+        by[s.domain].append(s)
+    out["domains"] = {d: summarize(v) for d, v in sorted(by.items())}
+    return out
+
+
+class Server:
+    """Answers requests: target + draft, speculative decoding, responses written as they finish."""
+
+    def __init__(self, cfg: JobConfig, target, draft, tokenizer, stream, out: Path, rank: int,
+                 device: torch.device) -> None:
+        g = cfg.distill
+        self.cfg, self.target, self.draft, self.tokenizer = cfg, target, draft, tokenizer
+        self.stream, self.device, self.rank = iter(stream), device, rank
+        self.pending: Request | None = None
+        self.gamma = AdaptiveGamma(g.gamma, g.gamma_min, g.gamma_max) if g.adaptive_gamma else g.gamma
+        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
+        self.recorder = Recorder(g.positions, g.topk) if g.online else None
+        self.version = 0
+        out.mkdir(parents=True, exist_ok=True)
+        self.responses = (out / f"responses-rank{rank}.jsonl").open("w")
+        self.swaps = (out / f"swaps-rank{rank}.jsonl").open("w")
+        self.limit = min(target.max_positions, draft.max_positions)
+
+    def next_batch(self) -> list[Request]:
+        """Up to batch_size consecutive requests of one prompt length (decoded together in lockstep)."""
+        batch: list[Request] = []
+        while len(batch) < self.cfg.distill.batch_size:
+            req = self.pending if self.pending is not None else next(self.stream, None)
+            self.pending = None
+            if req is None:
+                break
+            if batch and len(req.tokens) != len(batch[0].tokens):
+                self.pending = req
+                break
+            need = len(req.tokens) + self.cfg.distill.max_new_tokens + self.cfg.distill.gamma_max + 1
+            if need > self.limit:
+                raise ConfigError(f"request {req.id}: {len(req.tokens)} prompt tokens + distill.max_new_tokens="
+                                  f"{self.cfg.distill.max_new_tokens} + drafts exceed the models' {self.limit} "
+                                  "positions")
+            batch.append(req)
+        return batch
+
+    def serve(self, batch: list[Request]) -> tuple[list, list[RequestStats]]:
+        g = self.cfg.distill
+        stats = [RequestStats(r.id, r.index, r.domain, self.version) for r in batch]
+        recorder = self.recorder
+
+        def on_round(seq, drafts, p, verdict):
+            for b, s in enumerate(stats):
+                s.rounds += 1
+                s.drafted += drafts.shape[1]
+                s.accepted += int(verdict.accepted_B[b])
+                s.alpha_sum += float(verdict.alpha_B[b])
+            if recorder is not None:
+                recorder(seq, drafts, p, verdict)
+
+        prompt = torch.tensor([r.tokens for r in batch], dtype=torch.int64, device=self.device)
+        out, _ = speculative_generate(self.target, self.draft, prompt, g.max_new_tokens, self.gamma, greedy=g.greedy,
+                                      temperature=g.temperature, generator=self.generator, on_round=on_round)
+        for r, s, tokens in zip(batch, stats, out.tolist(), strict=True):
+            s.emitted = len(tokens)
+            self.responses.write(json.dumps({"id": r.id, "index": r.index, "domain": r.domain,
+                                             "draft_version": self.version, "tokens": tokens,
+                                             "completion": self.tokenizer.decode(tokens), "rounds": s.rounds,
+                                             "alpha": s.alpha_sum / max(s.rounds, 1),
+                                             "accepted": s.accepted, "drafted": s.drafted}) + "\n")
+        self.responses.flush()
+        return (recorder.take() if recorder is not None else []), stats
+
+    def swap(self, flat: torch.Tensor, version: int) -> None:
+        load_weights_vector(self.draft, flat)
+        self.version = version
+        self.swaps.write(json.dumps({"version": version, "digest": weights_digest(self.draft)}) + "\n")
+        self.swaps.flush()
+
+    def close(self) -> None:
+        self.responses.close()
+        self.swaps.close()
+
+
+class Trainer:
+    """The draft's trainer: takes the servers' verification data, updates every I requests, numbers
+    its draft versions; on rank 0 it also writes the metrics."""
+
+    def __init__(self, cfg: JobConfig, draft, metrics: Metrics) -> None:
+        g = cfg.distill
+        self.cfg, self.draft, self.metrics = cfg, draft, metrics
+        self.distiller = OnlineDistiller(draft, draft.vocab_size, kind=g.divergence, beta=g.beta, lr=g.lr,
+                                         buffer=g.buffer, batch=g.update_batch, steps=g.update_steps,
+                                         update_every=g.update_every, seed=cfg.train.seed)
+        self.version = 0
+        self.due = 0  # updates owed: one per update_every requests received
+        self.window: list[RequestStats] = []
+        self.all: list[RequestStats] = []
+        self.start = time.time()
+
+    def receive(self, examples: list, stats: list[RequestStats]) -> None:
+        g = self.cfg.distill
+        self.distiller.add(examples)
+        before = len(self.all) // g.update_every
+        self.all.extend(stats)
+        if g.online:
+            self.due += len(self.all) // g.update_every - before
+        for s in stats:
+            self.window.append(s)
+            if len(self.window) == g.window:
+                self.log_window()
+
+    def run_due(self) -> bool:
+        """Takes the owed update steps (if there is data); True when the draft changed."""
+        changed = False
+        while self.due > 0:
+            self.due -= 1
+            if self.distiller.buffer:
+                self.distiller.update()
+                changed = True
+        if changed:
+            self.version += 1
+            self.metrics.write({"kind": "draft_update", "version": self.version, "updates": self.distiller.updates,
+                                "requests": len(self.all), "digest": weights_digest(self.draft),
+                                "distill_loss": self.distiller.last_loss, "time": time.time()})
+        return changed
+
+    def state(self) -> dict:
+        return {"draft_updates": self.distiller.updates, "draft_version": self.version,
+                "buffer": len(self.distiller.buffer), "distill_loss": self.distiller.last_loss}
+
+    def log_window(self) -> None:
+        if not self.window:
+            return
+        rec = {"kind": "distill", "time": time.time(), **summarize_by_domain(self.window), **self.state()}
+        rec["requests"], rec["window_requests"] = len(self.all), len(self.window)  # the stream so far; this window
+        self.metrics.log_distill(rec)
+        self.window = []
+
+    def finish(self) -> dict:
+        self.log_window()
+        rec = {"kind": "distill_summary", "time": time.time(), "seconds": time.time() - self.start,
+               **summarize_by_domain(self.all), **self.state()}
+        self.metrics.write(rec)
+        return rec
+
+
+def _send(obj, dst: int) -> None:
+    dist.send_object_list([obj], dst=dst)
+
+
+def _recv(src: int):
+    box = [None]
+    dist.recv_object_list(box, src=src)
+    return box[0]
+
+
+def run(cfg: JobConfig, env: DistEnv) -> dict:
+    """Serves the whole stream; returns the summary record on rank 0 ({} elsewhere)."""
+    g = cfg.distill
+    device = pick_device(cfg.train.device, env)
+    if env.world_size > 1 and g.trainers != 1:
+        raise ConfigError(f"distill.trainers={g.trainers}: one distillation rank (rank 0) is supported")
+    if env.world_size > 1 and env.world_size <= g.trainers:
+        raise ConfigError(f"{env.world_size} processes leave no serving rank beside distill.trainers={g.trainers}")
+    init_distributed(env, device)
+    set_threads(cfg.train.threads, env)
+    torch.manual_seed(cfg.train.seed)
+    run_path = cfg.run_path
+    single = env.world_size == 1
+    serving = single or env.rank >= g.trainers
+    draft, tokenizer, kind = load_lm(g.draft, device, "draft")
+    target = None
+    if serving:
+        target, tokenizer, _ = load_lm(g.target, device, "target")
+        if target.vocab_size != draft.vocab_size:
+            raise ConfigError(f"target vocabulary {target.vocab_size} != draft vocabulary {draft.vocab_size} "
+                              f"({g.target}, {g.draft})")
+        target.requires_grad_(False)
+    if env.is_rank0:
+        run_path.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, run_path / "config.json")
+    metrics = Metrics(cfg, run_path, env.is_rank0)
+    trainer = Trainer(cfg, draft, metrics) if env.rank < g.trainers or single else None
+    server = None
+    if serving:
+        servers = 1 if single else env.world_size - g.trainers
+        index = 0 if single else env.rank - g.trainers
+        server = Server(cfg, target, draft, tokenizer, requests(g, tokenizer, cfg.train.seed, index, servers),
+                        run_path, env.rank, device)
+    log.info("distill: %s, %d server(s), target %s, draft %s (%s), %s, online=%s", "one process" if single else
+             f"{env.world_size} ranks", 1 if single else env.world_size - g.trainers, g.target, g.draft, kind,
+             "greedy" if g.greedy else f"T={g.temperature}", g.online)
+    try:
+        if single:
+            while batch := server.next_batch():
+                trainer.receive(*server.serve(batch))
+                if trainer.run_due():
+                    server.version = trainer.version  # the same module: swapped by construction
+        elif trainer is not None:
+            _train_loop(trainer, env, g.overlap, device)
+        else:
+            _serve_loop(server, env, device)
+        summary = trainer.finish() if trainer is not None else {}
+        if trainer is not None and g.online and g.save_draft:
+            path = save_lm(draft, kind, g.draft, run_path / "draft", trainer.distiller.updates)
+            log.info("distilled draft (version %d, %d updates) saved to %s", trainer.version,
+                     trainer.distiller.updates, path)
+        if summary:
+            log.info("distill done: %d requests, alpha %.3f, accepted/drafted %.3f, tokens/target forward %.3f, "
+                     "%d draft updates", summary["requests"], summary["alpha"], summary["accepted_per_drafted"],
+                     summary["tokens_per_target_forward"], summary["draft_updates"])
+        return summary
+    finally:
+        if server is not None:
+            server.close()
+        metrics.close()
+
+
+def _wire(device: torch.device) -> torch.device:
+    """Where broadcast tensors live: NCCL needs them on the GPU, gloo on the CPU."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def _train_loop(trainer: Trainer, env: DistEnv, overlap: bool, device: torch.device) -> None:
+    servers = list(range(1, env.world_size))
+    done: set[int] = set()
+    sent = 0
+    while True:
+        if overlap:
+            trainer.run_due()  # while the servers decode their next batch
+        for src in servers:
+            payload = _recv(src)
+            trainer.receive(payload["examples"], payload["stats"])
+            if payload["done"]:
+                done.add(src)
+        if not overlap:
+            trainer.run_due()
+        stop = len(done) == len(servers)
+        header = torch.tensor([trainer.version, int(stop)], dtype=torch.int64, device=_wire(device))
+        dist.broadcast(header, src=0)
+        if trainer.version != sent:
+            dist.broadcast(weights_vector(trainer.draft).to(_wire(device)), src=0)
+            sent = trainer.version
+        if stop:
+            return
+
+
+def _serve_loop(server: Server, env: DistEnv, device: torch.device) -> None:
+    size = sum(p.numel() for p in server.draft.parameters())
+    while True:
+        batch = server.next_batch()
+        examples, stats = server.serve(batch) if batch else ([], [])
+        _send({"examples": examples, "stats": stats, "done": not batch}, dst=0)
+        header = torch.zeros(2, dtype=torch.int64, device=_wire(device))
+        dist.broadcast(header, src=0)
+        version, stop = int(header[0]), bool(header[1])
+        if version != server.version:
+            flat = torch.empty(size, dtype=torch.float32, device=_wire(device))
+            dist.broadcast(flat, src=0)
+            server.swap(flat, version)  # between requests: the batch above finished with the old draft
+        if stop:
+            return
+
+
+def main(argv=None) -> int:
+    return rank_main(run, argv, prog="expertmesh.launch.distill",
+                     description="Speculative serving with online draft distillation, one rank.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

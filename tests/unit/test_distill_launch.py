@@ -1,0 +1,126 @@
+"""`expertmesh distill` in one process: models from run and HF directories, prompt streams, metrics,
+responses, the saved draft."""
+
+import json
+
+import pytest
+import torch
+from helpers import make_run
+
+from expertmesh import config
+from expertmesh.config import ConfigError
+from expertmesh.distill.models import export_run, load_lm
+from expertmesh.distill.online import weights_digest
+from expertmesh.launch import distill
+from expertmesh.launch.env import DistEnv
+from expertmesh.models.transformer import Transformer
+
+SINGLE = DistEnv(0, 0, 1, 1, "single")
+
+
+def distill_cfg(tmp_path, target, draft, *extra):
+    return config.load(None, [f"distill.target={str(target)!r}".replace("'", '"'),
+                              f"distill.draft={str(draft)!r}".replace("'", '"'),
+                              f"train.run_dir={str(tmp_path / 'runs')!r}".replace("'", '"'),
+                              "metrics.wandb_mode=\"disabled\"", "distill.max_new_tokens=12",
+                              "distill.prompt_len=12", "distill.update_every=4", "distill.window=6", *extra])
+
+
+def records(run_path, kind):
+    return [r for r in map(json.loads, (run_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_export_and_load_roundtrip(tmp_path):
+    path, model = make_run(tmp_path / "m", 32, 2, 0, moe_every=2)  # a MoE model
+    loaded, tokenizer, kind = load_lm(path, torch.device("cpu"))
+    assert kind == "expertmesh" and tokenizer.vocab_size == 256
+    x = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(loaded(x)[0], model.eval()(x)[0])
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_lm(tmp_path / "missing", torch.device("cpu"), "target")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_lm(tmp_path / "empty", torch.device("cpu"), "draft")
+
+
+def test_single_process_serves_every_request_and_distills(tmp_path):
+    target, _ = make_run(tmp_path / "target", 32, 2, 0, moe_every=2)
+    draft, _ = make_run(tmp_path / "draft", 16, 1, 1)
+    cfg = distill_cfg(tmp_path, target, draft, 'distill.synthetic=["stdlib:10", "headers:8"]', "distill.batch_size=3")
+    summary = distill.run(cfg, SINGLE)
+    run_path = cfg.run_path
+    answered = [json.loads(line) for line in (run_path / "responses-rank0.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in answered) == list(range(18))  # each request once
+    assert all(len(r["tokens"]) == 12 for r in answered)
+    assert summary["requests"] == 18 and set(summary["domains"]) == {"stdlib", "headers"}
+    assert summary["domains"]["stdlib"]["requests"] == 10
+    windows = records(run_path, "distill")
+    assert [w["requests"] for w in windows] == [6, 12, 18] and all(w["window_requests"] == 6 for w in windows)
+    assert set(windows[-1]["domains"]) == {"headers"} and set(windows[1]["domains"]) == {"stdlib", "headers"}
+    for w in windows:  # lockstep batches keep the fewest accepted drafts: at most 1 + the mean accepted
+        assert 0 < w["alpha"] <= 1 and 0 <= w["accepted_per_drafted"] <= 1
+        assert 1 <= w["tokens_per_target_forward"] <= 1 + w["mean_accepted_len"] + 1e-9
+    updates = records(run_path, "draft_update")
+    assert summary["draft_updates"] == len(updates) == 18 // 4  # one per update_every requests
+    saved, _, _ = load_lm(run_path / "draft", torch.device("cpu"))
+    assert weights_digest(saved) == updates[-1]["digest"]  # the saved draft is the last version
+
+
+def test_jsonl_prompts_domains_and_errors(tmp_path):
+    target, _ = make_run(tmp_path / "target", 32, 1, 0)
+    draft, _ = make_run(tmp_path / "draft", 16, 1, 1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "prompt": "def f(x):\n    return", "domain": "py"},
+        {"id": "b", "tokens": [35, 105, 110, 99, 108, 117, 100, 101], "domain": "c"},
+        {"id": "c", "prompt": "import os\n", "domain": "py"}]) + "\n")
+    cfg = distill_cfg(tmp_path, target, draft, f"distill.prompts={str(prompts)!r}".replace("'", '"'),
+                      "distill.online=false", "distill.greedy=true")
+    summary = distill.run(cfg, SINGLE)
+    assert summary["domains"]["py"]["requests"] == 2 and summary["domains"]["c"]["requests"] == 1
+    assert summary["draft_updates"] == 0 and not (cfg.run_path / "draft").exists()  # the static arm
+    prompts.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
+    with pytest.raises(ConfigError, match=r"prompts.jsonl:2 needs exactly one of 'prompt'"):
+        distill.run(cfg, SINGLE)
+    cfg512 = config.load(None, ["model.vocab_size=512"])
+    export_run(cfg512, Transformer(cfg512), tmp_path / "other")
+    with pytest.raises(ConfigError, match="vocabulary 256 != draft vocabulary 512"):
+        distill.run(distill_cfg(tmp_path, target, tmp_path / "other"), SINGLE)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="domain:count"):
+        config.load(None, ['distill.synthetic=["stdlib"]'])
+    with pytest.raises(ConfigError, match="distill.gamma=0"):
+        config.load(None, ["distill.gamma=0"])
+    with pytest.raises(ConfigError, match="distill.positions='some'"):
+        config.load(None, ["distill.positions=some"])
+    with pytest.raises(ConfigError, match="beta"):
+        config.load(None, ["distill.beta=1.0"])
+
+
+def test_hf_models_greedy_equals_target_greedy(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+    with torch.no_grad():
+        llama.lm_head.weight.mul_(20)  # a peaked target: greedy ties are impossible
+    llama.save_pretrained(tmp_path / "llama")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_embd=16, n_layer=1, n_head=2, n_positions=128)).save_pretrained(tmp_path / "gpt2")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "x", "prompt": "hello world"}) + "\n")
+    cfg = distill_cfg(tmp_path, tmp_path / "llama", tmp_path / "gpt2", "distill.greedy=true",
+                      f"distill.prompts={str(prompts)!r}".replace("'", '"'), "distill.update_every=1")
+    summary = distill.run(cfg, SINGLE)
+    (answer,) = [json.loads(line) for line in (cfg.run_path / "responses-rank0.jsonl").read_text().splitlines()]
+    target, _, kind = load_lm(tmp_path / "llama", torch.device("cpu"))
+    seq = torch.tensor([list(b"hello world")])
+    for _ in range(12):  # the target's own greedy decoding, no cache
+        seq = torch.cat([seq, target(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert kind == "hf" and answer["tokens"] == seq[0, 11:].tolist()
+    assert summary["draft_updates"] == 1
+    saved, _, kind = load_lm(cfg.run_path / "draft", torch.device("cpu"))  # the distilled GPT-2, save_pretrained
+    assert kind == "hf" and weights_digest(saved) == records(cfg.run_path, "draft_update")[-1]["digest"]
