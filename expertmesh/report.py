@@ -1,6 +1,7 @@
 """`expertmesh report RUN_DIR`: plots and a short summary of a run, from its metrics.jsonl.
 
-Writes RUN_DIR/report/{loss,throughput,comm,expert_load[,acceptance]}.png (800x450 px) and
+Writes RUN_DIR/report/{loss,throughput,comm,expert_load}.png for a training run, acceptance.png for an
+`expertmesh distill` run (800x450 px), and
 RUN_DIR/report/summary.md, and logs the same images to the run's W&B run when it has one.
 """
 
@@ -15,16 +16,21 @@ from expertmesh.config import ConfigError
 SIZE, DPI = (8, 4.5), 100
 
 
-def load_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+def load_records(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, eval, distill) records; distill = `expertmesh distill`'s windows, in order."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
     by_step: dict[tuple[str, int], dict] = {}
+    distill = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        by_step[(rec["kind"], rec["step"])] = rec  # a step logged before a restart and after: keep the later
+        if rec["kind"] == "distill":
+            distill.append(rec)
+        elif "step" in rec:
+            by_step[(rec["kind"], rec["step"])] = rec  # a step logged before a restart and after: keep the later
     records = sorted(by_step.values(), key=lambda r: r["step"])
-    return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
+    return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"], distill
 
 
 def _figure(title: str, xlabel: str = "step", ylabel: str = ""):
@@ -101,17 +107,30 @@ def plot_expert_load(train, out: Path) -> Path | None:
     return out / "expert_load.png"
 
 
-def plot_acceptance(train, out: Path) -> Path | None:
-    rows = [r for r in train if "acceptance_rate" in r]
-    if not rows:
+def plot_acceptance(distill, out: Path) -> Path | None:
+    """Acceptance rate per window of requests, overall and per domain, with the draft updates."""
+    if not distill:
         return None
-    plt, fig, ax = _figure("draft acceptance rate", ylabel="alpha")
-    ax.plot([r["step"] for r in rows], [r["acceptance_rate"] for r in rows])
+    plt, fig, ax = _figure("draft acceptance rate (per window of requests)", xlabel="requests answered",
+                           ylabel="alpha")
+    x = [r["requests"] for r in distill]
+    ax.plot(x, [r["alpha"] for r in distill], "k-", label="all")
+    for domain in sorted({d for r in distill for d in r["domains"]}):
+        rows = [r for r in distill if domain in r["domains"]]
+        ax.plot([r["requests"] for r in rows], [r["domains"][domain]["alpha"] for r in rows], "o--", label=domain)
+    ax.legend()
     return _save(plt, fig, out / "acceptance.png")
 
 
-def summary(run_dir: Path, train, evals, plots: list[Path]) -> str:
+def summary(run_dir: Path, train, evals, plots: list[Path], distill=()) -> str:
     lines = [f"# {run_dir.name}", ""]
+    if distill:
+        first, last = distill[0], distill[-1]
+        lines += [f"- requests answered: {last['requests']} ({len(distill)} windows), draft updates: "
+                  f"{last['draft_updates']}",
+                  f"- alpha: first window {first['alpha']:.3f}, last window {last['alpha']:.3f}; tokens per target "
+                  f"forward: first {first['tokens_per_target_forward']:.2f}, "
+                  f"last {last['tokens_per_target_forward']:.2f}"]
     if train:
         last = train[-1]
         imbalance = [max(layer) / (sum(layer) / len(layer)) for layer in last.get("expert_load", []) if sum(layer)]
@@ -152,11 +171,11 @@ def log_to_wandb(run_dir: Path, plots: list[Path]) -> bool:
 
 def report(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
-    train, evals = load_records(run_dir)
+    train, evals, distill = load_records(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    plots = [plot_loss(train, evals, out), plot_throughput(train, out), plot_comm(train, out)]
-    plots += [p for p in (plot_expert_load(train, out), plot_acceptance(train, out)) if p is not None]
-    (out / "summary.md").write_text(summary(run_dir, train, evals, plots))
+    plots = [plot_loss(train, evals, out), plot_throughput(train, out), plot_comm(train, out)] if train else []
+    plots += [p for p in (plot_expert_load(train, out), plot_acceptance(distill, out)) if p is not None]
+    (out / "summary.md").write_text(summary(run_dir, train, evals, plots, distill))
     log_to_wandb(run_dir, plots)
     return [*plots, out / "summary.md"]

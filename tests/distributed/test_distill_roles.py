@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, make_run
+from helpers import ROOT, make_run, wandb_records
 
 pytestmark = pytest.mark.distributed
 
@@ -23,7 +23,7 @@ def test_servers_use_the_trainers_weights_and_answer_each_request_once(tmp_path,
            'distill.synthetic=["stdlib:9", "headers:8"]', "distill.max_new_tokens=10", "distill.prompt_len=10",
            "distill.update_every=3", "distill.window=5", "distill.batch_size=2",
            f"distill.overlap={str(overlap).lower()}",
-           "metrics.wandb_mode=disabled", "train.threads=1"]
+           f"metrics.wandb_mode={'offline' if overlap else 'disabled'}", "train.threads=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "default"
@@ -47,3 +47,13 @@ def test_servers_use_the_trainers_weights_and_answer_each_request_once(tmp_path,
     assert [r["requests"] for r in metrics if r["kind"] == "distill"][-1] == 17
     if not overlap:  # updates land before the next batch: later requests use newer drafts
         assert max(r["draft_version"] for r in answered) >= 2
+        return
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")  # W&B mirrors the windows at step = requests
+    logged = {}
+    for r in wandb_records(run_file):
+        if r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+            if "distill/alpha" in items:
+                logged[int(items["_step"])] = (float(items["distill/alpha"]), "distill/headers/alpha" in items)
+    windows = [r for r in metrics if r["kind"] == "distill"]
+    assert logged == {w["requests"]: (pytest.approx(w["alpha"]), "headers" in w["domains"]) for w in windows}

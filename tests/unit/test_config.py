@@ -122,3 +122,9 @@ def test_resolved_config_roundtrips_through_json(tmp_path):
     cfg = config.load(None, ["train.steps=11", "moe.top_k=1"])
     config.save(cfg, tmp_path / "config.json")
     assert config.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        config.load(path)  # raises ConfigError naming the key otherwise
+    assert config.load(ROOT / "configs" / "distill.toml").distill.synthetic == ["stdlib:200", "headers:200"]
