@@ -122,16 +122,32 @@ class OnlineDistiller:
         p = densify(torch.cat([e.topk_idx for e in batch]), torch.cat([e.topk_p for e in batch]), self.vocab)
         return divergence(self.kind, logits[rows, cols], p.to(device), beta=self.beta)
 
-    def update(self) -> float:
+    def update(self, group=None) -> float:
+        """`steps` optimizer steps on replay samples. With a process `group` of trainers, each samples
+        its own buffer and the gradients are averaged over the group (every member must call this,
+        an empty buffer contributing zeros), so the trainers' drafts stay identical."""
         self.draft.train()
+        params = [p for p in self.draft.parameters() if p.requires_grad]
         for _ in range(self.steps):
-            batch = self.rng.sample(list(self.buffer), min(self.batch, len(self.buffer)))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.draft.parameters(), 1.0)
+            self.optimizer.zero_grad(set_to_none=False)
+            if self.buffer:
+                batch = self.rng.sample(list(self.buffer), min(self.batch, len(self.buffer)))
+                loss = self.loss(batch)
+                loss.backward()
+                self.last_loss = float(loss.detach())
+            for p in params:  # an empty buffer (or a parameter the batch did not reach) adds zeros
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if group is not None:
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                torch.distributed.all_reduce(flat, group=group)
+                flat /= torch.distributed.get_world_size(group)
+                offset = 0
+                for p in params:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             self.optimizer.step()
-            self.last_loss = float(loss.detach())
         self.draft.eval()
         self.updates += 1
         return self.last_loss

@@ -2,14 +2,18 @@
 
     expertmesh distill --config configs/distill.toml [--nproc N] [key=value ...]
 
-Roles. One process serves and trains (a laptop, a test). With N > 1 processes, rank 0 trains the
-draft and ranks 1..N-1 serve: each holds the target and a copy of the draft and answers its share
-of the prompt stream (request i goes to server i mod (N-1)). The ranks meet once per served batch
-(an "exchange"):
+Roles. One process serves and trains (a laptop, a test). With N > 1 processes, ranks 0..T-1
+(T = distill.trainers) train the draft and ranks T..N-1 serve: each server holds the target and a
+copy of the draft and answers its share of the prompt stream (request i goes to server i mod (N-T)).
+The ranks meet once per served batch (an "exchange"):
   server -> trainer   the batch's verification data (token ids + the target's top-k probabilities
-                      at the chosen positions) and per-request statistics (point-to-point)
-  trainer -> servers  a header [draft version, stop] and, when the version moved, the new draft
-                      weights (broadcast); servers swap them in between requests
+                      at the chosen positions) and per-request statistics, point-to-point to
+                      trainer (server index mod T)
+  trainers            all-gather the requests' statistics (one update schedule for all); each
+                      update averages the trainers' gradients (all-reduce), so drafts stay equal
+  rank 0 -> all       a header [draft version, stop] and, when the version moved, the new draft
+                      weights (broadcast; other trainers check theirs are identical); servers swap
+                      them in between requests
 With `distill.overlap` the trainer's update steps run while the servers decode the next batch, so
 new weights reach the servers one exchange after the data that produced them.
 
@@ -164,21 +168,25 @@ class Trainer:
     """The draft's trainer: takes the servers' verification data, updates every I requests, numbers
     its draft versions; on rank 0 it also writes the metrics."""
 
-    def __init__(self, cfg: JobConfig, draft, metrics: Metrics) -> None:
+    def __init__(self, cfg: JobConfig, draft, metrics: Metrics, group=None) -> None:
         g = cfg.distill
-        self.cfg, self.draft, self.metrics = cfg, draft, metrics
+        self.cfg, self.draft, self.metrics, self.group = cfg, draft, metrics, group
         self.distiller = OnlineDistiller(draft, draft.vocab_size, kind=g.divergence, beta=g.beta, lr=g.lr,
                                          buffer=g.buffer, batch=g.update_batch, steps=g.update_steps,
                                          update_every=g.update_every, seed=cfg.train.seed)
         self.version = 0
+        self.examples = 0  # examples received by all trainers (each keeps its own in its buffer)
         self.due = 0  # updates owed: one per update_every requests received
         self.window: list[RequestStats] = []
         self.all: list[RequestStats] = []
         self.start = time.time()
 
-    def receive(self, examples: list, stats: list[RequestStats]) -> None:
+    def receive(self, examples: list, stats: list[RequestStats], examples_elsewhere: int = 0) -> None:
+        """This trainer's examples, and the statistics of requests answered anywhere (every trainer sees
+        them all, in the same order, so all keep the same update schedule)."""
         g = self.cfg.distill
         self.distiller.add(examples)
+        self.examples += len(examples) + examples_elsewhere
         before = len(self.all) // g.update_every
         self.all.extend(stats)
         if g.online:
@@ -193,8 +201,8 @@ class Trainer:
         changed = False
         while self.due > 0:
             self.due -= 1
-            if self.distiller.buffer:
-                self.distiller.update()
+            if self.examples:
+                self.distiller.update(self.group)
                 changed = True
         if changed:
             self.version += 1
@@ -237,8 +245,6 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     """Serves the whole stream; returns the summary record on rank 0 ({} elsewhere)."""
     g = cfg.distill
     device = pick_device(cfg.train.device, env)
-    if env.world_size > 1 and g.trainers != 1:
-        raise ConfigError(f"distill.trainers={g.trainers}: one distillation rank (rank 0) is supported")
     if env.world_size > 1 and env.world_size <= g.trainers:
         raise ConfigError(f"{env.world_size} processes leave no serving rank beside distill.trainers={g.trainers}")
     init_distributed(env, device)
@@ -259,15 +265,17 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         run_path.mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, run_path / "config.json")
     metrics = Metrics(cfg, run_path, env.is_rank0)
-    trainer = Trainer(cfg, draft, metrics) if env.rank < g.trainers or single else None
+    group = dist.new_group(list(range(g.trainers))) if not single and g.trainers > 1 else None  # every rank joins
+    trainer = Trainer(cfg, draft, metrics, group) if env.rank < g.trainers or single else None
     server = None
     if serving:
         servers = 1 if single else env.world_size - g.trainers
         index = 0 if single else env.rank - g.trainers
         server = Server(cfg, target, draft, tokenizer, requests(g, tokenizer, cfg.train.seed, index, servers),
                         run_path, env.rank, device)
-    log.info("distill: %s, %d server(s), target %s, draft %s (%s), %s, online=%s", "one process" if single else
-             f"{env.world_size} ranks", 1 if single else env.world_size - g.trainers, g.target, g.draft, kind,
+    log.info("distill: %s, %d trainer(s), %d server(s), target %s, draft %s (%s), %s, online=%s",
+             "one process" if single else f"{env.world_size} ranks", 1 if single else g.trainers,
+             1 if single else env.world_size - g.trainers, g.target, g.draft, kind,
              "greedy" if g.greedy else f"T={g.temperature}", g.online)
     try:
         if single:
@@ -276,11 +284,11 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
                 if trainer.run_due():
                     server.version = trainer.version  # the same module: swapped by construction
         elif trainer is not None:
-            _train_loop(trainer, env, g.overlap, device)
+            _train_loop(trainer, env, g.trainers, g.overlap, device)
         else:
-            _serve_loop(server, env, device)
+            _serve_loop(server, env, g.trainers, device)
         summary = trainer.finish() if trainer is not None else {}
-        if trainer is not None and g.online and g.save_draft:
+        if trainer is not None and env.is_rank0 and g.online and g.save_draft:
             path = save_lm(draft, kind, g.draft, run_path / "draft", trainer.distiller.updates)
             log.info("distilled draft (version %d, %d updates) saved to %s", trainer.version,
                      trainer.distiller.updates, path)
@@ -300,36 +308,49 @@ def _wire(device: torch.device) -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
 
-def _train_loop(trainer: Trainer, env: DistEnv, overlap: bool, device: torch.device) -> None:
-    servers = list(range(1, env.world_size))
-    done: set[int] = set()
+def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, device: torch.device) -> None:
+    mine = [r for r in range(trainers, env.world_size) if (r - trainers) % trainers == env.rank]
+    n_servers = env.world_size - trainers
     sent = 0
     while True:
         if overlap:
             trainer.run_due()  # while the servers decode their next batch
-        for src in servers:
+        examples, stats, done = [], [], 0
+        for src in mine:
             payload = _recv(src)
-            trainer.receive(payload["examples"], payload["stats"])
-            if payload["done"]:
-                done.add(src)
+            examples += payload["examples"]
+            stats += payload["stats"]
+            done += payload["done"]
+        parts = [(stats, len(examples), done)]
+        if trainers > 1:  # every trainer learns every request's statistics: one update schedule for all
+            parts = [None] * trainers
+            dist.all_gather_object(parts, (stats, len(examples), done), group=trainer.group)
+        for t, (st, n, d) in enumerate(parts):
+            trainer.receive(examples if t == env.rank else [], st, 0 if t == env.rank else n)
+            done += d if t != env.rank else 0
         if not overlap:
             trainer.run_due()
-        stop = len(done) == len(servers)
+        stop = done == n_servers
         header = torch.tensor([trainer.version, int(stop)], dtype=torch.int64, device=_wire(device))
         dist.broadcast(header, src=0)
         if trainer.version != sent:
-            dist.broadcast(weights_vector(trainer.draft).to(_wire(device)), src=0)
+            flat = weights_vector(trainer.draft).to(_wire(device))
+            mine_flat = flat.clone() if env.rank else None
+            dist.broadcast(flat, src=0)
+            if mine_flat is not None and not torch.equal(flat, mine_flat):
+                raise RuntimeError(f"trainer rank {env.rank}'s draft differs from rank 0's at version "
+                                   f"{trainer.version}: the trainers' updates diverged")
             sent = trainer.version
         if stop:
             return
 
 
-def _serve_loop(server: Server, env: DistEnv, device: torch.device) -> None:
+def _serve_loop(server: Server, env: DistEnv, trainers: int, device: torch.device) -> None:
     size = sum(p.numel() for p in server.draft.parameters())
     while True:
         batch = server.next_batch()
         examples, stats = server.serve(batch) if batch else ([], [])
-        _send({"examples": examples, "stats": stats, "done": not batch}, dst=0)
+        _send({"examples": examples, "stats": stats, "done": not batch}, dst=(env.rank - trainers) % trainers)
         header = torch.zeros(2, dtype=torch.int64, device=_wire(device))
         dist.broadcast(header, src=0)
         version, stop = int(header[0]), bool(header[1])
