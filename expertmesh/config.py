@@ -189,7 +189,8 @@ class DistillConfig:
     update_batch: int = 16  # examples per optimizer step
     lr: float = 3e-4
     window: int = 50  # requests per metrics record
-    save_draft: bool = True  # write the distilled draft (state dict + its source) into the run directory
+    save_draft: bool = True  # write the distilled draft into runs/<name>/draft (at the end and every save_every)
+    save_every: int = 50  # draft updates between saves (0 = only at the end); a resumed run starts from it
 
 
 @dataclass(kw_only=True)
@@ -424,6 +425,8 @@ def check_distill(cfg: JobConfig) -> None:
     if g.adaptive_gamma and not g.gamma_min <= g.gamma <= g.gamma_max:
         raise ConfigError(f"distill.adaptive_gamma needs gamma_min={g.gamma_min} <= gamma={g.gamma} <= "
                           f"gamma_max={g.gamma_max}")
+    if g.save_every < 0:
+        raise ConfigError(f"distill.save_every={g.save_every} must be >= 0 (0 = only at the end)")
     if g.temperature <= 0 or g.lr <= 0:
         raise ConfigError(f"distill.temperature={g.temperature} and distill.lr={g.lr} must be > 0")
     if not 0.0 < g.beta < 1.0:

@@ -68,9 +68,10 @@ def export_run(cfg, model, out: Path, step: int = 0) -> Path:
     return out
 
 
-def save_lm(model, kind: str, source: str | Path, out: Path, step: int) -> Path:
+def save_lm(model, kind: str, source: str | Path, out: Path, step: int, meta: dict | None = None) -> Path:
     """Writes a (distilled) model where `load_lm` reads it back: an HF directory via save_pretrained, or a
-    run directory (the source's config.json + a model-only checkpoint). Atomic: a temp dir renamed."""
+    run directory (the source's config.json + a model-only checkpoint), plus `meta` as distill.json.
+    Atomic: a temp dir renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -84,6 +85,8 @@ def save_lm(model, kind: str, source: str | Path, out: Path, step: int) -> Path:
             if (Path(source) / name).is_file():
                 shutil.copy(Path(source) / name, tmp / name)
         save_model(tmp, step, model)
+    if meta is not None:
+        (tmp / "distill.json").write_text(json.dumps(meta) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

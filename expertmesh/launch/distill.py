@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import defaultdict
@@ -93,7 +94,7 @@ class Server:
     """Answers requests: target + draft, speculative decoding, responses written as they finish."""
 
     def __init__(self, cfg: JobConfig, target, draft, tokenizer, stream, out: Path, rank: int,
-                 device: torch.device) -> None:
+                 device: torch.device, version: int = 0, resume: bool = False) -> None:
         g = cfg.distill
         self.cfg, self.target, self.draft, self.tokenizer = cfg, target, draft, tokenizer
         self.stream, self.device, self.rank = iter(stream), device, rank
@@ -101,10 +102,11 @@ class Server:
         self.gamma = AdaptiveGamma(g.gamma, g.gamma_min, g.gamma_max) if g.adaptive_gamma else g.gamma
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
         self.recorder = Recorder(g.positions, g.topk) if g.online else None
-        self.version = 0
+        self.version = version
         out.mkdir(parents=True, exist_ok=True)
-        self.responses = (out / f"responses-rank{rank}.jsonl").open("w")
-        self.swaps = (out / f"swaps-rank{rank}.jsonl").open("w")
+        mode = "a" if resume else "w"  # resume: answered_requests() already dropped any torn last line
+        self.responses = (out / f"responses-rank{rank}.jsonl").open(mode)
+        self.swaps = (out / f"swaps-rank{rank}.jsonl").open(mode)
         self.limit = min(target.max_positions, draft.max_positions)
 
     def next_batch(self) -> list[Request]:
@@ -168,9 +170,11 @@ class Trainer:
     """The draft's trainer: takes the servers' verification data, updates every I requests, numbers
     its draft versions; on rank 0 it also writes the metrics."""
 
-    def __init__(self, cfg: JobConfig, draft, metrics: Metrics, group=None) -> None:
+    def __init__(self, cfg: JobConfig, draft, metrics: Metrics, group=None, offset: int = 0) -> None:
         g = cfg.distill
         self.cfg, self.draft, self.metrics, self.group = cfg, draft, metrics, group
+        self.offset = offset  # requests answered by earlier attempts of this run
+        self.saver = None  # rank 0: writes the draft to runs/<name>/draft
         self.distiller = OnlineDistiller(draft, draft.vocab_size, kind=g.divergence, beta=g.beta, lr=g.lr,
                                          buffer=g.buffer, batch=g.update_batch, steps=g.update_steps,
                                          update_every=g.update_every, seed=cfg.train.seed)
@@ -207,8 +211,11 @@ class Trainer:
         if changed:
             self.version += 1
             self.metrics.write({"kind": "draft_update", "version": self.version, "updates": self.distiller.updates,
-                                "requests": len(self.all), "digest": weights_digest(self.draft),
+                                "requests": self.offset + len(self.all), "digest": weights_digest(self.draft),
                                 "distill_loss": self.distiller.last_loss, "time": time.time()})
+            every = self.cfg.distill.save_every
+            if self.saver is not None and every and self.distiller.updates % every == 0:
+                self.saver()
         return changed
 
     def state(self) -> dict:
@@ -219,7 +226,7 @@ class Trainer:
         if not self.window:
             return
         rec = {"kind": "distill", "time": time.time(), **summarize_by_domain(self.window), **self.state()}
-        rec["requests"], rec["window_requests"] = len(self.all), len(self.window)  # the stream so far; this window
+        rec["requests"], rec["window_requests"] = self.offset + len(self.all), len(self.window)
         self.metrics.log_distill(rec)
         self.window = []
 
@@ -229,6 +236,34 @@ class Trainer:
                **summarize_by_domain(self.all), **self.state()}
         self.metrics.write(rec)
         return rec
+
+
+def _valid_lines(path: Path) -> list[str]:
+    """The complete JSON lines of a file that a crash may have cut mid-line."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        out.append(line)
+    return out
+
+
+def answered_requests(run_path: Path, rank: int | None) -> set[int]:
+    """Stream indices already answered by any server of an earlier attempt of this run. With `rank`,
+    that server's own files lose a torn last line first (atomically), so appending continues cleanly."""
+    if rank is not None:
+        for name in (f"responses-rank{rank}.jsonl", f"swaps-rank{rank}.jsonl"):
+            path = run_path / name
+            if path.is_file():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in _valid_lines(path)))
+                os.replace(tmp, path)
+    done: set[int] = set()
+    for path in sorted(run_path.glob("responses-rank*.jsonl")):
+        done.update(json.loads(line)["index"] for line in _valid_lines(path))
+    return done
 
 
 def _send(obj, dst: int) -> None:
@@ -253,7 +288,11 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     run_path = cfg.run_path
     single = env.world_size == 1
     serving = single or env.rank >= g.trainers
-    draft, tokenizer, kind = load_lm(g.draft, device, "draft")
+    resume = cfg.checkpoint.resume and (run_path / "config.json").is_file()
+    saved = run_path / "draft"
+    start = json.loads((saved / "distill.json").read_text()) if resume and (saved / "distill.json").is_file() \
+        else {"version": 0, "updates": 0}
+    draft, tokenizer, kind = load_lm(saved if start["version"] else g.draft, device, "draft")
     target = None
     if serving:
         target, tokenizer, _ = load_lm(g.target, device, "target")
@@ -261,18 +300,30 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
             raise ConfigError(f"target vocabulary {target.vocab_size} != draft vocabulary {draft.vocab_size} "
                               f"({g.target}, {g.draft})")
         target.requires_grad_(False)
+    done = answered_requests(run_path, env.rank if serving else None) if resume else set()
+    if not single:
+        dist.barrier()  # every server has tidied its files before anyone reads them (rank 0: config below)
     if env.is_rank0:
         run_path.mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, run_path / "config.json")
+        if resume:
+            log.info("resuming %s: %d requests already answered, draft version %d (%d updates)", run_path,
+                     len(done), start["version"], start["updates"])
     metrics = Metrics(cfg, run_path, env.is_rank0)
     group = dist.new_group(list(range(g.trainers))) if not single and g.trainers > 1 else None  # every rank joins
-    trainer = Trainer(cfg, draft, metrics, group) if env.rank < g.trainers or single else None
+    trainer = None
+    if env.rank < g.trainers or single:
+        trainer = Trainer(cfg, draft, metrics, group, offset=len(done))
+        trainer.version, trainer.distiller.updates = start["version"], start["updates"]
+        trainer.saver = (lambda: save_lm(draft, kind, g.draft, saved, trainer.distiller.updates,
+                                         {"version": trainer.version, "updates": trainer.distiller.updates})) \
+            if env.is_rank0 and g.online and g.save_draft else None
     server = None
     if serving:
         servers = 1 if single else env.world_size - g.trainers
         index = 0 if single else env.rank - g.trainers
-        server = Server(cfg, target, draft, tokenizer, requests(g, tokenizer, cfg.train.seed, index, servers),
-                        run_path, env.rank, device)
+        stream = (r for r in requests(g, tokenizer, cfg.train.seed, index, servers) if r.index not in done)
+        server = Server(cfg, target, draft, tokenizer, stream, run_path, env.rank, device, start["version"], resume)
     log.info("distill: %s, %d trainer(s), %d server(s), target %s, draft %s (%s), %s, online=%s",
              "one process" if single else f"{env.world_size} ranks", 1 if single else g.trainers,
              1 if single else env.world_size - g.trainers, g.target, g.draft, kind,
@@ -288,8 +339,8 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         else:
             _serve_loop(server, env, g.trainers, device)
         summary = trainer.finish() if trainer is not None else {}
-        if trainer is not None and env.is_rank0 and g.online and g.save_draft:
-            path = save_lm(draft, kind, g.draft, run_path / "draft", trainer.distiller.updates)
+        if trainer is not None and trainer.saver is not None:
+            path = trainer.saver()
             log.info("distilled draft (version %d, %d updates) saved to %s", trainer.version,
                      trainer.distiller.updates, path)
         if summary:

@@ -130,3 +130,29 @@ def test_hf_models_greedy_equals_target_greedy(tmp_path):
     assert summary["draft_updates"] == 1
     saved, _, kind = load_lm(cfg.run_path / "draft", torch.device("cpu"))  # the distilled GPT-2, save_pretrained
     assert kind == "hf" and weights_digest(saved) == records(cfg.run_path, "draft_update")[-1]["digest"]
+
+
+def test_a_rerun_resumes_where_the_stream_stopped(tmp_path):
+    """Requests already answered are not answered again (a torn last line is dropped), and the draft
+    continues from its last saved version."""
+    target, _ = make_run(tmp_path / "target", 32, 1, 0)
+    draft, _ = make_run(tmp_path / "draft", 16, 1, 1)
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"id": f"r{i}", "tokens": [40 + i, 41, 42, 43]}) for i in range(10)]
+    prompts.write_text("\n".join(lines[:6]) + "\n")
+    args = [f"distill.prompts={str(prompts)!r}".replace("'", '"'), "distill.update_every=2", "distill.save_every=2"]
+    first = distill.run(distill_cfg(tmp_path, target, draft, *args), SINGLE)
+    run_path = tmp_path / "runs" / "default"
+    saved = json.loads((run_path / "draft" / "distill.json").read_text())
+    assert first["requests"] == 6 and saved == {"version": 3, "updates": 3}
+    responses = run_path / "responses-rank0.jsonl"
+    responses.write_text(responses.read_text() + '{"id": "r6", "ind')  # a crash mid-line
+    prompts.write_text("\n".join(lines) + "\n")  # the stream goes on
+    second = distill.run(distill_cfg(tmp_path, target, draft, *args), SINGLE)
+    answered = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert [r["id"] for r in answered] == [f"r{i}" for i in range(10)]  # each once, in order
+    assert second["requests"] == 4 and [r["draft_version"] for r in answered[6:]][0] == 3
+    updates = records(run_path, "draft_update")
+    assert [u["version"] for u in updates] == [1, 2, 3, 4, 5] and updates[-1]["requests"] == 10
+    windows = records(run_path, "distill")
+    assert windows[-1]["requests"] == 10
