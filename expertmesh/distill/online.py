@@ -33,6 +33,7 @@ class Example:
     targets: torch.Tensor  # [n] int64: indices into `tokens` of the predicted positions
     topk_idx: torch.Tensor  # [n, K] int64
     topk_p: torch.Tensor  # [n, K] float32: the target's probabilities there
+    row: int = -1  # the request's row in its decoding batch (for `merge_on_path`)
 
 
 POSITIONS = ("rejected", "all", "onpolicy")
@@ -86,11 +87,37 @@ class Recorder:
                 continue
             tokens = torch.cat([seq_BL[b], drafts_BG[b]]).cpu()
             idx = torch.tensor(js)
-            self.examples.append(Example(tokens, L + idx, top_i[b, idx].cpu(), top_p[b, idx].cpu()))
+            self.examples.append(Example(tokens, L + idx, top_i[b, idx].cpu(), top_p[b, idx].cpu(), b))
 
     def take(self) -> list[Example]:
         out, self.examples = self.examples, []
         return out
+
+
+def merge_on_path(examples: list[Example], final_BL: torch.Tensor) -> list[Example]:
+    """One example per request for every recorded position whose context lies on the request's final
+    sequence (prompt + answer): rejected and accepted-context positions always do, so a request's
+    rounds become one sequence the draft reads once instead of one per round. Positions off that
+    path (on-policy drafts past a rejection) stay in their own examples."""
+    final_BL = final_BL.cpu()
+    on: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    out: list[Example] = []
+    for e in examples:
+        path = final_BL[e.row]
+        keep = []
+        for j, k in enumerate(e.targets.tolist()):
+            if e.row >= 0 and k <= len(path) and torch.equal(e.tokens[:k], path[:k]):
+                on.setdefault(e.row, []).append((k, e.topk_idx[j], e.topk_p[j]))
+            else:
+                keep.append(j)
+        if keep:
+            idx = torch.tensor(keep)
+            out.append(Example(e.tokens, e.targets[idx], e.topk_idx[idx], e.topk_p[idx], e.row))
+    for row, items in sorted(on.items()):
+        items.sort(key=lambda t: t[0])
+        out.append(Example(final_BL[row].clone(), torch.tensor([k for k, _, _ in items]),
+                           torch.stack([i for _, i, _ in items]), torch.stack([q for _, _, q in items]), row))
+    return out
 
 
 class OnlineDistiller:

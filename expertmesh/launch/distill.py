@@ -45,6 +45,7 @@ from expertmesh.distill.online import (
     OnlineDistiller,
     Recorder,
     load_weights_vector,
+    merge_on_path,
     weights_digest,
     weights_vector,
 )
@@ -153,7 +154,8 @@ class Server:
                                              "alpha": s.alpha_sum / max(s.rounds, 1),
                                              "accepted": s.accepted, "drafted": s.drafted}) + "\n")
         self.responses.flush()
-        return (recorder.take() if recorder is not None else []), stats
+        examples = merge_on_path(recorder.take(), torch.cat([prompt, out], 1)) if recorder is not None else []
+        return examples, stats
 
     def swap(self, flat: torch.Tensor, version: int) -> None:
         load_weights_vector(self.draft, flat)

@@ -65,3 +65,25 @@ def test_recorder_positions():
     assert torch.equal(a.topk_p, p[0, :4].topk(3, -1).values)
     with pytest.raises(ValueError, match="positions"):
         Recorder("some")
+
+
+@pytest.mark.parametrize("positions,batch", [("all", 1), ("rejected", 3), ("onpolicy", 2)])
+def test_merged_examples_give_the_same_loss(positions, batch):
+    """Merging a request's rounds into its final sequence changes how often the draft reads the text,
+    not what it learns: a causal model's logits at a position depend only on the tokens before it."""
+    from expertmesh.distill.online import merge_on_path
+
+    target, draft = _model(32, 2, 0, sharpen=6.0), _model(32, 1, 1)
+    prompts = torch.randint(0, 256, (batch, 5), generator=torch.Generator().manual_seed(4))
+    rec = Recorder(positions, topk=8)
+    out, _ = speculative_generate(target, draft, prompts, 12, 3, generator=torch.Generator().manual_seed(5),
+                                  on_round=rec)
+    raw = rec.take()
+    merged = merge_on_path(raw, torch.cat([prompts, out], 1))
+    assert sum(len(e.targets) for e in merged) == sum(len(e.targets) for e in raw)
+    if positions != "onpolicy":  # every position lies on the answer's path: one example per request
+        assert len(merged) == batch < len(raw)
+    else:  # drafts past a rejection stay apart; at most one merged example per request is added
+        assert len(merged) <= len(raw) + batch and any(len(e.tokens) < 5 + 12 for e in merged)
+    trainer = OnlineDistiller(draft, 256, "jsd")
+    torch.testing.assert_close(trainer.loss(merged), trainer.loss(raw), rtol=1e-5, atol=1e-6)
