@@ -82,8 +82,7 @@ class Metrics:
         if not self.is_rank0:
             return
         log.info(format_line(rec, self.cfg.train.steps))
-        self.jsonl.write(json.dumps(rec) + "\n")
-        self.jsonl.flush()
+        self.write(rec)
         if self.wandb_run is not None:
             flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
             flat.update({f"comm/{k}": v for k, v in rec["comm_bytes_per_step"].items()})
@@ -124,8 +123,7 @@ class Metrics:
         if not self.is_rank0:
             return
         log.info(f"step {step}/{self.cfg.train.steps} | eval {eval_loss:.4f}")
-        self.jsonl.write(json.dumps({"kind": "eval", "step": step, "time": time.time(), "eval_loss": eval_loss}) + "\n")
-        self.jsonl.flush()
+        self.write({"kind": "eval", "step": step, "time": time.time(), "eval_loss": eval_loss})
         if self.wandb_run is not None:
             self.wandb_run.log({"eval_loss": eval_loss}, step=step)
 

@@ -121,11 +121,11 @@ class Server:
             if batch and len(req.tokens) != len(batch[0].tokens):
                 self.pending = req
                 break
-            need = len(req.tokens) + self.cfg.distill.max_new_tokens + self.cfg.distill.gamma_max + 1
+            g = self.cfg.distill
+            need = len(req.tokens) + g.max_new_tokens + (g.gamma_max if g.adaptive_gamma else g.gamma) + 1
             if need > self.limit:
                 raise ConfigError(f"request {req.id}: {len(req.tokens)} prompt tokens + distill.max_new_tokens="
-                                  f"{self.cfg.distill.max_new_tokens} + drafts exceed the models' {self.limit} "
-                                  "positions")
+                                  f"{g.max_new_tokens} + drafts exceed the models' {self.limit} positions")
             batch.append(req)
         return batch
 
@@ -378,9 +378,9 @@ def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, de
         if trainers > 1:  # every trainer learns every request's statistics: one update schedule for all
             parts = [None] * trainers
             dist.all_gather_object(parts, (stats, len(examples), done), group=trainer.group)
-        for t, (st, n, d) in enumerate(parts):
+        for t, (st, n, _) in enumerate(parts):
             trainer.receive(examples if t == env.rank else [], st, 0 if t == env.rank else n)
-            done += d if t != env.rank else 0
+        done = sum(d for _, _, d in parts)  # servers that have drained their share, all trainers' together
         if not overlap:
             trainer.run_due()
         stop = done == n_servers
