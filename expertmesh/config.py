@@ -157,6 +157,14 @@ class DiLoCoConfig:
     nesterov: bool = True
     quant_bits: int = 0  # pseudo-gradients on the wire: 0 = fp32, 8 or 4 = blockwise codes
     quant_block: int = 64  # values per fp32 scale
+    # Elastic workers: each worker is its own job (`expertmesh run`, any --nproc), the workers meet through
+    # a TCP store (`expertmesh diloco-store`); a worker that fails is dropped, one that (re)starts joins.
+    elastic: bool = False
+    workers: int = 0  # workers expected (the outer group never grows past it)
+    worker: int = -1  # this job's worker index in [0, workers); its run dir is runs/<name>/worker<k>
+    store: str = ""  # host:port of the store
+    timeout_s: float = 60.0  # a peer silent this long on the outer group is dropped; a joiner waits this long
+    settle_s: float = 5.0  # a re-forming group waits this long for the workers still missing
 
 
 @dataclass(kw_only=True)
@@ -211,7 +219,10 @@ class JobConfig:
 
     @property
     def run_path(self) -> Path:
-        return Path(self.train.run_dir) / self.train.name
+        path = Path(self.train.run_dir) / self.train.name
+        if self.diloco.enabled and self.diloco.elastic:  # the workers of one run are separate jobs
+            return path / f"worker{self.diloco.worker}"
+        return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,4 +483,21 @@ def check_diloco(cfg: JobConfig) -> None:
     if g.outer_lr <= 0 or not 0.0 <= g.outer_momentum < 1.0:
         raise ConfigError(f"diloco.outer_lr={g.outer_lr} must be > 0 and diloco.outer_momentum="
                           f"{g.outer_momentum} in [0, 1)")
+    if g.elastic:
+        check_elastic(cfg)
+
+
+def check_elastic(cfg: JobConfig) -> None:
+    g = cfg.diloco
+    if cfg.parallel.dp_replicate != 1:
+        raise ConfigError(f"diloco.elastic runs one worker per job: parallel.dp_replicate={cfg.parallel.dp_replicate} "
+                          "must be 1 (start diloco.workers jobs instead)")
+    if g.workers < 1 or not 0 <= g.worker < g.workers:
+        raise ConfigError(f"diloco.elastic needs diloco.workers >= 1 and diloco.worker in [0, workers); got "
+                          f"workers={g.workers}, worker={g.worker}")
+    host, _, port = g.store.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"diloco.store={g.store!r} must be host:port (the store `expertmesh diloco-store` serves)")
+    if g.timeout_s <= 0 or g.settle_s <= 0:
+        raise ConfigError(f"diloco.timeout_s={g.timeout_s} and diloco.settle_s={g.settle_s} must be > 0")
 

@@ -7,7 +7,10 @@ shapes: all-reduce 2(n-1)/n·B, all-gather and reduce-scatter (n-1)/n·B_full, b
 the root, all-to-all the rows that leave the rank.
 
 A `group` of None means a group of one (an axis of size 1 has no process group): the call
-does the local equivalent and counts nothing. Pass `dist.group.WORLD` to mean everyone.
+does the local equivalent and counts nothing. Pass `dist.group.WORLD` to mean everyone. A
+`StoreGroup` (ranks of different jobs, met through a shared store: elastic DiLoCo workers) is
+driven through its process group's own methods, since c10d's functions refuse groups it did not
+create.
 
 Collectives that libraries issue themselves (FSDP2's all-gathers and reduce-scatters, DTensor's
 redistributions under tensor parallelism) are counted by `CollectiveTap`, a dispatch mode that sees
@@ -16,6 +19,7 @@ every c10d op while it is active and labels it by the mesh view its process grou
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
@@ -27,6 +31,36 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class StoreGroup:
+    """A gloo group over ranks of separate jobs: rank `rank` of `size`, meeting under `prefix` of a
+    shared TCPStore. Creating it blocks until every member has connected (or `timeout_s` passes);
+    any collective on it fails once a member is gone or silent for `timeout_s`."""
+
+    def __init__(self, store, prefix: str, rank: int, size: int, timeout_s: float) -> None:
+        self.rank, self.size = rank, size
+        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size,
+                                        datetime.timedelta(seconds=timeout_s))
+
+
+def group_size(group) -> int:
+    if group is None:
+        return 1
+    return group.size if isinstance(group, StoreGroup) else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    if group is None:
+        return 0
+    return group.rank if isinstance(group, StoreGroup) else dist.get_rank(group)
+
+
+def _done(work, async_op: bool):
+    if async_op:
+        return work
+    work.wait()
+    return None
 
 
 class Comm:
@@ -78,8 +112,12 @@ class Comm:
     def all_reduce(self, t: torch.Tensor, group, label: str, op=dist.ReduceOp.SUM, async_op: bool = False):
         if group is None:
             return None
-        n = dist.get_world_size(group)
+        n = group_size(group)
         self.count(label, 2 * (n - 1) / n * _nbytes(t))
+        if isinstance(group, StoreGroup):
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = op
+            return _done(group.pg.allreduce([t], opts), async_op)
         with self.own():
             return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
@@ -87,8 +125,10 @@ class Comm:
         if group is None:
             out.copy_(inp.reshape(out.shape))
             return None
-        n = dist.get_world_size(group)
+        n = group_size(group)
         self.count(label, (n - 1) * _nbytes(inp))
+        if isinstance(group, StoreGroup):
+            return _done(group.pg._allgather_base(out, inp), async_op)
         with self.own():
             return dist.all_gather_into_tensor(out, inp, group=group, async_op=async_op)
 
@@ -96,15 +136,21 @@ class Comm:
         if group is None:
             out.copy_(inp.reshape(out.shape))
             return None
-        n = dist.get_world_size(group)
+        n = group_size(group)
         self.count(label, (n - 1) / n * _nbytes(inp))
         with self.own():
             return dist.reduce_scatter_tensor(out, inp, op=op, group=group, async_op=async_op)
 
     def broadcast(self, t: torch.Tensor, src: int, group, label: str, async_op: bool = False):
-        """`src` is a global rank, as in torch.distributed."""
+        """`src` is a global rank, as in torch.distributed (a StoreGroup's own rank for a StoreGroup)."""
         if group is None:
             return None
+        if isinstance(group, StoreGroup):
+            if group.rank == src:
+                self.count(label, _nbytes(t))
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src
+            return _done(group.pg.broadcast([t], opts), async_op)
         if dist.get_rank() == src:
             self.count(label, _nbytes(t))
         with self.own():
@@ -114,11 +160,14 @@ class Comm:
         if group is None:
             out.copy_(inp)
             return None
-        me = dist.get_rank(group)
+        me = group_rank(group)
         rows = inp.shape[0]
         row_bytes = _nbytes(inp) // rows if rows else 0
-        leaving = rows - (in_splits[me] if in_splits is not None else rows // dist.get_world_size(group))
+        leaving = rows - (in_splits[me] if in_splits is not None else rows // group_size(group))
         self.count(label, leaving * row_bytes)
+        if isinstance(group, StoreGroup):
+            return _done(group.pg.alltoall_base(out, inp, out_splits or [], in_splits or [],
+                                                dist.AllToAllOptions()), async_op)
         with self.own():
             return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 

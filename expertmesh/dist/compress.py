@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.comm_stats import Comm, group_size
 
 
 def _qmax(bits: int) -> int:
@@ -57,9 +57,7 @@ def wire_bytes_per_value(bits: int, block: int) -> float:
 
 def quantized_all_reduce_mean(x: torch.Tensor, group, comm: Comm, bits: int, block: int, label: str) -> torch.Tensor:
     """Mean of flat fp32 `x` over `group` (None: a group of one, returns the round-tripped x)."""
-    import torch.distributed as dist
-
-    W = dist.get_world_size(group) if group is not None else 1
+    W = group_size(group)
     n = x.numel()
     unit = W * block * 2  # every chunk a whole number of (even-sized) blocks
     padded = torch.zeros(-(-n // unit) * unit, dtype=torch.float32, device=x.device)

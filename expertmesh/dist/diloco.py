@@ -16,6 +16,12 @@ Fragments: transformer blocks go to P fragments (`strided`: block i -> i mod P; 
 contiguous runs); embeddings, final norm and head form their own fragment, synced in the same
 slot as the last block fragment. With P = 1 this is DiLoCo. Inner optimizer state never leaves
 the rank. Attached to the training loop through `after_step(step)`, nothing subclassed.
+
+Elastic workers (`diloco.elastic`, elastic.py): the outer group is re-formed when an exchange fails
+(a worker left: its fragment's outer step is skipped, the pseudo-gradient keeps accumulating for the
+next one) or when a worker asks to join; then the member furthest along sends its global copies,
+outer momentum, step and sync times to every member whose state differs, and those take them as
+their local weights too. `after_step` returns the step the loop is at, which a joiner changes.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import torch
 from torch import nn
 
 from expertmesh.config import DiLoCoConfig
-from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.comm_stats import Comm, group_size
 from expertmesh.dist.compress import quantized_all_reduce_mean
+from expertmesh.dist.elastic import Membership
 from expertmesh.parallel.data_parallel import local_part
 
 log = logging.getLogger(__name__)
@@ -71,11 +78,16 @@ class _Pending:
     apply_at: int
     thread: threading.Thread | None
     result: list  # mean delta per fragment, once done
+    failed: bool = False  # elastic: the outer group broke during the exchange (a worker left)
+    want: bool = False  # elastic: some member saw a worker asking to join
 
 
 class DiLoCo:
-    def __init__(self, model: nn.Module, n_layers: int, cfg: DiLoCoConfig, group, comm: Comm) -> None:
-        self.cfg, self.group, self.comm = cfg, group, comm
+    def __init__(self, model: nn.Module, n_layers: int, cfg: DiLoCoConfig, group, comm: Comm,
+                 membership: Membership | None = None, worker_group=None) -> None:
+        self.cfg, self._group, self.comm = cfg, group, comm
+        self.membership, self.worker_group = membership, worker_group  # elastic only
+        self.left = self.joined = 0
         named = [(n.replace("_checkpoint_wrapped_module.", ""), p) for n, p in model.named_parameters()]
         frag = assign_fragments([n for n, _ in named], n_layers, cfg.fragments, cfg.pattern)
         self.params: list[list[nn.Parameter]] = [[] for _ in range(cfg.fragments + 1)]
@@ -87,6 +99,10 @@ class DiLoCo:
         self.outer_steps = 0
         self.last_sync = [0] * len(self.params)
         self.bytes_last_sync = 0
+
+    @property
+    def group(self):
+        return self.membership.group if self.membership is not None else self._group
 
     def _flat(self, f: int) -> torch.Tensor:
         parts = [local_part(p).detach().float().reshape(-1) for p in self.params[f]]
@@ -109,37 +125,117 @@ class DiLoCo:
         k = (step % H // spacing - 1) % P  # fragment 0 at H/P, 1 at 2H/P, ..., P-1 (and the rest) at H
         return [k, P] if k == P - 1 else [k]
 
-    def _exchange(self, deltas: list[torch.Tensor], out: list) -> None:
+    def _exchange(self, deltas: list[torch.Tensor], pend: _Pending) -> None:
         counter = Comm()  # its own counter: this may run in a thread while the loop reads and resets `comm`
-        for delta in deltas:
-            if self.cfg.quant_bits:
-                mean = quantized_all_reduce_mean(delta, self.group, counter, self.cfg.quant_bits,
-                                                 self.cfg.quant_block, "diloco")
-            else:
-                mean = delta.clone()
-                counter.all_reduce(mean, self.group, "diloco")
-                if self.group is not None:
-                    mean /= torch.distributed.get_world_size(self.group)
-            out.append(mean)
-        self.bytes_last_sync = counter.total()
-        self.comm.count("diloco", self.bytes_last_sync)
+        group = self.group
+        try:
+            if self.membership is not None:  # elastic: agree on whether to let a waiting worker in
+                want = torch.tensor([int(self.membership.someone_waiting())])
+                counter.all_reduce(want, group, "control", op=torch.distributed.ReduceOp.MAX)
+                pend.want = bool(want.item())
+            for delta in deltas:
+                if group is not None and self.membership is not None:
+                    delta = delta.cpu()  # the outer group is gloo
+                if self.cfg.quant_bits:
+                    mean = quantized_all_reduce_mean(delta, group, counter, self.cfg.quant_bits,
+                                                     self.cfg.quant_block, "diloco")
+                else:
+                    mean = delta.clone()
+                    counter.all_reduce(mean, group, "diloco")
+                    mean /= group_size(group)
+                pend.result.append(mean.to(self.global_copy[0].device))
+        except RuntimeError as err:
+            if self.membership is None:
+                raise
+            pend.failed, pend.result = True, []
+            log.warning("DiLoCo: the exchange of fragments %s failed (%s)", pend.fragments,
+                        str(err).splitlines()[0][:200])
+        self.bytes_last_sync = counter.sent.get("diloco", 0)
+        for label, n in counter.take().items():
+            self.comm.count(label, n)
 
-    def after_step(self, step: int) -> None:
+    def start(self, step: int) -> int:
+        """Elastic: joins the outer group (once every expected worker is there, or after timeout_s)
+        and takes the global state if another member is further along. Returns the step to go on from."""
+        if self.membership is None:
+            return step
+        self.membership.form(member=False)
+        log.info("DiLoCo: worker %d in the outer group with workers %s (epoch %d)", self.membership.worker,
+                 self.membership.members, self.membership.epoch)
+        return self._agree(step)
+
+    def _reform(self, step: int, failed: bool) -> int:
+        m = self.membership
+        if failed:
+            log.warning("DiLoCo: a worker left the outer group at step %d; re-forming it", step)
+        left, joined = m.form(member=True)
+        self.left += len(left)
+        self.joined += len(joined)
+        if left:
+            log.warning("DiLoCo: worker(s) %s left at step %d; continuing with workers %s (epoch %d)",
+                        left, step, m.members, m.epoch)
+        if joined:
+            log.info("DiLoCo: worker(s) %s joined at step %d; workers %s (epoch %d)", joined, step, m.members,
+                     m.epoch)
+        return self._agree(step)
+
+    def _digest(self) -> float:
+        return float(sum(g.double().sum() + 0.5 * m.double().sum() for g, m in zip(self.global_copy, self.momentum,
+                                                                                     strict=True)))
+
+    def _agree(self, step: int) -> int:
+        """After a (re)form: the member furthest along (most outer steps, then steps, then the lowest
+        index) sends its state to every member whose (step, outer steps, digest) differ from its own."""
+        group = self.group
+        if group is None:
+            return step
+        rows = torch.zeros(group.size, 3, dtype=torch.float64)
+        rows[group.rank] = torch.tensor([step, self.outer_steps, self._digest()], dtype=torch.float64)
+        self.comm.all_reduce(rows, group, "diloco_join")
+        lead = max(range(group.size), key=lambda i: (rows[i, 1].item(), rows[i, 0].item(), -i))
+        differs = (rows != rows[lead]).any(dim=1)
+        if not differs.any():
+            return step
+        meta = torch.tensor([step, self.outer_steps, *self.last_sync], dtype=torch.int64)
+        state = torch.cat([*self.global_copy, *self.momentum]).cpu()
+        self.comm.broadcast(meta, lead, group, "diloco_join")
+        self.comm.broadcast(state, lead, group, "diloco_join")
+        if not differs[group.rank]:
+            return step
+        device = self.global_copy[0].device
+        sizes = [g.numel() for g in self.global_copy]
+        parts = state.to(device).split(sizes + sizes)
+        self.global_copy = [p.clone() for p in parts[:len(sizes)]]
+        self.momentum = [p.clone() for p in parts[len(sizes):]]
+        self.outer_steps, self.last_sync = int(meta[1]), [int(v) for v in meta[2:]]
+        self.pending = []
+        for f, g in enumerate(self.global_copy):
+            self._write(f, g)
+        lead_worker = self.membership.members[lead]
+        log.info("DiLoCo: took the global state of worker %d (step %d -> %d, %d outer steps)", lead_worker, step,
+                 int(meta[0]), self.outer_steps)
+        return int(meta[0])
+
+    def after_step(self, step: int) -> int:
+        """Called after inner step `step`; returns the step the loop is at (elastic: a worker that just
+        took a peer's state is at the peer's step)."""
         for p in [p for p in self.pending if p.apply_at == step]:
-            self._apply(p)
             self.pending.remove(p)
+            new = self._apply(p, step)
+            if new != step:
+                return new
         fragments = self.fragments_starting(step)
         if not fragments:
-            return
+            return step
         deltas = [self.global_copy[f] - self._flat(f) for f in fragments]
         pend = _Pending(fragments, step + self.cfg.overlap, None, [])
         if self.cfg.overlap == 0:
-            self._exchange(deltas, pend.result)
-            self._apply(pend)
-        else:
-            pend.thread = threading.Thread(target=self._exchange, args=(deltas, pend.result), daemon=True)
-            pend.thread.start()
-            self.pending.append(pend)
+            self._exchange(deltas, pend)
+            return self._apply(pend, step)
+        pend.thread = threading.Thread(target=self._exchange, args=(deltas, pend), daemon=True)
+        pend.thread.start()
+        self.pending.append(pend)
+        return step
 
     @contextlib.contextmanager
     def global_weights(self):
@@ -155,15 +251,28 @@ class DiLoCo:
                 self._write(f, flat)
 
     def finish(self) -> None:
-        """End of training: applies the exchanges still in flight (a thread must not outlive the run)."""
+        """End of training: applies the exchanges still in flight (a thread must not outlive the run);
+        elastic workers do not re-form any more."""
         for p in self.pending:
-            self._apply(p)
+            self._apply(p, p.apply_at, reform=False)
         self.pending = []
 
-    def _apply(self, pend: _Pending) -> None:
+    def _apply(self, pend: _Pending, step: int, reform: bool = True) -> int:
         if pend.thread is not None:
             pend.thread.join()
             pend.thread = None
+        failed, want = pend.failed, pend.want
+        if self.membership is not None and self.worker_group is not None:
+            flags = torch.tensor([int(failed), int(want)])  # every rank of this worker acts alike
+            self.comm.all_reduce(flags, self.worker_group, "control", op=torch.distributed.ReduceOp.MAX)
+            failed, want = bool(flags[0]), bool(flags[1])
+        if not failed:
+            self._outer_step(pend)
+        if self.membership is not None and reform and (failed or want):
+            return self._reform(step, failed)
+        return step
+
+    def _outer_step(self, pend: _Pending) -> None:
         c = self.cfg
         for f, g in zip(pend.fragments, pend.result, strict=True):
             buf = self.momentum[f]
@@ -178,8 +287,12 @@ class DiLoCo:
             self.last_sync[f] = pend.apply_at
 
     def stats(self, step: int) -> dict:
-        return {"outer_steps": self.outer_steps, "bytes_last_sync": self.bytes_last_sync,
-                "staleness": [step - s for s in self.last_sync]}
+        out = {"outer_steps": self.outer_steps, "bytes_last_sync": self.bytes_last_sync,
+               "staleness": [step - s for s in self.last_sync]}
+        if self.membership is not None:
+            out.update(workers=len(self.membership.members), epoch=self.membership.epoch, left=self.left,
+                       joined=self.joined)
+        return out
 
     # Checkpoint: per-rank state. The global copies are this rank's shards; and since workers hold
     # different weights and inner optimizer moments, which DCP would save once for all of them,
@@ -192,7 +305,7 @@ class DiLoCo:
         return {"global_copy": self.global_copy, "momentum": self.momentum, "outer_steps": self.outer_steps,
                 "local": [self._flat(f) for f in range(len(self.params))],  # the workers differ: DCP keeps one
                 "last_sync": self.last_sync,
-                "pending": [(p.fragments, p.apply_at, p.result) for p in self.pending],
+                "pending": [(p.fragments, p.apply_at, p.result, p.failed, p.want) for p in self.pending],
                 "inner": [{k: local_part(v).clone() if isinstance(v, torch.Tensor) else v
                            for k, v in optimizer.state.get(p, {}).items()} for ps in self.params for p in ps]}
 
@@ -200,7 +313,8 @@ class DiLoCo:
         self.global_copy = [t.clone() for t in state["global_copy"]]
         self.momentum = [t.clone() for t in state["momentum"]]
         self.outer_steps, self.last_sync = state["outer_steps"], list(state["last_sync"])
-        self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs]) for fs, at, rs in state["pending"]]
+        self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs], *flags)
+                        for fs, at, rs, *flags in state["pending"]]
         for f, flat in enumerate(state["local"]):
             self._write(f, flat)
         params = [p for ps in self.params for p in ps]

@@ -4,6 +4,7 @@
   expertmesh train --config FILE [key=value ...]                                  one rank, in this process
   expertmesh distill --config FILE [--nproc N] [key=value ...]      speculative serving + online draft distillation
   expertmesh config --config FILE [key=value ...]                                 print the resolved config
+  expertmesh diloco-store HOST:PORT                 the store elastic DiLoCo workers (separate `run` jobs) meet at
   expertmesh plan  --config FILE [--nproc N] [--measured RUN_DIR] [key=value ...]  bytes and memory per rank
   expertmesh submit --config FILE --nodes N (--gpus-per-node G | --procs-per-node P) [--dry-run] …  Slurm
   expertmesh status JOBID                                                         job state + last metrics line
@@ -90,6 +91,19 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_diloco_store(args) -> int:
+    import logging
+
+    from expertmesh.dist.elastic import serve_store
+
+    host, _, port = args.address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"diloco-store {args.address!r}: give host:port, e.g. 0.0.0.0:29600")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    serve_store(args.address)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from expertmesh.parallel.plan import plan, render
 
@@ -164,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--max-restarts", type=int, default=0, help=argparse.SUPPRESS)
     ds.set_defaults(func=cmd_distill)
     with_config("config", "print the resolved config as JSON").set_defaults(func=cmd_config)
+    dst = sub.add_parser("diloco-store", help="serve the store elastic DiLoCo workers meet at (runs until killed)")
+    dst.add_argument("address", help="host:port to listen on; workers set diloco.store to it")
+    dst.set_defaults(func=cmd_diloco_store)
     pl = with_config("plan", "predicted communication and memory per rank of a layout, without launching it")
     pl.add_argument("--nproc", type=int, default=0, help="world size (default: the product of the degrees if "
                     "parallel.dp is set, else as for run)")

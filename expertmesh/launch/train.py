@@ -33,6 +33,7 @@ from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact
 from expertmesh.dist.comm_stats import CollectiveTap, Comm, view_labels
 from expertmesh.dist.diloco import DiLoCo, replica_group
+from expertmesh.dist.elastic import Membership
 from expertmesh.dist.fssdp import FSSDP
 from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
 from expertmesh.metrics import Metrics
@@ -125,8 +126,11 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     if tokenizer.vocab_size != cfg.model.vocab_size and cfg.data.tokenizer == "bpe":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     train_tokens, eval_tokens = split_tokens(tokenizer.encode(text), cfg.data.eval_fraction)
-    loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, dims.data_rank(env.rank),
-                         dims.data_world, cfg.train.seed, cfg.train.grad_accum)
+    shard, shards = dims.data_rank(env.rank), dims.data_world
+    if cfg.diloco.enabled and cfg.diloco.elastic:  # worker k of the separate jobs reads its own k-th share
+        shard, shards = cfg.diloco.worker * shards + shard, cfg.diloco.workers * shards
+    loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, shard, shards, cfg.train.seed,
+                         cfg.train.grad_accum)
 
     # Model: built on meta, then placed, materialized and initialized from outside.
     with torch.device("meta"):
@@ -141,7 +145,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     if cfg.moe.placement == "fssdp":  # the config check guarantees ep >= 2
         fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm)
     diloco_group = replica_group(dims) if cfg.diloco.enabled else None
-    diloco = DiLoCo(model, cfg.model.n_layers, cfg.diloco, diloco_group, comm) if cfg.diloco.enabled else None
+    diloco = make_diloco(model, cfg, diloco_group, comm, env)
     checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
     start_step = 0
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path)) is not None:
@@ -156,13 +160,18 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         elif diloco is not None:
             log.warning("the checkpoint has no DiLoCo state for this layout: global copies restart from the "
                         "loaded weights")
-            diloco = DiLoCo(model, cfg.model.n_layers, cfg.diloco, diloco_group, comm)
+            diloco = make_diloco(model, cfg, diloco_group, comm, env)
         saved_batch, batch = shared["loader"]["global_batch"], loader.state_dict()["global_batch"]
         if saved_batch != batch:
             log.warning("the global batch changed from %d to %d sequences: the data order differs from the "
                         "original run's from here on", saved_batch, batch)
         loader.load_state_dict(shared["loader"])
         log.info("resumed from %s (step %d)", path, start_step)
+    if diloco is not None:
+        joined_at = diloco.start(start_step)  # elastic: waits for the outer group; may take a peer's step
+        if joined_at != start_step:
+            fast_forward(joined_at, loader, scheduler, cfg)
+            start_step = joined_at
     if env.is_rank0:
         config_mod.save(cfg, run_path / "config.json")
         n = count_params(model)
@@ -188,7 +197,9 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
     window = Window(mesh, comm, tap)
     layout = layout_name(cfg, mesh.dims)
     rec: dict = {}
-    for step in range(start_step + 1, cfg.train.steps + 1):
+    step = start_step
+    while step < cfg.train.steps:
+        step += 1
         t0 = time.perf_counter()
         if fssdp is not None:
             fssdp.begin_step(step, optimizer)
@@ -196,8 +207,9 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
             grad_norm = train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp)
         tap.steps += window.steps == 0
         scheduler.step()
-        if diloco is not None:
-            diloco.after_step(step)
+        if diloco is not None and (at := diloco.after_step(step)) != step:  # elastic: took a peer's state
+            fast_forward(at, loader, scheduler, cfg)
+            step = at
         window.add_step(time.perf_counter() - t0)
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -232,6 +244,28 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         if diloco is not None:
             diloco.finish()
     return rec
+
+
+def make_diloco(model, cfg: JobConfig, group, comm: Comm, env: DistEnv) -> DiLoCo | None:
+    g = cfg.diloco
+    if not g.enabled:
+        return None
+    membership = worker_group = None
+    if g.elastic:
+        worker_group = dist.group.WORLD if env.world_size > 1 else None
+        membership = Membership(g.store, cfg.train.name, g.worker, g.workers, env.rank, g.timeout_s, g.settle_s,
+                                worker_group)
+    return DiLoCo(model, cfg.model.n_layers, g, group, comm, membership, worker_group)
+
+
+def fast_forward(step: int, loader: TokenLoader, scheduler, cfg: JobConfig) -> None:
+    """Puts the data order and the learning-rate schedule at `step` (a DiLoCo worker that joined late)."""
+    loader.load_state_dict({"batches_served": step * cfg.train.grad_accum})
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                   strict=True):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def layout_name(cfg: JobConfig, dims: ParallelDims) -> str:

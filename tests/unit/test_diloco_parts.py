@@ -38,6 +38,14 @@ def test_schedule_staggers_fragments_h_over_p_apart():
     (["diloco.merge_alpha=1.5"], "diloco.merge_alpha=1.5 must be in [0, 1]"),
     (["diloco.quant_bits=2"], "diloco.quant_bits=2 must be 0 (fp32), 4 or 8"),
     (["diloco.fragments=5", "diloco.sync_every=50"], "diloco.fragments=5 exceeds model.n_layers=4"),
+    (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=2", "diloco.store=\"h:1\""],
+     "diloco.worker in [0, workers); got workers=2, worker=2"),
+    (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=0", "diloco.store=\"nohost\""],
+     "diloco.store='nohost' must be host:port"),
+    (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=0", "diloco.store=\"h:1\"",
+      "parallel.dp_replicate=2"], "parallel.dp_replicate=2 must be 1"),
+    (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=0", "diloco.store=\"h:1\"", "diloco.settle_s=0"],
+     "diloco.settle_s=0.0 must be > 0"),
 ])
 def test_diloco_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -63,3 +71,9 @@ def test_quantized_mean_of_one_rank_is_the_round_trip():
     x = torch.randn(1000)
     mean = quantized_all_reduce_mean(x, None, Comm(), 8, 32, "diloco")
     assert mean.shape == x.shape and (mean - x).abs().max() <= x.abs().max() / 127  # two round trips
+
+
+def test_elastic_workers_run_in_their_own_directories():
+    cfg = config.load(None, ["train.name=r", "diloco.enabled=true", "diloco.elastic=true", "diloco.workers=3",
+                             "diloco.worker=1", "diloco.store=\"localhost:29600\""])
+    assert cfg.run_path.parts[-2:] == ("r", "worker1")

@@ -1,0 +1,73 @@
+"""Elastic DiLoCo: every worker is its own `expertmesh run` job (its own torchrun), meeting through an
+`expertmesh diloco-store` process. Worker 2 is SIGKILLed after step 10 and restarted by its torchrun
+agent (resuming its own checkpoint, then taking the global state from a peer); worker 1 is SIGKILLed
+after step 22 for good. The others log each loss, go on without the lost worker, let the restarted one
+back in, and finish with identical global copies."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import ROOT, read_metrics
+
+pytestmark = pytest.mark.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_overrides, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    cli = [sys.executable, "-m", "expertmesh.launch.cli"]
+    store = subprocess.Popen([*cli, "diloco-store", address], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert "listening" in store.stdout.readline()
+    common = tiny_overrides + [
+        "train.steps=40", "metrics.log_every=1", "checkpoint.every=4", "diloco.enabled=true", "diloco.sync_every=4",
+        "diloco.fragments=2", "diloco.overlap=1", "diloco.quant_bits=4", "diloco.elastic=true", "diloco.workers=3",
+        f"diloco.store=\"{address}\"", "diloco.timeout_s=30", "diloco.settle_s=3"]
+    kills = {0: ("", 0), 1: ("22:0", 0), 2: ("10:0", 1)}  # worker: (EXPERTMESH_KILL_AT, torchrun restarts)
+    jobs, logs = {}, {}
+    try:
+        for w, (kill, restarts) in kills.items():
+            logs[w] = open(tmp_path / f"worker{w}.log", "w+")
+            env = dict(os.environ, EXPERTMESH_KILL_AT=kill)
+            jobs[w] = subprocess.Popen([*cli, "run", "--nproc", "1", "--max-restarts", str(restarts), *common,
+                                        f"diloco.worker={w}"], cwd=ROOT, env=env, stdout=logs[w],
+                                       stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        codes = {w: job.wait(max(1.0, deadline - time.monotonic())) for w, job in jobs.items()}
+    finally:
+        for job in [*jobs.values(), store]:
+            job.kill()
+    text = {}
+    for w, f in logs.items():
+        f.seek(0)
+        text[w] = f.read()
+        f.close()
+    assert codes[0] == 0 and codes[2] == 0 and codes[1] != 0, (codes, text[0][-3000:])
+    for w in (0, 2):
+        assert "a worker left the outer group at step 11" in text[w] or w == 2
+        assert "worker(s) [1] left at step 23; continuing with workers [0, 2]" in text[w], text[w][-3000:]
+    assert "worker(s) [2] joined" in text[0]
+    assert "DiLoCo: took the global state of worker" in text[2]  # it came back at the members' step
+
+    run = tmp_path / "default"
+    last = {w: read_metrics(run / f"worker{w}")[40] for w in (0, 2)}
+    assert last[0]["diloco"]["workers"] == last[2]["diloco"]["workers"] == 2
+    assert last[0]["diloco"]["left"] >= 2 and last[0]["diloco"]["joined"] >= 1
+    assert last[0]["eval_loss"] == last[2]["eval_loss"]  # the same global model
+    states = [torch.load(run / f"worker{w}" / "step-40" / "rank-0.pt", weights_only=False)["diloco"] for w in (0, 2)]
+    for key in ("global_copy", "momentum"):
+        for a, b in zip(states[0][key], states[1][key], strict=True):
+            assert torch.equal(a, b), key
+    assert states[0]["outer_steps"] == states[1]["outer_steps"] > 0
+    # worker 2 skipped ahead: it never trained steps between its restart point and the step it rejoined at
+    steps2 = sorted(read_metrics(run / "worker2"))
+    assert steps2[-1] == 40 and len(steps2) < 40
