@@ -22,10 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """--quick and --out for every benchmark; `extra(parser)` adds a script's own options."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller version that runs in under a minute")
     p.add_argument("--out", help="where to write the JSON (default: benchmarks/results/<name>.json)")
+    if extra is not None:
+        extra(p)
     return p.parse_args()
 
 
