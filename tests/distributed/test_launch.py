@@ -38,6 +38,15 @@ def test_submit_dry_run_renders_the_sbatch_script(nodes):
     assert "OMP_NUM_THREADS" not in script  # GPU job: one thread setting per process is torch's default
 
 
+def test_an_elastic_diloco_worker_submits_as_its_own_job():
+    r = _cli("submit", "--nodes", "1", "--procs-per-node", "2", "--dry-run", "train.name=el", "diloco.enabled=true",
+             "diloco.elastic=true", "diloco.workers=2", "diloco.worker=1", 'diloco.store="h:29600"')
+    assert r.returncode == 0, r.stderr
+    assert "/runs/el/worker1/slurm-%j.out" in r.stdout and "diloco.worker=1" in r.stdout
+    r = _cli("diloco-store", "no-port")
+    assert r.returncode == 2 and "give host:port" in r.stderr
+
+
 def test_submit_refuses_inconsistent_requests():
     r = _cli("submit", "--nodes", "2", "--gpus-per-node", "4", "--procs-per-node", "2", "--dry-run")
     assert r.returncode == 2 and "exactly one of --gpus-per-node (4) and --procs-per-node (2)" in r.stderr
