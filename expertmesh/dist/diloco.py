@@ -159,25 +159,31 @@ class DiLoCo:
         and takes the global state if another member is further along. Returns the step to go on from."""
         if self.membership is None:
             return step
-        self.membership.form(member=False)
-        log.info("DiLoCo: worker %d in the outer group with workers %s (epoch %d)", self.membership.worker,
-                 self.membership.members, self.membership.epoch)
-        return self._agree(step)
+        return self._reform(step, failed=False, member=False)
 
-    def _reform(self, step: int, failed: bool) -> int:
+    def _reform(self, step: int, failed: bool, member: bool = True) -> int:
         m = self.membership
         if failed:
             log.warning("DiLoCo: a worker left the outer group at step %d; re-forming it", step)
-        left, joined = m.form(member=True)
-        self.left += len(left)
-        self.joined += len(joined)
-        if left:
-            log.warning("DiLoCo: worker(s) %s left at step %d; continuing with workers %s (epoch %d)",
-                        left, step, m.members, m.epoch)
-        if joined:
-            log.info("DiLoCo: worker(s) %s joined at step %d; workers %s (epoch %d)", joined, step, m.members,
-                     m.epoch)
-        return self._agree(step)
+        while True:
+            left, joined = m.form(member=member)
+            if not member:
+                log.info("DiLoCo: worker %d in the outer group with workers %s (epoch %d)", m.worker, m.members,
+                         m.epoch)
+            self.left += len(left)
+            self.joined += len(joined)
+            if left:
+                log.warning("DiLoCo: worker(s) %s left at step %d; continuing with workers %s (epoch %d)",
+                            left, step, m.members, m.epoch)
+            if joined:
+                log.info("DiLoCo: worker(s) %s joined at step %d; workers %s (epoch %d)", joined, step,
+                         m.members, m.epoch)
+            try:
+                return self._agree(step)
+            except RuntimeError as err:  # a member went away while the group agreed: once more without it
+                log.warning("DiLoCo: the outer group of epoch %d broke while agreeing (%s); re-forming it", m.epoch,
+                            str(err).splitlines()[0][:200])
+                member = True
 
     def _digest(self) -> float:
         return float(sum(g.double().sum() + 0.5 * m.double().sum() for g, m in zip(self.global_copy, self.momentum,
