@@ -45,9 +45,8 @@ def serve_store(address: str) -> None:
     store = connect_store(address, 60.0, serve=True)
     log.info("DiLoCo store serving on %s", address)
     print(f"diloco store listening on {address}", flush=True)
-    while True:
+    while store is not None:  # the store lives as long as this reference
         time.sleep(3600)
-        store.check(["_alive"])
 
 
 class Membership:

@@ -5,7 +5,6 @@ after step 22 for good. The others log each loss, go on without the lost worker,
 back in, and finish with identical global copies."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,14 @@ import pytest
 import torch
 from helpers import ROOT, read_metrics
 
+from expertmesh.testing import free_port
+
 pytestmark = pytest.mark.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_overrides, tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     cli = [sys.executable, "-m", "expertmesh.launch.cli"]
     store = subprocess.Popen([*cli, "diloco-store", address], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert "listening" in store.stdout.readline()

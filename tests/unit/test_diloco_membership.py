@@ -2,7 +2,6 @@
 epoch waits for everyone expected, a late worker is left out and asks to join, the members let it
 in at their next re-form, and a group of members that lost one freezes without it."""
 
-import socket
 import threading
 
 import pytest
@@ -10,17 +9,12 @@ import torch
 
 from expertmesh.dist.comm_stats import Comm
 from expertmesh.dist.elastic import Membership, connect_store
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from expertmesh.testing import free_port
 
 
 @pytest.fixture
 def address():
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     store = connect_store(addr, 30.0, serve=True)
     yield addr
     del store
