@@ -35,6 +35,27 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
+    # Attention. A Hugging Face checkpoint (`hf_path`) sets all of these from its config.json.
+    n_kv_heads: int = 0  # grouped-query attention: key/value heads (0 = n_heads)
+    head_dim: int = 0  # per-head width (0 = dim / n_heads)
+    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm on q and k: per head (Qwen3) or the whole projection (OLMoE)
+    attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    clip_qkv: float = 0.0  # clamp q, k, v to [-c, c] after the projections and QK-norm (OLMoE); 0 = off
+    attention: Literal["mha", "mla"] = "mha"  # mla: DeepSeek's multi-head latent attention (the keys below)
+    q_lora_rank: int = 0  # mla: low-rank q projection (0 = a full q projection)
+    kv_lora_rank: int = 0  # mla: compressed key/value width
+    qk_rope_head_dim: int = 0  # mla: the rotary part of each q/k head (one rotary key shared by all heads)
+    qk_nope_head_dim: int = 0  # mla: the part without position
+    v_head_dim: int = 0  # mla: value width per head
+    rope_style: Literal["interleaved", "half"] = "interleaved"  # pairs (2i, 2i+1), or (i, i + d/2) as transformers
+    rope_scaling: Literal["none", "yarn"] = "none"
+    rope_factor: float = 1.0  # yarn: context extension factor
+    rope_original_max_seq_len: int = 4096  # yarn: the pre-extension context
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 0.0
+    hf_path: str = ""  # a Hugging Face checkpoint directory: family, sizes and weights come from it
 
 
 @dataclass(kw_only=True)
@@ -55,6 +76,10 @@ class MoEConfig:
     every: int = 1  # layer i has a MoE FFN when (i + 1) % every == 0
     expert_dim: int = 128  # hidden size F of each SwiGLU expert
     shared_experts: int = 0  # dense experts every token passes through, F = shared_experts * expert_dim
+    shared_dim: int = 0  # hidden size of the shared expert when it is not shared_experts * expert_dim (Qwen2-MoE)
+    shared_gate: bool = False  # the shared expert's output scaled by sigmoid(x . w) per token (Qwen2-MoE)
+    routed_scaling_factor: float = 1.0  # the routed experts' combine weights are multiplied by it (DeepSeek-V3)
+    first_k_dense: int = 0  # the first k layers are dense whatever `every` says (DeepSeek-V3)
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     norm_topk: bool = True
     aux_loss_coef: float = 0.01
@@ -69,10 +94,17 @@ class MoEConfig:
     placement: Literal["ep", "fssdp"] = "ep"  # fssdp: fully sharded sparse data parallelism over the ep group
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
 
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.first_k_dense and (layer + 1) % self.every == 0
+
     def experts_in_layers(self, n_layers: int) -> list[int]:
         """Expert count of each MoE layer, in order."""
-        moe_layers = sum(1 for i in range(n_layers) if (i + 1) % self.every == 0)
+        moe_layers = sum(1 for i in range(n_layers) if self.is_moe(i))
         return list(self.num_experts_per_layer) or [self.num_experts] * moe_layers
+
+    @property
+    def shared_hidden(self) -> int:
+        return self.shared_dim or self.shared_experts * self.expert_dim
 
 
 @dataclass(kw_only=True)
@@ -323,6 +355,10 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
     data = apply_overrides(data, overrides)
     cfg = _build(JobConfig, data, "")
+    if cfg.model.hf_path:  # the checkpoint decides the architecture; contradicting keys are refused
+        from expertmesh.models.hf import resolve
+
+        cfg = resolve(cfg, data)
     check(cfg)
     return cfg
 
@@ -361,11 +397,13 @@ def check(cfg: JobConfig) -> None:
         "train.eval_every", "train.eval_batches", "checkpoint.every", "checkpoint.keep",
         "metrics.log_every", "parallel.dp_replicate", "parallel.ep", "parallel.tp",
     ])
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.dim={m.dim}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError(f"head dim model.dim/model.n_heads={m.dim // m.n_heads} must be even for RoPE")
-    moe_layers = sum(1 for i in range(m.n_layers) if (i + 1) % e.every == 0)
+    check_attention(m)
+    if e.first_k_dense < 0 or e.routed_scaling_factor <= 0 or e.shared_dim < 0:
+        raise ConfigError(f"moe.first_k_dense={e.first_k_dense} and moe.shared_dim={e.shared_dim} must be >= 0, "
+                          f"moe.routed_scaling_factor={e.routed_scaling_factor} > 0")
+    if e.shared_gate and not e.shared_hidden:
+        raise ConfigError("moe.shared_gate=true needs a shared expert (moe.shared_experts or moe.shared_dim)")
+    moe_layers = sum(1 for i in range(m.n_layers) if e.is_moe(i))
     if e.num_experts_per_layer and len(e.num_experts_per_layer) != moe_layers:
         raise ConfigError(f"moe.num_experts_per_layer has {len(e.num_experts_per_layer)} entries but the model has "
                           f"{moe_layers} MoE layers (model.n_layers={m.n_layers}, moe.every={e.every})")
@@ -408,9 +446,10 @@ def check(cfg: JobConfig) -> None:
     for n in e.experts_in_layers(m.n_layers):
         if n % p.ep:
             raise ConfigError(f"parallel.ep={p.ep} does not divide moe.num_experts={n}")
-    if m.n_heads % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}")
-    for key, value in (("model.ffn_dim", m.ffn_dim), ("moe.expert_dim", e.expert_dim)):
+    if m.n_heads % p.tp or (m.n_kv_heads or m.n_heads) % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads} and model.n_kv_heads="
+                          f"{m.n_kv_heads or m.n_heads}")
+    for key, value in (("model.ffn_dim", m.ffn_dim), ("moe.expert_dim", e.expert_dim), ("moe.shared_dim", e.shared_dim)):
         if value % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide {key}={value}")
     if p.tp > 1:
@@ -425,6 +464,30 @@ def check(cfg: JobConfig) -> None:
     check_diloco(cfg)
     check_fssdp(cfg)
     check_distill(cfg)
+
+
+def check_attention(m: ModelConfig) -> None:
+    if m.attention == "mla":
+        for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"model.attention='mla' needs model.{key} >= 1, got {getattr(m, key)}")
+        if m.q_lora_rank < 0:
+            raise ConfigError(f"model.q_lora_rank={m.q_lora_rank} must be >= 0 (0 = a full q projection)")
+        rotary = m.qk_rope_head_dim
+    else:
+        if m.head_dim < 0 or m.n_kv_heads < 0:
+            raise ConfigError(f"model.head_dim={m.head_dim} and model.n_kv_heads={m.n_kv_heads} must be >= 0 "
+                              "(0 = derived)")
+        if not m.head_dim and m.dim % m.n_heads:
+            raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.dim={m.dim} (or set model.head_dim)")
+        if m.n_heads % (m.n_kv_heads or m.n_heads):
+            raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+        rotary = m.head_dim or m.dim // m.n_heads
+    if rotary % 2:
+        raise ConfigError(f"the rotary head dim {rotary} must be even for RoPE")
+    if m.rope_scaling == "yarn" and (m.rope_factor < 1 or m.rope_original_max_seq_len < 1):
+        raise ConfigError(f"model.rope_scaling='yarn' needs model.rope_factor={m.rope_factor} >= 1 and "
+                          f"model.rope_original_max_seq_len={m.rope_original_max_seq_len} >= 1")
 
 
 def check_distill(cfg: JobConfig) -> None:

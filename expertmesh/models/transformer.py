@@ -17,53 +17,176 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.config import JobConfig, ModelConfig
-from expertmesh.models.mlp import SwiGLU
+from expertmesh.models.mlp import SwiGLU, local
 from expertmesh.moe.layer import MoELayer, MoEStats
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles_SH = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), inv)
-    return angles_SH.cos(), angles_SH.sin()
+def rope_frequencies(m: ModelConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rotary pairs and the factor cos/sin are scaled by (YaRN's attention
+    factor; 1 for plain RoPE), computed as transformers computes them for the same config."""
+    inv = 1.0 / m.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if m.rope_scaling == "none":
+        return inv, 1.0
+    f = m.rope_factor
+    # YaRN: frequencies above beta_fast rotations over the original context are kept, those below
+    # beta_slow are interpolated by the factor, a linear ramp blends the ones between.
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(m.rope_original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(m.rope_theta))
+
+    low = max(math.floor(correction_dim(m.rope_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(m.rope_beta_slow)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    inv = inv / f * (1 - extrapolate) + inv * extrapolate
+    if m.rope_mscale and m.rope_mscale_all_dim:
+        scale = yarn_mscale(f, m.rope_mscale) / yarn_mscale(f, m.rope_mscale_all_dim)
+    else:
+        scale = yarn_mscale(f)
+    return inv, scale
 
 
-def apply_rope(x_BHSDh: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_tables(m: ModelConfig, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv, scale = rope_frequencies(m, head_dim)
+    angles_SH = torch.outer(torch.arange(m.max_seq_len, dtype=torch.float32), inv).to(device)
+    return angles_SH.cos() * scale, angles_SH.sin() * scale
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor, style: str = "interleaved"):
+    """Rotates pairs of channels: (2i, 2i+1) when `interleaved`, (i, i + Dh/2) when `half` (transformers'
+    rotate_half). Both rotate pair i by the same angle; the layouts differ in which channels pair up."""
     S = x_BHSDh.shape[2]
-    x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos_SH[:S], sin_SH[:S]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    if style == "half":
+        x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x_BHSDh)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, sum_sq=None, width: int = 0) -> torch.Tensor:
+    """RMSNorm over the last dim. `sum_sq` (tensor parallelism, the whole projection normalized while each
+    rank holds some of its heads) sums the squares over the ranks; `width` is then the full width."""
+    if sum_sq is None:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    ms = sum_sq(x.float().square().sum(-1, keepdim=True)) / width
+    return (x.float() * torch.rsqrt(ms + eps)).type_as(x) * weight
+
+
+def _attend(q, k, v, cache: KVCache | None, key: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of q [B, H, S, Dh] over k, v (fewer heads under GQA); with a `cache` the chunk
+    attends to the cached keys/values too (decoding), and its own are appended."""
+    gqa = q.shape[1] != k.shape[1]
+    if cache is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    S = q.shape[2]
+    k, v = cache.append(key, k, v)
+    mask_SL = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SL, scale=scale, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional q/k/v biases and QK-norm (per head, or
+    over the whole projection). `tp_sync` is attached by tensor parallelism (parallel/tensor.py): it
+    sums the per-head norm weights' gradients and the whole-projection norm's squares over tp."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
+        self.head_dim, self.eps = cfg.head_dim or cfg.dim // cfg.n_heads, cfg.norm_eps
+        self.qk_norm, self.rope_style, self.clip = cfg.qk_norm, cfg.rope_style, cfg.clip_qkv
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(cfg.dim, q_width, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, kv_width, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, kv_width, bias=cfg.attn_bias)
+        self.wo = nn.Linear(q_width, cfg.dim, bias=False)
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_dim if per_head else q_width, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_width, eps=cfg.norm_eps)
+        self.tp_sync = None
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        for lin in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(lin.weight, std=std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+    def _norm(self, x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+        w, tp = local(norm.weight), self.tp_sync
+        if self.qk_norm == "head":
+            return rms_norm(x, tp(w) if tp else w, self.eps)
+        return rms_norm(x, w, self.eps, tp.sum if tp else None, norm.weight.shape[0])
 
     def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """`cos_SH`/`sin_SH` start at this chunk's first position; with a `cache` the chunk attends to
-        the cached keys/values too (decoding), and its own are appended."""
+        """`cos_SH`/`sin_SH` start at this chunk's first position."""
         B, S, _ = x_BSD.shape
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
-        q, k, v = (w(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(q, cos_SH, sin_SH), apply_rope(k, cos_SH, sin_SH)
-        if cache is None:
-            o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            k, v = cache.append(id(self), k, v)
-            mask_SL = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - S)
-            o_BHSDh = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SL)
+        q, k, v = (t.view(B, S, -1, self.head_dim) for t in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)
+        if self.clip:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos_SH, sin_SH, self.rope_style), apply_rope(k, cos_SH, sin_SH, self.rope_style)
+        o_BHSDh = _attend(q, k, v, cache, id(self))
         return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention: q through an optional low-rank bottleneck, keys and
+    values from one compressed vector per token (kv_lora_rank) plus one rotary key shared by all heads.
+    Each head's q/k is [no-position part | rotary part]; values have their own width."""
+
+    LATENT_EPS = 1e-6  # the low-rank norms' epsilon, fixed whatever model.norm_eps (as DeepSeek-V3 builds them)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.rope_style = cfg.n_heads, cfg.rope_style
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank, qk_dim = cfg.kv_lora_rank, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        bias = cfg.attn_bias  # on the down projections and the output only, as DeepSeek's attention_bias
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=bias)
+            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=self.LATENT_EPS)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=self.LATENT_EPS)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=bias)
+        mscale = yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) if cfg.rope_scaling == "yarn" else 1.0
+        self.scale = qk_dim**-0.5 * mscale * mscale
+        self.tp_sync = None  # tensor parallelism: sums the shared rotary key's gradient over the heads' ranks
+
+    def _down(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """A low-rank down projection: whole on every tensor-parallel rank (replicated weights)."""
+        return F.linear(x, local(lin.weight), None if lin.bias is None else local(lin.bias))
+
+    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        if hasattr(self, "wq_a"):
+            q = self.wq_b(rms_norm(self._down(x_BSD, self.wq_a), local(self.q_norm.weight), self.LATENT_EPS))
+        else:
+            q = self.wq(x_BSD)
+        q_nope, q_rope = q.view(B, S, -1, self.nope + self.rope).transpose(1, 2).split([self.nope, self.rope], -1)
+        kv_c, k_rope = self._down(x_BSD, self.wkv_a).split([self.kv_rank, self.rope], -1)
+        kv_c = rms_norm(kv_c, local(self.kv_norm.weight), self.LATENT_EPS)
+        kv = self.wkv_b(kv_c).view(B, S, -1, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], -1)
+        if self.tp_sync is not None:  # every rank's heads read it: their gradients add up
+            k_rope = self.tp_sync(k_rope)
+        q_rope = apply_rope(q_rope, cos_SH, sin_SH, self.rope_style)
+        k_rope = apply_rope(k_rope.reshape(B, 1, S, self.rope), cos_SH, sin_SH, self.rope_style)
+        q = torch.cat([q_nope, q_rope], -1)
+        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], -1)
+        o_BHSDv = _attend(q, k, v, cache, id(self), self.scale)
+        return self.wo(o_BHSDv.transpose(1, 2).reshape(B, S, -1))
 
 
 class KVCache:
@@ -94,16 +217,10 @@ class Block(nn.Module):
         super().__init__()
         m = cfg.model
         self.attention_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
-        self.attention = Attention(m)
+        self.attention = LatentAttention(m) if m.attention == "mla" else Attention(m)
         self.ffn_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
-        self.is_moe = (layer_id + 1) % cfg.moe.every == 0
+        self.is_moe = cfg.moe.is_moe(layer_id)
         self.ffn = MoELayer(m.dim, cfg.moe, num_experts) if self.is_moe else SwiGLU(m.dim, m.ffn_dim)
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std, out_std)
-        self.ffn.init_weights(std, out_std)
 
     def forward(self, h_BSD, cos_SH, sin_SH, cache: KVCache | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         # the cache as a keyword: tensor parallelism's input plan lays out the three positional inputs
@@ -123,36 +240,37 @@ class Transformer(nn.Module):
         # A ModuleDict keyed by layer index keeps parameter names stable if layers are pruned or staged.
         experts = iter(cfg.moe.experts_in_layers(m.n_layers))
         self.layers = nn.ModuleDict({
-            str(i): Block(cfg, i, next(experts) if (i + 1) % cfg.moe.every == 0 else None) for i in range(m.n_layers)
+            str(i): Block(cfg, i, next(experts) if cfg.moe.is_moe(i) else None) for i in range(m.n_layers)
         })
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.output = nn.Linear(m.dim, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(m.dim // m.n_heads, m.max_seq_len, m.rope_theta)
+        cos, sin = rope_tables(m, self.rotary_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def rotary_dim(self) -> int:
+        m = self.cfg
+        return m.qk_rope_head_dim if m.attention == "mla" else m.head_dim or m.dim // m.n_heads
 
     @torch.no_grad()
     def init_rope(self) -> None:
         """Fills the (non-persistent) rotary tables; they are never checkpointed or sharded."""
-        m = self.cfg
-        cos, sin = rope_tables(m.dim // m.n_heads, m.max_seq_len, m.rope_theta, device=self.rope_cos.device)
+        cos, sin = rope_tables(self.cfg, self.rotary_dim, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initializes every parameter and buffer; call after materializing from meta."""
-        m = self.cfg
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initializes every parameter and buffer of an unsharded model; call after materializing from meta.
+        (A sharded model draws each of its slices with `init.SeededInit`, from the same rules.)"""
+        from expertmesh.models.init import init_tensor
+
         self.init_rope()
-        out_std = m.init_std / math.sqrt(2 * m.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=1.0)
-        for block in self.layers.values():
-            block.init_weights(m.init_std, out_std)
-        self.norm.reset_parameters()
-        if not m.tie_embeddings:
-            nn.init.trunc_normal_(self.output.weight, std=m.dim**-0.5)
+        for name, t in self.state_dict(keep_vars=True).items():
+            init_tensor(self.cfg, name, t.data, generator)
 
     def make_cache(self) -> KVCache:
         """An empty KV cache for decoding (`speculative_generate` takes any model with this method)."""

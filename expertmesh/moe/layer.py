@@ -37,9 +37,11 @@ class MoELayer(nn.Module):
         E = num_experts or cfg.num_experts
         self.num_experts, self.backend = E, cfg.backend
         self.router = TopKRouter(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk, cfg.capacity_factor,
-                                 cfg.bias_update_rate, cfg.n_groups, cfg.topk_groups)
+                                 cfg.bias_update_rate, cfg.n_groups, cfg.topk_groups, cfg.routed_scaling_factor)
         self.experts = GroupedExperts(E, dim, cfg.expert_dim)
-        self.shared = SwiGLU(dim, cfg.shared_experts * cfg.expert_dim) if cfg.shared_experts else None
+        self.shared = SwiGLU(dim, cfg.shared_hidden) if cfg.shared_hidden else None
+        # Qwen2-MoE: the shared expert's output is scaled per token by sigmoid(x . w)
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_gate else None
         # PR-MoE (residual MoE): out = c0 * experts(x) + c1 * mlp(x), c = softmax(coefficient(x)).
         self.residual_mlp = SwiGLU(dim, cfg.expert_dim) if cfg.residual else None
         self.coefficient = nn.Linear(dim, 2, bias=False) if cfg.residual else None
@@ -53,8 +55,9 @@ class MoELayer(nn.Module):
         for mlp in (self.shared, self.residual_mlp):
             if mlp is not None:
                 mlp.init_weights(std, out_std)
-        if self.coefficient is not None:
-            nn.init.trunc_normal_(self.coefficient.weight, std=std)
+        for gate in (self.coefficient, self.shared_gate):
+            if gate is not None:
+                nn.init.trunc_normal_(gate.weight, std=std)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
@@ -75,6 +78,10 @@ class MoELayer(nn.Module):
             c_T2 = tp(c_T2) if tp else c_T2
             out_TD = out_TD * c_T2[:, :1] + self.residual_mlp.forward_local(xe_TD) * c_T2[:, 1:]
         if self.shared is not None:
-            out_TD = out_TD + self.shared.forward_local(xe_TD)
+            shared_TD = self.shared.forward_local(xe_TD)
+            if self.shared_gate is not None:
+                g_T1 = F.linear(xr_TD, local(self.shared_gate.weight)).sigmoid()
+                shared_TD = shared_TD * (tp(g_T1) if tp else g_T1)
+            out_TD = out_TD + shared_TD
         stats = MoEStats(r.aux_loss, r.z_loss, r.tokens_per_expert_E, r.dropped, r.entropy)
         return out_TD.view(B, S, D), stats

@@ -38,6 +38,7 @@ class TopKRouter(nn.Module):
         bias_update_rate: float = 0.0,
         n_groups: int = 1,
         topk_groups: int = 1,
+        scaling_factor: float = 1.0,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -50,6 +51,7 @@ class TopKRouter(nn.Module):
                              f"topk_groups={topk_groups} must be in [1, n_groups]")
         self.score_func, self.norm_topk, self.capacity_factor = score_func, norm_topk, capacity_factor
         self.bias_update_rate, self.n_groups, self.topk_groups = bias_update_rate, n_groups, topk_groups
+        self.scaling_factor = scaling_factor
         self.gate = nn.Linear(dim, num_experts, bias=False)
         # Aux-loss-free balancing: added to the scores for choosing experts only, never to the weights.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
@@ -78,9 +80,8 @@ class TopKRouter(nn.Module):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
-        select_TE = scores_TE.detach()
-        if self.bias_update_rate > 0:
-            select_TE = select_TE + self.expert_bias
+        # the bias is zero unless balancing moves it or a checkpoint brought it (DeepSeek-V3's correction bias)
+        select_TE = scores_TE.detach() + self.expert_bias
         if self.n_groups > 1:
             select_TE = self._limit_groups(select_TE)
         topk_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
@@ -88,6 +89,8 @@ class TopKRouter(nn.Module):
         topk_w_TK = topk_s_TK
         if self.norm_topk and self.top_k > 1:
             topk_w_TK = topk_s_TK / topk_s_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.scaling_factor != 1.0:
+            topk_w_TK = topk_w_TK * self.scaling_factor
 
         probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
         aux_loss = self._load_balance_loss(probs_TE, topk_idx_TK)

@@ -40,6 +40,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from expertmesh.config import ParallelConfig
 from expertmesh.dist.comm_stats import Comm
+from expertmesh.models.transformer import LatentAttention
 from expertmesh.moe.layer import MoELayer
 
 
@@ -50,6 +51,23 @@ class _SumGradOverTP(torch.autograd.Function):
     def forward(ctx, x, group, comm):
         ctx.group, ctx.comm = group, comm
         return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        ctx.comm.all_reduce(grad, ctx.group, "tp")
+        return grad, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sums over the tp group; the gradient of each rank's part is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, comm):
+        ctx.group, ctx.comm = group, comm
+        out = x.contiguous().clone()
+        comm.all_reduce(out, group, "tp")
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -88,6 +106,10 @@ class TensorParallelSync:
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         return _SumGradOverTP.apply(t, self.group, self.comm)
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` summed (e.g. the squares of a norm over heads held by different ranks)."""
+        return _AllReduceSum.apply(t, self.group, self.comm)
+
     def expert_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.seq else _SumGradOverTP.apply(x, self.group, self.comm)
 
@@ -120,8 +142,9 @@ class ExpertTensorParallel(ParallelStyle):
                 _distribute(mlp.w3, "weight", device_mesh, [Shard(0)])
                 _distribute(mlp.w2, "weight", device_mesh, [Shard(1)])
         _distribute(module.router.gate, "weight", device_mesh, [Replicate()])
-        if module.coefficient is not None:
-            _distribute(module.coefficient, "weight", device_mesh, [Replicate()])
+        for gate in (module.coefficient, module.shared_gate):
+            if gate is not None:
+                _distribute(gate, "weight", device_mesh, [Replicate()])
         seq = self.sequence_parallel
         module.tp_sync = TensorParallelSync(device_mesh.get_group(), self.comm, seq)
 
@@ -161,19 +184,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, p: ParallelConf
     parallelize_module(model, tp_mesh, top)
 
     for block in model.layers.values():
-        plan: dict[str, ParallelStyle] = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=stream),
-        }
+        plan = attention_plan(block.attention, tp_mesh, stream, comm)
         if seq:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
-        # One DTensor input per region, shared by its column-wise layers, so that the input's gradient
-        # (a partial sum per rank) is reduced once at the region's boundary, not once per layer.
-        plan["attention"] = PrepareModuleInput(input_layouts=(stream, None, None),
-                                               desired_input_layouts=(Replicate(), None, None))
         if block.is_moe:
             plan["ffn"] = ExpertTensorParallel(seq, comm)
         else:
@@ -182,3 +196,36 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, p: ParallelConf
             plan["ffn.w3"] = ColwiseParallel()
             plan["ffn.w2"] = RowwiseParallel(output_layouts=stream)
         parallelize_module(block, tp_mesh, plan)
+
+
+def attention_plan(attn: nn.Module, tp_mesh: DeviceMesh, stream, comm: Comm) -> dict[str, ParallelStyle]:
+    """Heads split over tp. Multi-head attention: q/k/v column-wise (biases with them), per-head QK-norm
+    weights replicated (their gradients summed over tp), a whole-projection QK-norm split with the
+    heads (its squares summed over tp). Latent attention (MLA): the low-rank down projections and
+    their norms replicated, the up projections column-wise over heads."""
+    sync = TensorParallelSync(tp_mesh.get_group(), comm, False)
+    plan: dict[str, ParallelStyle] = {"attention.wo": RowwiseParallel(output_layouts=stream)}
+    if isinstance(attn, LatentAttention):
+        for name in ("wq", "wq_b", "wkv_b"):
+            if hasattr(attn, name):
+                plan[f"attention.{name}"] = ColwiseParallel()
+        for name in ("wq_a", "wkv_a", "q_norm", "kv_norm"):
+            for pname, _ in getattr(attn, name, nn.Module()).named_parameters():
+                _distribute(getattr(attn, name), pname, tp_mesh, [Replicate()])
+        # A plain input: every column-wise layer all-reduces its input's gradient, and the down
+        # projections' share is whole on every rank, so the sum leaving the region is right as it is.
+        plan["attention"] = PrepareModuleInput(input_layouts=(stream, None, None),
+                                               desired_input_layouts=(Replicate(), None, None),
+                                               use_local_output=True)
+    else:
+        plan.update({f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")})
+        if attn.qk_norm != "none":
+            placement = Replicate() if attn.qk_norm == "head" else Shard(0)
+            for norm in (attn.q_norm, attn.k_norm):
+                _distribute(norm, "weight", tp_mesh, [placement])
+        # One DTensor input per region, shared by its column-wise layers, so that the input's gradient
+        # (a partial sum per rank) is reduced once at the region's boundary, not once per layer.
+        plan["attention"] = PrepareModuleInput(input_layouts=(stream, None, None),
+                                               desired_input_layouts=(Replicate(), None, None))
+    attn.tp_sync = sync
+    return plan

@@ -1,0 +1,19 @@
+"""Qwen2-MoE: q/k/v biases, softmax top-k routing, a shared expert scaled by its own sigmoid gate."""
+
+from expertmesh.models.hf.adapter import Adapter, base_model_config, dense_prefix, need, no_sliding_window
+
+
+class Qwen2MoE(Adapter):
+    model_type = "qwen2_moe"
+
+    def model_config(self, hf: dict, path: str = "") -> dict[str, dict]:
+        no_sliding_window(hf, path)
+        model = base_model_config(hf, path, self.default_theta)
+        model |= {"attn_bias": bool(hf.get("qkv_bias", True)), "ffn_dim": need(hf, "intermediate_size", path)}
+        shared = hf.get("shared_expert_intermediate_size") or 0
+        moe = {"num_experts": hf.get("num_experts") or need(hf, "num_local_experts", path),
+               "top_k": need(hf, "num_experts_per_tok", path), "expert_dim": need(hf, "moe_intermediate_size", path),
+               "every": hf.get("decoder_sparse_step", 1), "first_k_dense": dense_prefix(hf, path),
+               "norm_topk": bool(hf.get("norm_topk_prob", False)), "score_func": "softmax",
+               "shared_dim": shared, "shared_gate": bool(shared)}
+        return {"model": model, "moe": moe}

@@ -1,0 +1,48 @@
+"""Filling a parallelized model slice by slice: each rank reads only what it holds.
+
+After `shard_model` every weight is either a plain tensor (held whole) or a DTensor that knows its
+global shape and which part of it this rank keeps (tensor, expert and FSDP sharding compose into one
+placement). `load_shards` asks a source for exactly those parts: `SeededInit` draws them from the
+seed (models/init.py), an HF checkpoint reads them from its safetensors (models/hf/). No rank ever
+builds the full model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+_WRAPPED = "_checkpoint_wrapped_module."
+
+
+def local_index(t: torch.Tensor) -> tuple[slice, ...]:
+    """The part of the global tensor this rank holds, one slice per dim."""
+    if not isinstance(t, DTensor):
+        return tuple(slice(0, n) for n in t.shape)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def model_tensors(model: nn.Module):
+    """(name, tensor) of every parameter and persistent buffer, names as in an unsharded model."""
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # tied weights: one tensor, read once
+            continue
+        seen.add(id(t))
+        yield name.replace(_WRAPPED, ""), t
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, read) -> None:
+    """Copies `read(name, global_shape, index)` into this rank's part of every tensor of `model`."""
+    for name, t in model_tensors(model):
+        local = t.to_local() if isinstance(t, DTensor) else t
+        index = local_index(t)
+        part = read(name, tuple(t.shape), index)
+        if tuple(part.shape) != tuple(local.shape):
+            raise RuntimeError(f"{name}: the source gave a slice of shape {tuple(part.shape)} for this rank's "
+                               f"{tuple(local.shape)} (index {index})")
+        local.copy_(part)
