@@ -38,7 +38,7 @@ class ModelConfig:
     # Attention. A Hugging Face checkpoint (`hf_path`) sets all of these from its config.json.
     n_kv_heads: int = 0  # grouped-query attention: key/value heads (0 = n_heads)
     head_dim: int = 0  # per-head width (0 = dim / n_heads)
-    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm on q and k: per head (Qwen3) or the whole projection (OLMoE)
+    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm on q, k: per head (Qwen3) or whole projection (OLMoE)
     attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     clip_qkv: float = 0.0  # clamp q, k, v to [-c, c] after the projections and QK-norm (OLMoE); 0 = off
     attention: Literal["mha", "mla"] = "mha"  # mla: DeepSeek's multi-head latent attention (the keys below)
@@ -124,7 +124,7 @@ class DataConfig:
     source: Literal["stdlib", "files"] = "stdlib"
     paths: list[str] = field(default_factory=list)  # globs, for source = "files" (.txt, .py, .jsonl …)
     jsonl_field: str = "text"
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer: Literal["byte", "bpe", "hf"] = "byte"  # hf: model.hf_path's tokenizer.json (or tokenizer_path)
     tokenizer_path: str = ""  # a tokenizers JSON file; empty: train a BPE on the training split
     bpe_vocab_size: int = 2048
     max_bytes: int = 16_000_000  # corpus cap (0 = everything)
@@ -165,6 +165,7 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 2
     resume: bool = True
+    export_hf: bool = False  # at the end of training, export the weights to runs/<name>/hf_export (needs model.hf_path)
 
 
 @dataclass(kw_only=True)
@@ -449,7 +450,8 @@ def check(cfg: JobConfig) -> None:
     if m.n_heads % p.tp or (m.n_kv_heads or m.n_heads) % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads} and model.n_kv_heads="
                           f"{m.n_kv_heads or m.n_heads}")
-    for key, value in (("model.ffn_dim", m.ffn_dim), ("moe.expert_dim", e.expert_dim), ("moe.shared_dim", e.shared_dim)):
+    for key, value in (("model.ffn_dim", m.ffn_dim), ("moe.expert_dim", e.expert_dim),
+                       ("moe.shared_dim", e.shared_dim)):
         if value % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide {key}={value}")
     if p.tp > 1:
@@ -461,6 +463,12 @@ def check(cfg: JobConfig) -> None:
                               "(or set parallel.vocab_parallel=false)")
         if m.tie_embeddings:
             raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.tp={p.tp}")
+    if cfg.checkpoint.export_hf and not (m.hf_path and cfg.checkpoint.enabled):
+        raise ConfigError(f"checkpoint.export_hf=true needs model.hf_path (got {m.hf_path!r}) and checkpoint.enabled="
+                          f"true (got {str(cfg.checkpoint.enabled).lower()}): it exports the last checkpoint")
+    if d.tokenizer == "hf" and not (d.tokenizer_path or m.hf_path):
+        raise ConfigError("data.tokenizer='hf' reads tokenizer.json from model.hf_path or data.tokenizer_path; "
+                          "both are empty")
     check_diloco(cfg)
     check_fssdp(cfg)
     check_distill(cfg)

@@ -26,3 +26,12 @@ def tiny_overrides(tmp_path):
     from helpers import tiny_overrides as make
 
     return make(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """family -> a tiny random checkpoint directory written by transformers (built once per session)."""
+    from hf_checkpoints import FAMILIES, make_checkpoint
+
+    root = tmp_path_factory.mktemp("hf")
+    return {f: make_checkpoint(f, root / f) for f in FAMILIES}

@@ -9,6 +9,7 @@
   expertmesh submit --config FILE --nodes N (--gpus-per-node G | --procs-per-node P) [--dry-run] …  Slurm
   expertmesh status JOBID                                                         job state + last metrics line
   expertmesh report RUN_DIR                                                       PNG plots + summary.md
+  expertmesh export RUN_DIR [--step N] --hf OUT_DIR [--dtype bf16|fp32]   weights back to the HF family's files
 
 Everything that can be checked before processes start (config, parallel degrees against the
 process count, data paths) is checked here, so a mistake costs one line, not a torchrun failure.
@@ -42,6 +43,10 @@ def _preflight(args, nproc: int):
         from expertmesh.data.corpus import glob_files
 
         glob_files(cfg.data.paths)
+    if cfg.model.hf_path:  # every key and shape of the checkpoint, before a process starts
+        from expertmesh.models.hf import HFSource, tensor_shapes
+
+        HFSource(cfg).check(tensor_shapes(cfg))
     return cfg
 
 
@@ -156,6 +161,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from expertmesh.models.hf.export import export_run
+
+    out = export_run(args.run_dir, args.hf, args.step, args.dtype, int(args.max_shard_gb * (1 << 30)))
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertmesh", description="Train Mixture-of-Experts transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="plots and a summary of a run directory")
     rp.add_argument("run_dir")
     rp.set_defaults(func=cmd_report)
+    ex = sub.add_parser("export", help="a run's weights as a Hugging Face directory of its checkpoint's family")
+    ex.add_argument("run_dir")
+    ex.add_argument("--hf", required=True, help="output directory (must not exist or be empty)")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
+    ex.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
+                    help="tensor dtype (default: each tensor's dtype in the source checkpoint)")
+    ex.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors file, GiB")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

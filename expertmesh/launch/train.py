@@ -14,11 +14,13 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,7 @@ from expertmesh.dist.elastic import Membership
 from expertmesh.dist.fssdp import FSSDP
 from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
 from expertmesh.metrics import Metrics
+from expertmesh.models.hf.export import SOURCE_COPY, copy_source_files, export_run
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
 from expertmesh.parallel.apply import parallelize_model
 from expertmesh.parallel.data_parallel import clip_grad_norm
@@ -48,6 +51,12 @@ log = logging.getLogger("expertmesh")
 def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv):
     if cfg.data.tokenizer == "byte":
         return ByteTokenizer()
+    if cfg.data.tokenizer == "hf":
+        tok = BPETokenizer.load(cfg.data.tokenizer_path or Path(cfg.model.hf_path) / "tokenizer.json")
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, more than model.vocab_size="
+                              f"{cfg.model.vocab_size}")
+        return tok
     if cfg.data.tokenizer_path:
         return BPETokenizer.load(cfg.data.tokenizer_path)
     path = cfg.run_path / "tokenizer.json"
@@ -174,15 +183,24 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
             start_step = joined_at
     if env.is_rank0:
         config_mod.save(cfg, run_path / "config.json")
+        if cfg.model.hf_path:  # what an export needs beside the weights, even if the source moves later
+            copy_source_files(Path(cfg.model.hf_path), run_path / SOURCE_COPY)
         n = count_params(model)
         log.info("model: %.2fM parameters (%.2fM in experts); world %d, mesh %s, run dir %s",
                  n["total"] / 1e6, n["expert"] / 1e6, env.world_size, dims.active_axes or "(single)", run_path)
     metrics = Metrics(cfg, run_path, env.is_rank0)
     try:
-        return train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
-                          start_step, device, autocast, diloco, fssdp)
+        rec = train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
+                         start_step, device, autocast, diloco, fssdp)
     finally:
         metrics.close()  # also on a failing peer or SIGTERM: W&B flushes what it was given
+    last = run_path / f"step-{cfg.train.steps}"
+    if cfg.checkpoint.export_hf and env.is_rank0 and last.is_dir():
+        out = run_path / "hf_export"
+        shutil.rmtree(out, ignore_errors=True)
+        export_run(run_path, out, cfg.train.steps)
+        log.info("exported step %d to %s", cfg.train.steps, out)
+    return rec
 
 
 def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,

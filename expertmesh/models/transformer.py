@@ -31,7 +31,8 @@ def rope_frequencies(m: ModelConfig, head_dim: int) -> tuple[torch.Tensor, float
     # YaRN: frequencies above beta_fast rotations over the original context are kept, those below
     # beta_slow are interpolated by the factor, a linear ramp blends the ones between.
     def correction_dim(rotations: float) -> float:
-        return head_dim * math.log(m.rope_original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(m.rope_theta))
+        turns = m.rope_original_max_seq_len / (rotations * 2 * math.pi)
+        return head_dim * math.log(turns) / (2 * math.log(m.rope_theta))
 
     low = max(math.floor(correction_dim(m.rope_beta_fast)), 0)
     high = min(math.ceil(correction_dim(m.rope_beta_slow)), head_dim - 1)
@@ -249,6 +250,11 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(m, self.rotary_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        """Shares the embedding with the output head again (`to_empty` gives each module its own tensor)."""
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
 
     @property
     def rotary_dim(self) -> int:

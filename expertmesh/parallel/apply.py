@@ -6,12 +6,12 @@ Order (each step is a function below, applied from outside the model):
   3. activation checkpointing  every block recomputed in backward (`parallel.activation_checkpoint`)
   4. data parallelism        FSDP2 over `dense_dp` for dense weights and over `expert_dp` for experts
                              (`parallel.dp_shard`), or replicated weights with bucketed all-reduce
-  5. materialize + init      one full model initialized from `train.seed`, each rank keeps its part
+  5. materialize + load      each rank reads or draws only its own slices (parallel/shards.py)
 
 After step 4 every sharded weight is a DTensor that knows its global shape and its placement, so a
-DCP checkpoint is layout-free and loads under any other layout. Step 5 initializes the *full* model
-on every rank and copies this rank's slice out of it, so the same seed gives the same full weights
-whatever the layout (it costs one full copy of the model in memory per rank at start-up).
+DCP checkpoint is layout-free and loads under any other layout. Step 5 fills each rank's slices from an
+HF checkpoint (`model.hf_path`) or from the seed, drawing each tensor (each expert) from its own
+generator, so the same seed gives the same full weights whatever the layout.
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from expertmesh.config import JobConfig
 from expertmesh.dist.comm_stats import Comm
 from expertmesh.dist.fssdp import FSSDPPlacement
-from expertmesh.models.transformer import Transformer, moe_layers
+from expertmesh.models.init import SeededInit
+from expertmesh.models.transformer import moe_layers
 from expertmesh.parallel.data_parallel import GradAverager, GradGroup
 from expertmesh.parallel.expert import ExpertParallel
 from expertmesh.parallel.mesh import Mesh
+from expertmesh.parallel.shards import load_shards
 from expertmesh.parallel.tensor import apply_tensor_parallel
 
 
@@ -120,16 +121,17 @@ def build_grad_sync(model: nn.Module, mesh: Mesh, fsdp: bool, comm: Comm, fssdp:
     return GradAverager(groups, comm)
 
 
-@torch.no_grad()
-def init_from_seed(model: nn.Module, cfg: JobConfig, device: torch.device) -> None:
-    """Initializes the full model from the seed and loads this rank's part of it."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.train.seed)
-        with torch.device("meta"):
-            full = Transformer(cfg)
-        full.to_empty(device=device)
-        full.init_weights()
-    set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+def load_weights(model: nn.Module, cfg: JobConfig) -> None:
+    """Fills this rank's slices of a materialized model: from `model.hf_path`'s safetensors, or drawn from
+    `train.seed` (the same full weights in every layout). No rank builds the full model."""
+    if cfg.model.hf_path:
+        from expertmesh.models.hf import HFSource, tensor_shapes
+
+        source = HFSource(cfg)
+        source.check(tensor_shapes(cfg))
+        load_shards(model, source.read)
+    else:
+        load_shards(model, SeededInit(cfg.model, cfg.train.seed).read)
     model.init_rope()
 
 
@@ -151,5 +153,7 @@ def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> boo
 def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm):
     fsdp = shard_model(model, mesh, cfg, comm)
     model.to_empty(device=device)
-    init_from_seed(model, cfg, device)
+    if not fsdp:  # FSDP keeps tied weights as one parameter; a plain module needs them tied again
+        model.tie_weights()
+    load_weights(model, cfg)
     return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm, cfg.moe.placement == "fssdp"), fsdp)

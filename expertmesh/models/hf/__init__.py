@@ -45,7 +45,8 @@ def read_hf_config(path: str | Path) -> tuple[dict, Adapter]:
         raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
     kind = hf.get("model_type")
     if kind not in FAMILIES:
-        raise ConfigError(f"{cfg_file}: model_type {kind!r} is not supported (supported: {', '.join(sorted(FAMILIES))})")
+        raise ConfigError(f"{cfg_file}: model_type {kind!r} is not supported "
+                          f"(supported: {', '.join(sorted(FAMILIES))})")
     return hf, FAMILIES[kind]
 
 
@@ -140,6 +141,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", overri
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
+    model.tie_weights()
     model.init_rope()
     load_shards(model, source.read)
     return model.to(device).eval()

@@ -1,0 +1,70 @@
+"""Tiny random checkpoints of each supported Hugging Face family, written by transformers' own
+`save_pretrained` (nothing is downloaded). Importable in spawned test ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VOCAB = 288  # >= 256 so the byte tokenizer can feed them; divisible by tp 2 and 4
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False)
+
+
+def hf_config(family: str, **extra):
+    import transformers as T
+
+    c = dict(_COMMON) | {k: extra.pop(k) for k in list(extra) if k in _COMMON}
+    if family == "qwen3_moe":  # GQA, per-head QK-norm, a head dim that is not dim / heads, a dense first layer
+        return T.Qwen3MoeConfig(**c, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                                num_experts_per_tok=2, head_dim=16, norm_topk_prob=True, mlp_only_layers=[0], **extra)
+    if family == "qwen2_moe":  # q/k/v biases, a gated shared expert, MoE every second layer
+        return T.Qwen2MoeConfig(**c, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, **extra)
+    if family == "mixtral":
+        return T.MixtralConfig(**c, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **extra)
+    if family == "olmoe":  # QK-norm over the whole projections, clipping
+        c["num_key_value_heads"] = 4
+        return T.OlmoeConfig(**c, intermediate_size=16, num_experts=4, num_experts_per_tok=2, clip_qkv=2.0, **extra)
+    if family == "deepseek_v3":  # MLA with a q bottleneck, YaRN, grouped sigmoid routing, shared expert, dense first
+        c["num_key_value_heads"] = 4
+        return T.DeepseekV3Config(
+            **c, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=12, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, routed_scaling_factor=2.5,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+                             "mscale": 0.707, "mscale_all_dim": 0.707}, **extra)
+    raise ValueError(family)
+
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"]
+
+
+def make_checkpoint(family: str, out: Path, seed: int = 0, dtype=None, fused: bool = False, **extra) -> Path:
+    import torch
+    import transformers as T
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(hf_config(family, **extra))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a selection bias that matters
+                b.copy_(torch.rand(b.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(out, save_original_format=not fused)
+    return out
+
+
+def hf_model(path: Path):
+    """The transformers model from a directory, eager attention and experts (the reference)."""
+    import transformers as T
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    return T.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                  experts_implementation="eager").eval()
