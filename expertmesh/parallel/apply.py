@@ -42,6 +42,7 @@ class Parallelized:
     model: nn.Module
     grad_sync: GradAverager  # the gradient reductions FSDP does not do (all of them when dp_shard=false)
     fsdp: bool
+    bytes_read: int = 0  # checkpoint bytes this rank read (model.hf_path)
 
 
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
@@ -121,18 +122,20 @@ def build_grad_sync(model: nn.Module, mesh: Mesh, fsdp: bool, comm: Comm, fssdp:
     return GradAverager(groups, comm)
 
 
-def load_weights(model: nn.Module, cfg: JobConfig) -> None:
+def load_weights(model: nn.Module, cfg: JobConfig) -> int:
     """Fills this rank's slices of a materialized model: from `model.hf_path`'s safetensors, or drawn from
-    `train.seed` (the same full weights in every layout). No rank builds the full model."""
-    if cfg.model.hf_path:
-        from expertmesh.models.hf import HFSource, tensor_shapes
-
-        source = HFSource(cfg)
-        source.check(tensor_shapes(cfg))
-        load_shards(model, source.read)
-    else:
-        load_shards(model, SeededInit(cfg.model, cfg.train.seed).read)
+    `train.seed` (the same full weights in every layout). No rank builds the full model. Returns the
+    checkpoint bytes read."""
     model.init_rope()
+    if not cfg.model.hf_path:
+        load_shards(model, SeededInit(cfg.model, cfg.train.seed).read)
+        return 0
+    from expertmesh.models.hf import HFSource, tensor_shapes
+
+    source = HFSource(cfg)
+    source.check(tensor_shapes(cfg))
+    load_shards(model, source.read)
+    return source.files.bytes_read
 
 
 def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> bool:
@@ -155,5 +158,5 @@ def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torc
     model.to_empty(device=device)
     if not fsdp:  # FSDP keeps tied weights as one parameter; a plain module needs them tied again
         model.tie_weights()
-    load_weights(model, cfg)
-    return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm, cfg.moe.placement == "fssdp"), fsdp)
+    nbytes = load_weights(model, cfg)
+    return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm, cfg.moe.placement == "fssdp"), fsdp, nbytes)

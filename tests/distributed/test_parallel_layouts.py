@@ -95,6 +95,57 @@ def test_layout_trains_the_single_process_model(run_distributed, tmp_path, singl
         assert sent[view] == pytest.approx(nbytes, rel=0.15 if view == "ep" else 0.02), (view, sent, predicted)
 
 
+# The architecture options real checkpoints use, under the layouts that split what they add: grouped-query
+# heads of their own width with biases, QK-norm per head or over the whole projection (its squares summed
+# over tp), half-split RoPE with YaRN, a dense first layer, grouped sigmoid routing with scaled weights and a
+# gated shared expert; and multi-head latent attention.
+_MHA = ["model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.attn_bias=true", 'model.rope_style="half"',
+        'model.rope_scaling="yarn"', "model.rope_factor=4.0", "model.rope_original_max_seq_len=16",
+        "moe.first_k_dense=1", 'moe.score_func="sigmoid"', "moe.n_groups=2", "moe.topk_groups=1",
+        "moe.routed_scaling_factor=2.0", "moe.shared_experts=1", "moe.shared_gate=true"]
+VARIANTS = {
+    "full": _MHA + ['model.qk_norm="full"'],
+    "head": _MHA + ['model.qk_norm="head"'],
+    "mla": ['model.attention="mla"', "model.n_heads=4", "model.q_lora_rank=8", "model.kv_lora_rank=16",
+            "model.qk_rope_head_dim=8", "model.qk_nope_head_dim=8", "model.v_head_dim=12", 'model.rope_scaling="yarn"',
+            "model.rope_factor=4.0", "model.rope_original_max_seq_len=16", "moe.shared_experts=1"],
+}
+FEATURE_LAYOUTS = {"full-ep2xtp2": "ep2xtp2", "head-dp2xtp2": "dp2xtp2", "full-dp2xep2-fssdp": "dp2xep2-fssdp-remat",
+                   "mla-ep2xtp2": "ep2xtp2", "mla-dp2xep2": "dp2xep2"}
+
+
+@pytest.fixture(scope="module")
+def single_variant(tmp_path_factory):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            tmp = tmp_path_factory.mktemp(variant)
+            overrides = _common(tiny_overrides(tmp)) + VARIANTS[variant] + ["data.batch_size=8", "train.name=single"]
+            _train(0, 1, overrides)
+            cache[variant] = read_metrics(tmp / "single"), _final_weights(tmp / "single", tmp), overrides
+        return cache[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(FEATURE_LAYOUTS))
+def test_architecture_options_train_the_single_process_model(run_distributed, tmp_path, single_variant, name):
+    ref_metrics, ref_weights, ref_overrides = single_variant(name.split("-")[0])
+    world, layout = LAYOUTS[FEATURE_LAYOUTS[name]]
+    overrides = [o for o in ref_overrides if not o.startswith(("data.batch_size", "train.name", "train.run_dir"))]
+    overrides += [f'train.run_dir="{tmp_path}"', f"train.name={name}", *layout]
+    run_distributed(_train, world, overrides, timeout=300)
+    got = read_metrics(tmp_path / name)
+    for step in range(1, STEPS + 1):
+        assert got[step]["loss"] == pytest.approx(ref_metrics[step]["loss"], rel=1e-5), step
+        assert got[step]["grad_norm"] == pytest.approx(ref_metrics[step]["grad_norm"], rel=1e-4), step
+    weights = _final_weights(tmp_path / name, tmp_path)
+    assert sorted(weights) == sorted(ref_weights)
+    for key, ref in ref_weights.items():
+        torch.testing.assert_close(weights[key], ref, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("target", ["ep4", "ep2xtp2", "ep4-fssdp"])
 def test_checkpoint_resumes_under_another_layout(run_distributed, tmp_path, target):
     """Saved at dp2 x ep2; resumed at ep4, tp2 x ep2 or under FSSDP from the step-2 checkpoint, the losses

@@ -175,3 +175,43 @@ def test_layer_backends_agree():
     a, _ = model(tokens)
     b, _ = fused(tokens)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_init_draws_any_slice_as_the_full_tensor():
+    """A rank's slice (some experts, part of F; part of a matrix) equals that slice of the whole tensor."""
+    from expertmesh.models.init import SeededInit
+
+    cfg = config.load(None, TINY)
+    init = SeededInit(cfg.model, seed=7)
+    full = init.read("layers.0.ffn.experts.w1", (4, 32, 16), (slice(0, 4), slice(0, 32), slice(0, 16)))
+    part = init.read("layers.0.ffn.experts.w1", (4, 32, 16), (slice(1, 3), slice(0, 32), slice(8, 16)))
+    assert torch.equal(part, full[1:3, :, 8:16])
+    wq = init.read("layers.0.attention.wq.weight", (32, 32), (slice(0, 32), slice(0, 32)))
+    assert torch.equal(init.read("layers.0.attention.wq.weight", (32, 32), (slice(16, 32), slice(0, 32))), wq[16:])
+    assert not torch.equal(full[0], full[1])  # each expert its own draw
+    other = SeededInit(cfg.model, seed=8).read("layers.0.attention.wq.weight", (32, 32), (slice(0, 32), slice(0, 32)))
+    assert not torch.equal(wq, other)
+    assert torch.equal(init.read("norm.weight", (32,), (slice(0, 32),)), torch.ones(32))
+
+
+@pytest.mark.parametrize("variant", [
+    ["model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", 'model.qk_norm="head"', "model.attn_bias=true",
+     'model.rope_style="half"', 'model.rope_scaling="yarn"', "model.rope_factor=4.0",
+     "model.rope_original_max_seq_len=8", "moe.shared_experts=1", "moe.shared_gate=true", "moe.first_k_dense=1"],
+    ['model.qk_norm="full"', "model.clip_qkv=0.5", 'moe.score_func="sigmoid"', "moe.n_groups=2",
+     "moe.routed_scaling_factor=2.5"],
+    ['model.attention="mla"', "model.n_heads=4", "model.q_lora_rank=8", "model.kv_lora_rank=12",
+     "model.qk_rope_head_dim=4", "model.qk_nope_head_dim=6", "model.v_head_dim=10", 'model.rope_scaling="yarn"',
+     "model.rope_factor=2.0", "model.rope_original_max_seq_len=8", "model.rope_mscale_all_dim=1.0"],
+])
+def test_architecture_options_decode_with_the_cache_as_in_one_pass(variant):
+    """Prefix, then one token at a time through the KV cache: the logits of one full forward."""
+    cfg, model = build(variant)
+    tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        cache = model.make_cache()
+        steps = [model(tokens[:, :6], cache=cache)[0]]
+        steps += [model(tokens[:, i:i + 1], cache=cache)[0] for i in range(6, 11)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    assert [b.is_moe for b in model.layers.values()][0] == ("moe.first_k_dense=1" not in variant)
