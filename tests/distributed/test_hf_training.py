@@ -36,9 +36,11 @@ def _overrides(tmp_path, path, steps):
 
 
 def _first_batch_loss_in_transformers(cfg, path) -> float:
-    """The single process's first batch (the loader's own order), through transformers."""
+    """The single process's first step's last micro-batch (the one its `loss` reports), through transformers."""
     tokens, _ = split_tokens(ByteTokenizer().encode(load_text(cfg.data)), cfg.data.eval_fraction)
-    x, y = TokenLoader(tokens, cfg.data.seq_len, cfg.data.batch_size, 0, 1, cfg.train.seed, 1).next_batch()
+    loader = TokenLoader(tokens, cfg.data.seq_len, cfg.data.batch_size, 0, 1, cfg.train.seed, cfg.train.grad_accum)
+    for _ in range(cfg.train.grad_accum):
+        x, y = loader.next_batch()
     with torch.no_grad():
         logits = hf_model(path)(input_ids=x).logits
     return F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
@@ -106,7 +108,8 @@ def _load(rank, world, overrides):
     diff = 0.0
     for name, t in model_tensors(model):
         local = t.to_local() if isinstance(t, DTensor) else t
-        diff = max(diff, (local - full[name][local_index(t)]).abs().max().item())
+        if local.numel():  # FSDP leaves some ranks no rows of a small tensor
+            diff = max(diff, (local - full[name][local_index(t)]).abs().max().item())
     return nbytes, diff
 
 
