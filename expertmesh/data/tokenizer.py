@@ -19,7 +19,8 @@ class ByteTokenizer:
         return torch.from_numpy(data.astype(np.int64))
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # ids past 255 (a model vocabulary larger than the bytes) have no text
+        return bytes(i for i in map(int, ids) if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 class BPETokenizer:

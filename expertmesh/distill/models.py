@@ -2,7 +2,8 @@
 
   an expertmesh run directory   config.json + step-N checkpoints (any layout wrote them: DCP stores
                                 global tensors), loaded unsharded into one process; MoE targets too
-  a Hugging Face directory      `save_pretrained` output (config.json with a model_type), local only
+  a Hugging Face directory      `save_pretrained` output (config.json with a model_type), local only; a
+                                target of a family expertmesh implements (models/hf/) is loaded as ours
 
 Both come back as a module with `forward(tokens, cache=None) -> (logits, aux)`, `make_cache()`,
 `vocab_size` and `max_positions`, plus the tokenizer that goes with them (the run's byte or BPE
@@ -21,7 +22,7 @@ from expertmesh import config as config_mod
 from expertmesh.config import ConfigError
 from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.checkpoint import latest_intact, load_model, save_model
-from expertmesh.models.hf import HFCausalLM, is_hf_dir
+from expertmesh.models.hf import FAMILIES, HFCausalLM, hf_family, is_hf_dir, load_pretrained
 from expertmesh.models.transformer import Transformer
 
 
@@ -42,6 +43,9 @@ def load_lm(path: str | Path, device: torch.device, what: str = "model"):
     if not str(path) or not path.is_dir():
         raise ConfigError(f"distill.{what}={str(path)!r} is not a directory (an expertmesh run directory or a "
                           "Hugging Face model directory)")
+    if is_hf_dir(path) and what == "target" and hf_family(path) in FAMILIES:
+        # a family expertmesh implements: served by our model (our MoE kernels and statistics), not transformers'
+        return load_pretrained(path, device), _tokenizer_for(path), "expertmesh-hf"
     if is_hf_dir(path):
         model = HFCausalLM.load(path, torch.float32, device)
         tokenizer = _tokenizer_for(path)

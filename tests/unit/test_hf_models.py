@@ -176,3 +176,34 @@ def model_cfg_with(path, *overrides):
     from expertmesh.models.hf import config_for
 
     return config_for(path, overrides)
+
+
+def test_distill_serves_an_hf_moe_target_with_our_model(hf_dirs, tmp_path):
+    """`expertmesh distill` with a Qwen3-MoE target: loaded as expertmesh's model, its greedy answer is
+    transformers' own greedy decoding of the same checkpoint."""
+    import transformers
+
+    from expertmesh import config
+    from expertmesh.distill.models import load_lm
+    from expertmesh.launch import distill
+    from expertmesh.launch.env import DistEnv
+    from expertmesh.models.transformer import Transformer
+
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2,
+                                                         n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "x", "prompt": "hello world"}) + "\n")
+    target_dir = hf_dirs["qwen3_moe"]
+    cfg = config.load(None, [f'distill.target="{target_dir}"', f'distill.draft="{tmp_path / "gpt2"}"',
+                             f'train.run_dir="{tmp_path / "runs"}"', 'metrics.wandb_mode="disabled"',
+                             "distill.max_new_tokens=12", "distill.greedy=true", f'distill.prompts="{prompts}"'])
+    distill.run(cfg, DistEnv(0, 0, 1, 1, "single"))
+    (answer,) = [json.loads(line) for line in (cfg.run_path / "responses-rank0.jsonl").read_text().splitlines()]
+    target, _, kind = load_lm(target_dir, torch.device("cpu"), "target")
+    assert kind == "expertmesh-hf" and isinstance(target, Transformer)
+    ref = hf_model(target_dir)
+    seq = torch.tensor([list(b"hello world")])
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert answer["tokens"] == seq[0, 11:].tolist()

@@ -29,7 +29,8 @@ from expertmesh.models.hf_lm import HFCausalLM, is_hf_dir
 
 FAMILIES: dict[str, Adapter] = {a.model_type: a for a in (Qwen3MoE(), Qwen2MoE(), Mixtral(), OLMoE(), DeepSeekV3())}
 
-__all__ = ["FAMILIES", "HFCausalLM", "HFSource", "is_hf_dir", "load_pretrained", "read_hf_config", "resolve"]
+__all__ = ["FAMILIES", "HFCausalLM", "HFSource", "hf_family", "is_hf_dir", "load_pretrained", "read_hf_config",
+           "resolve"]
 
 
 def read_hf_config(path: str | Path) -> tuple[dict, Adapter]:
@@ -48,6 +49,13 @@ def read_hf_config(path: str | Path) -> tuple[dict, Adapter]:
         raise ConfigError(f"{cfg_file}: model_type {kind!r} is not supported "
                           f"(supported: {', '.join(sorted(FAMILIES))})")
     return hf, FAMILIES[kind]
+
+
+def hf_family(path: str | Path) -> str | None:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 # Keys a user may still set beside model.hf_path: they do not change the checkpoint's architecture.
