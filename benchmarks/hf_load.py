@@ -3,7 +3,8 @@
 
 A Qwen3-MoE-shaped random checkpoint (~0.3B parameters, bf16, per-expert keys as the hub's files) is
 written here with safetensors. Every load runs in a fresh process, so its peak RSS (ru_maxrss) is its own;
-the implementations alternate (A B A B ...). Times are the load call alone (imports excluded); both
+the implementations alternate (A B A B ...). Times are the load call alone (each side's modules are
+imported before the clock starts); both
 loaders produce an fp32 model on CPU. Under ep4 the 4 ranks load at once on this machine's cores, so
 their time is not comparable; their peak RSS per rank is the figure.
 """
@@ -95,6 +96,7 @@ def child_transformers(path: str) -> dict:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    _ = transformers.Qwen3MoeForCausalLM  # the lazy imports happen before the clock starts
     base = _rss_mb()
     t0 = time.perf_counter()
     transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -104,6 +106,9 @@ def child_transformers(path: str) -> dict:
 def child_expertmesh(path: str) -> dict:
     import time
 
+    import safetensors.torch  # noqa: F401  (imported before the clock starts, as transformers' are)
+
+    import expertmesh.models.transformer  # noqa: F401
     from expertmesh.models.hf import load_pretrained
 
     base = _rss_mb()
@@ -194,7 +199,8 @@ def main() -> None:
                         "base_rss_mb": max(r["base_rss_mb"] for r in rows)})
     results.append({"case": case, "impl": "expertmesh ep4", "processes": 4,
                     **benchlib.summarize([r["seconds"] for r in ep4]),
-                    "peak_rss_mb": max(r["peak_rss_mb"] for r in ep4), "base_rss_mb": max(r["base_rss_mb"] for r in ep4),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in ep4),
+                    "base_rss_mb": max(r["base_rss_mb"] for r in ep4),
                     "bytes_read_per_rank": [r["bytes_read"] for r in ep4]})
     results.append({"case": f"qwen3_moe {params / 1e9:.2f}B fp32 -> bf16 files", "impl": "expertmesh export",
                     "processes": 1, **benchlib.summarize([r["seconds"] for r in exports])})

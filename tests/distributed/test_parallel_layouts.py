@@ -68,10 +68,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_trains_the_single_process_model(run_distributed, tmp_path, single, name):
+def _train_like_single(run_distributed, tmp_path, single, name, world, layout):
+    """Trains `name` under `layout` and compares it with the single-process run: every step's loss and
+    gradient norm, and the final weights. Returns its metrics and overrides."""
     ref_metrics, ref_weights, ref_overrides = single
-    world, layout = LAYOUTS[name]
     overrides = [o for o in ref_overrides if not o.startswith(("data.batch_size", "train.name", "train.run_dir"))]
     overrides += [f'train.run_dir="{tmp_path}"', f"train.name={name}", *layout]
     run_distributed(_train, world, overrides, timeout=300)
@@ -83,6 +83,13 @@ def test_layout_trains_the_single_process_model(run_distributed, tmp_path, singl
     assert sorted(weights) == sorted(ref_weights)
     for key, ref in ref_weights.items():
         torch.testing.assert_close(weights[key], ref, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    return got, overrides
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_trains_the_single_process_model(run_distributed, tmp_path, single, name):
+    world, layout = LAYOUTS[name]
+    got, overrides = _train_like_single(run_distributed, tmp_path, single, name, world, layout)
     # bytes per step as measured by the collective wrapper and tap = as predicted from shapes by `plan`
     # (ep: the prediction assumes uniform routing; the measured figure follows the real router)
     sent = got[STEPS]["comm_bytes_per_step"]
@@ -131,19 +138,8 @@ def single_variant(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(FEATURE_LAYOUTS))
 def test_architecture_options_train_the_single_process_model(run_distributed, tmp_path, single_variant, name):
-    ref_metrics, ref_weights, ref_overrides = single_variant(name.split("-")[0])
     world, layout = LAYOUTS[FEATURE_LAYOUTS[name]]
-    overrides = [o for o in ref_overrides if not o.startswith(("data.batch_size", "train.name", "train.run_dir"))]
-    overrides += [f'train.run_dir="{tmp_path}"', f"train.name={name}", *layout]
-    run_distributed(_train, world, overrides, timeout=300)
-    got = read_metrics(tmp_path / name)
-    for step in range(1, STEPS + 1):
-        assert got[step]["loss"] == pytest.approx(ref_metrics[step]["loss"], rel=1e-5), step
-        assert got[step]["grad_norm"] == pytest.approx(ref_metrics[step]["grad_norm"], rel=1e-4), step
-    weights = _final_weights(tmp_path / name, tmp_path)
-    assert sorted(weights) == sorted(ref_weights)
-    for key, ref in ref_weights.items():
-        torch.testing.assert_close(weights[key], ref, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    _train_like_single(run_distributed, tmp_path, single_variant(name.split("-")[0]), name, world, layout)
 
 
 @pytest.mark.parametrize("target", ["ep4", "ep2xtp2", "ep4-fssdp"])
