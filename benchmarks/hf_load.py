@@ -175,7 +175,7 @@ def run_child(kind: str, *args) -> dict:
 def main() -> None:
     args = benchlib.parse_args(__doc__)
     shape = QUICK if args.quick else FULL
-    reps = 2 if args.quick else 5
+    reps = 1 if args.quick else 5
     tmp = Path(tempfile.mkdtemp(prefix="hf_load_"))
     try:
         params = write_checkpoint(shape, tmp / "ckpt")
@@ -185,7 +185,7 @@ def main() -> None:
             for impl in runs:
                 runs[impl].append(run_child(impl, ckpt))
         exports = []
-        for i in range(2 if args.quick else 3):
+        for i in range(1 if args.quick else 3):
             exports.append(run_child("export", ckpt, str(tmp / f"export{i}")))
         ep4 = run_child("ep4", ckpt)["ranks"]
     finally:

@@ -207,3 +207,40 @@ def test_distill_serves_an_hf_moe_target_with_our_model(hf_dirs, tmp_path):
         for _ in range(12):
             seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert answer["tokens"] == seq[0, 11:].tolist()
+
+
+def test_export_command(hf_dirs, tmp_path, capsys):
+    """`expertmesh export` of a 2-step run: bf16 files that transformers loads with the run's weights; bad
+    requests are one line and exit 2, with nothing written."""
+    from expertmesh import config
+    from expertmesh.dist.checkpoint import load_model
+    from expertmesh.launch.env import DistEnv
+    from expertmesh.launch.train import run
+    from expertmesh.models.transformer import Transformer
+
+    src = hf_dirs["olmoe"]
+    overrides = [f'model.hf_path="{src}"', f'train.run_dir="{tmp_path}"', "train.name=ft", "train.steps=2",
+                 "checkpoint.every=1", "data.seq_len=32", "data.batch_size=2", "data.max_bytes=50000",
+                 "train.eval_batches=1", 'metrics.wandb_mode="disabled"']
+    cfg = config.load(None, overrides)
+    run(cfg, DistEnv(0, 0, 1, 1, "single"))
+    assert (tmp_path / "ft" / "hf_source" / "config.json").is_file()
+    assert cli.main(["export", str(tmp_path / "ft"), "--step", "1", "--hf", str(tmp_path / "out"), "--dtype",
+                     "bf16"]) == 0
+    got = _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(_tensors(src)) and all(t.dtype == torch.bfloat16 for t in got.values())
+    ours = Transformer(cfg)
+    ours.init_rope()
+    load_model(tmp_path / "ft" / "step-1", ours)
+    assert torch.equal(got["model.layers.1.mlp.experts.2.down_proj.weight"],
+                       ours.layers["1"].ffn.experts.w2[2].t().bfloat16())
+    capsys.readouterr()
+    for argv, message in [
+        (["export", str(tmp_path / "ft"), "--hf", str(tmp_path / "out")], "exists and is not empty"),
+        (["export", str(tmp_path / "ft"), "--step", "7", "--hf", str(tmp_path / "o2")], "--step 7"),
+        (["export", str(tmp_path / "nothing"), "--hf", str(tmp_path / "o3")], "is not a run directory"),
+    ]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -58,10 +58,6 @@ def hf_family(path: str | Path) -> str | None:
         return None
 
 
-# Keys a user may still set beside model.hf_path: they do not change the checkpoint's architecture.
-_FREE = {"model.max_seq_len", "model.hf_path", "model.init_std"}
-
-
 def resolve(cfg: JobConfig, explicit: dict) -> JobConfig:
     """`cfg` with every architecture key taken from `cfg.model.hf_path`'s config.json. A key the user set
     (`explicit`: the file and CLI values before defaults) to another value is refused with both."""
@@ -72,12 +68,12 @@ def resolve(cfg: JobConfig, explicit: dict) -> JobConfig:
     for section, values in derived.items():
         current = getattr(cfg, section)
         given = explicit.get(section, {})
-        for key, value in values.items():
-            dotted = f"{section}.{key}"
-            if key in given and dotted not in _FREE and given[key] != value:
-                raise ConfigError(f"{dotted}={given[key]!r} contradicts model.hf_path={path!r} ({value!r} there)")
-        if section == "model" and "max_seq_len" in given:
+        if section == "model" and "max_seq_len" in given:  # the rotary table's length stays the user's
             values = {k: v for k, v in values.items() if k != "max_seq_len"}
+        for key, value in values.items():
+            if key in given and given[key] != value:
+                raise ConfigError(f"{section}.{key}={given[key]!r} contradicts model.hf_path={path!r} "
+                                  f"({value!r} there)")
         sections[section] = dataclasses.replace(current, **values)
     moe = sections["moe"]
     if moe.residual or moe.num_experts_per_layer:

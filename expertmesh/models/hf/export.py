@@ -22,7 +22,7 @@ from expertmesh.config import ConfigError, JobConfig
 from expertmesh.models.hf.safetensors_dir import SafetensorsDir, write_sharded
 
 log = logging.getLogger(__name__)
-
+SOURCE_COPY = "hf_source"  # a run's copy of the checkpoint's config and tokenizer files
 SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -139,10 +139,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
             verify(path)
         except CheckpointError as e:
             raise ConfigError(f"--step {step}: {e}") from None
-    source = run / SOURCE_COPY if (run / SOURCE_COPY / "config.json").is_file() else Path(cfg.model.hf_path)
-    if Path(cfg.model.hf_path).is_dir():
-        source = Path(cfg.model.hf_path)  # the weights there tell each tensor's dtype
+    # the checkpoint itself while it is there (its weights tell each tensor's dtype), else the run's copy
+    source = Path(cfg.model.hf_path) if Path(cfg.model.hf_path).is_dir() else run / SOURCE_COPY
     return export_hf(cfg, tensor_shapes(cfg), dcp_reader(path), out_dir, source, dtype, max_shard_bytes)
 
-
-SOURCE_COPY = "hf_source"  # a run's copy of the checkpoint's config and tokenizer files
