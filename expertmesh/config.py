@@ -124,6 +124,8 @@ class DataConfig:
     source: Literal["stdlib", "files"] = "stdlib"
     paths: list[str] = field(default_factory=list)  # globs, for source = "files" (.txt, .py, .jsonl …)
     jsonl_field: str = "text"
+    format: Literal["text", "chat"] = "text"  # chat: .jsonl lines of {"messages": [...]}, rendered by the chat template
+    loss_on: Literal["all", "assistant"] = "all"  # chat: the loss on every token, or on the assistant's only
     tokenizer: Literal["byte", "bpe", "hf"] = "byte"  # hf: model.hf_path's tokenizer.json (or tokenizer_path)
     tokenizer_path: str = ""  # a tokenizers JSON file; empty: train a BPE on the training split
     bpe_vocab_size: int = 2048
@@ -466,6 +468,11 @@ def check(cfg: JobConfig) -> None:
     if cfg.checkpoint.export_hf and not (m.hf_path and cfg.checkpoint.enabled):
         raise ConfigError(f"checkpoint.export_hf=true needs model.hf_path (got {m.hf_path!r}) and checkpoint.enabled="
                           f"true (got {str(cfg.checkpoint.enabled).lower()}): it exports the last checkpoint")
+    if d.format == "chat" and (d.source != "files" or d.tokenizer != "hf"):
+        raise ConfigError(f"data.format='chat' reads data.paths with the checkpoint's tokenizer and chat template: "
+                          f"needs data.source='files' (got {d.source!r}) and data.tokenizer='hf' (got {d.tokenizer!r})")
+    if d.loss_on == "assistant" and d.format != "chat":
+        raise ConfigError(f"data.loss_on='assistant' needs data.format='chat' (got {d.format!r})")
     if d.tokenizer == "hf" and not (d.tokenizer_path or m.hf_path):
         raise ConfigError("data.tokenizer='hf' reads tokenizer.json from model.hf_path or data.tokenizer_path; "
                           "both are empty")

@@ -29,13 +29,13 @@ class TokenLoader:
     global batch reads exactly the same windows, and so does a run resumed under another layout."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, rank: int, world: int, seed: int,
-                 accum: int = 1):
+                 accum: int = 1, labels: torch.Tensor | None = None):
         self.seq_len, self.batch_size, self.rank, self.world, self.seed = seq_len, batch_size, rank, world, seed
         self.accum = accum
         if len(tokens) < seq_len + 2:
             raise ConfigError(f"the training split has {len(tokens)} tokens, fewer than one sequence of "
                               f"{seq_len + 1}; use more data or a shorter data.seq_len")
-        self.tokens = tokens
+        self.tokens, self.labels = tokens, labels  # labels: the targets where they are not the next token
         self.batches_served = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +45,8 @@ class TokenLoader:
         starts = torch.randint(0, high, (self.batch_size * self.world * self.accum,), generator=gen)
         block = micro * self.world + self.rank
         mine = starts[block * self.batch_size: (block + 1) * self.batch_size]
-        window_BS1 = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in mine.tolist()])
         self.batches_served += 1
-        return window_BS1[:, :-1], window_BS1[:, 1:]
+        return _windows(self.tokens, self.labels, mine.tolist(), self.seq_len)
 
     def state_dict(self) -> dict:
         return {"batches_served": self.batches_served, "global_batch": self.batch_size * self.world * self.accum}
@@ -56,8 +55,16 @@ class TokenLoader:
         self.batches_served = int(state["batches_served"])
 
 
+def _windows(tokens, labels, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs [B, S] and targets [B, S] of the windows starting at `starts` (targets from `labels` if given:
+    the next token, or IGNORE where no loss counts)."""
+    x_BS = torch.stack([tokens[s: s + seq_len] for s in starts])
+    source = tokens if labels is None else labels
+    return x_BS, torch.stack([source[s + 1: s + seq_len + 1] for s in starts])
+
+
 def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, num_batches: int, rank: int, world: int,
-                 windows_world: int | None = None):
+                 windows_world: int | None = None, labels: torch.Tensor | None = None):
     """Fixed held-out windows: `num_batches` global batches of evenly spaced windows over the held-out
     split, the same every evaluation and under any layout with the same global batch; data rank r
     of `world` reads its share of each. `windows_world` (default `world`) sizes the global batch: a
@@ -77,5 +84,4 @@ def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, num_batche
         mine = chunk[rank * per_rank: (rank + 1) * per_rank]
         if not mine:
             break
-        window = torch.stack([tokens[s: s + seq_len + 1] for s in mine])
-        yield window[:, :-1], window[:, 1:]
+        yield _windows(tokens, labels, mine, seq_len)

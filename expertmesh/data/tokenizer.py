@@ -63,5 +63,10 @@ class BPETokenizer:
             ids.extend(enc.ids)
         return torch.tensor(ids, dtype=torch.int64)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` as written (no special tokens added) and each token's character span."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])

@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 
 from expertmesh import config as config_mod
 from expertmesh.config import ConfigError, JobConfig
-from expertmesh.data.corpus import load_text
+from expertmesh.data.chat import IGNORE, load_chat
+from expertmesh.data.corpus import glob_files, load_text
 from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
 from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact
@@ -68,6 +69,23 @@ def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv):
     return BPETokenizer.load(path)
 
 
+def load_data(cfg: JobConfig, env: DistEnv):
+    """(tokenizer, tokens, labels or None): the text corpus, or chat conversations with their labels."""
+    if cfg.data.format == "chat":
+        tokenizer = build_tokenizer(cfg, "", env)
+        template_dir = Path(cfg.data.tokenizer_path).parent if cfg.data.tokenizer_path else Path(cfg.model.hf_path)
+        return (tokenizer, *load_chat(cfg.data, glob_files(cfg.data.paths), tokenizer, template_dir))
+    text = load_text(cfg.data)
+    tokenizer = build_tokenizer(cfg, text, env)
+    return tokenizer, tokenizer.encode(text), None
+
+
+def token_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the positions that carry a loss (chat data marks the others IGNORE)."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total if reduction == "sum" else total / (y != IGNORE).sum().clamp_min(1)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
     o = cfg.optim
     groups = []
@@ -96,27 +114,28 @@ def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast, diloco=None) -> float:
+def evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast, diloco=None) -> float:
     """Held-out loss; under DiLoCo, of the global model (every fragment's global copy)."""
     with comm.pause(), (diloco.global_weights() if diloco is not None else nullcontext()):
-        return _evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast)
+        return _evaluate(model, eval_data, cfg, mesh, comm, device, autocast)
 
 
-def _evaluate(model, eval_tokens, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
+def _evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
     model.eval()
     d = mesh.dims
     rank = dist.get_rank() if dist.is_initialized() else 0
     total = torch.zeros(2, dtype=torch.float64)
     world = d.data_world // d.dp_replicate if d.independent_replicas else d.data_world  # DiLoCo: one worker
+    eval_tokens, eval_labels = eval_data
     for x, y in eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
-                             d.data_rank(rank) % world, world, d.data_world):
+                             d.data_rank(rank) % world, world, d.data_world, eval_labels):
         with autocast:
             logits, _ = model(x.to(device))
-        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
-        total[1] += y.numel()
+        total[0] += token_loss(logits, y.to(device), "sum").item()
+        total[1] += int((y != IGNORE).sum())
     comm.all_reduce(total, mesh.group("dense_dp"), "metrics")
     model.train()
-    return float(total[0] / total[1])
+    return float(total[0] / total[1].clamp_min(1))
 
 
 def run(cfg: JobConfig, env: DistEnv) -> dict:
@@ -129,17 +148,18 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     comm = Comm()
     run_path = cfg.run_path
 
-    # Data: the same text on every rank, split once, sharded by data-parallel rank.
-    text = load_text(cfg.data)
-    tokenizer = build_tokenizer(cfg, text, env)
+    # Data: the same tokens on every rank, split once, sharded by data-parallel rank.
+    tokenizer, tokens, labels = load_data(cfg, env)
     if tokenizer.vocab_size != cfg.model.vocab_size and cfg.data.tokenizer == "bpe":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    train_tokens, eval_tokens = split_tokens(tokenizer.encode(text), cfg.data.eval_fraction)
+    train_tokens, eval_tokens = split_tokens(tokens, cfg.data.eval_fraction)
+    train_labels, eval_labels = split_tokens(labels, cfg.data.eval_fraction) if labels is not None else (None, None)
+    eval_data = (eval_tokens, eval_labels)
     shard, shards = dims.data_rank(env.rank), dims.data_world
     if cfg.diloco.enabled and cfg.diloco.elastic:  # worker k of the separate jobs reads its own k-th share
         shard, shards = cfg.diloco.worker * shards + shard, cfg.diloco.workers * shards
     loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, shard, shards, cfg.train.seed,
-                         cfg.train.grad_accum)
+                         cfg.train.grad_accum, train_labels)
 
     # Model: built on meta, then placed, materialized and initialized from outside.
     with torch.device("meta"):
@@ -190,7 +210,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
                  n["total"] / 1e6, n["expert"] / 1e6, env.world_size, dims.active_axes or "(single)", run_path)
     metrics = Metrics(cfg, run_path, env.is_rank0)
     try:
-        rec = train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
+        rec = train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_data, checkpointer, metrics,
                          start_step, device, autocast, diloco, fssdp)
     finally:
         metrics.close()  # also on a failing peer or SIGTERM: W&B flushes what it was given
@@ -203,13 +223,13 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     return rec
 
 
-def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tokens, checkpointer, metrics,
+def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_data, checkpointer, metrics,
                start_step, device, autocast, diloco=None, fssdp=None) -> dict:
     model = par.model
     preemption = Preemption()
     eval_loss = None
     if start_step == 0:
-        eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast, diloco)
+        eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco)
         metrics.log_eval(0, eval_loss)
     tap = CollectiveTap(comm, view_labels(mesh.views))  # FSDP's and DTensor's own collectives
     window = Window(mesh, comm, tap)
@@ -233,7 +253,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_tok
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             if step == cfg.train.steps and diloco is not None:
                 diloco.finish()  # the last exchanges land before the final evaluation
-            eval_loss = evaluate(model, eval_tokens, cfg, mesh, comm, device, autocast, diloco)
+            eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco)
             metrics.log_eval(step, eval_loss)
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
             rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)
@@ -299,7 +319,7 @@ def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, a
         x, y = loader.next_batch()
         with autocast:
             logits, stats = model(x.to(device))
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
+        ce = token_loss(logits, y.to(device))
         aux, z = moe_losses(stats)
         loss = ce + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
         (loss / cfg.train.grad_accum).backward()
