@@ -60,11 +60,12 @@ def make_checkpoint(family: str, out: Path, seed: int = 0, dtype=None, fused: bo
     return out
 
 
-def hf_model(path: Path):
+def hf_model(path: Path, **kw):
     """The transformers model from a directory, eager attention and experts (the reference)."""
     import transformers as T
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return T.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                  experts_implementation="eager").eval()
+    out = T.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", experts_implementation="eager",
+                                                 **kw)
+    return (out[0].eval(), out[1]) if kw.get("output_loading_info") else out.eval()

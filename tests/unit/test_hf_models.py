@@ -70,7 +70,8 @@ def test_round_trip_is_bit_exact(hf_dirs, tmp_path, family):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(want)
     assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
-    ref = hf_model(out)  # transformers loads it with no missing or unexpected keys
+    ref, info = hf_model(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     x, _ = _batch()
     with torch.no_grad():
         torch.testing.assert_close(ref(input_ids=x).logits, hf_model(src)(input_ids=x).logits, rtol=0, atol=0)
