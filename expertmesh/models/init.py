@@ -2,8 +2,9 @@
 of any tensor from the seed alone.
 
 A sharded model never builds the full model: each rank asks `SeededInit` for the slices it holds
-(parallel/shards.py). Every tensor has its own generator, seeded from the run's seed and the tensor's
-name, and every expert of a stacked expert tensor its own, so a rank draws only its experts, and the
+(parallel/shards.py). A tensor is drawn in blocks of rows (dim 0), each from its own generator seeded
+from the run's seed, the tensor's name and the block: one expert per block for stacked expert tensors,
+about a million values per block otherwise. A rank draws only the blocks its rows fall in, and the
 full weights are the same whatever the layout.
 """
 
@@ -57,14 +58,22 @@ class SeededInit:
     def __init__(self, m: ModelConfig, seed: int) -> None:
         self.m, self.seed = m, seed
 
+    BLOCK_VALUES = 1 << 20
+
     def read(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
-        if is_stacked_expert(name):
-            rows = []
-            for e in range(*index[0].indices(shape[0])):
-                full = torch.empty(shape[1:])
-                init_tensor(self.m, name, full, _generator(self.seed, name, e))
-                rows.append(full[index[1:]])
-            return torch.stack(rows) if rows else torch.empty(0, *shape[1:])[(slice(None), *index[1:])]
-        full = torch.empty(shape)
-        init_tensor(self.m, name, full, _generator(self.seed, name))
-        return full[index]
+        if len(shape) == 0 or shape[0] == 0:
+            full = torch.empty(shape)
+            init_tensor(self.m, name, full, _generator(self.seed, name))
+            return full[index]
+        row = torch.Size(shape[1:]).numel()
+        block = 1 if is_stacked_expert(name) else max(1, self.BLOCK_VALUES // max(row, 1))
+        first, stop = index[0].start, index[0].stop
+        parts = []
+        for b in range(first // block, -(-stop // block) if stop > first else first // block):
+            rows = torch.empty(min(block, shape[0] - b * block), *shape[1:])
+            init_tensor(self.m, name, rows, _generator(self.seed, name, b))
+            lo, hi = max(first - b * block, 0), min(stop - b * block, rows.shape[0])
+            parts.append(rows[(slice(lo, hi), *index[1:])])
+        if not parts:
+            return torch.empty(shape)[index]
+        return torch.cat(parts)

@@ -111,14 +111,16 @@ _MHA = ["model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.att
         "moe.first_k_dense=1", 'moe.score_func="sigmoid"', "moe.n_groups=2", "moe.topk_groups=1",
         "moe.routed_scaling_factor=2.0", "moe.shared_experts=1", "moe.shared_gate=true"]
 VARIANTS = {
-    "full": _MHA + ['model.qk_norm="full"'],
+    "full": _MHA + ['model.qk_norm="full"', "moe.bias_update_rate=0.001"],
     "mla": ['model.attention="mla"', "model.n_heads=4", "model.q_lora_rank=8", "model.kv_lora_rank=16",
             "model.qk_rope_head_dim=8", "model.qk_nope_head_dim=8", "model.v_head_dim=12", 'model.rope_scaling="yarn"',
-            "model.rope_factor=4.0", "model.rope_original_max_seq_len=16", "moe.shared_experts=1"],
+            "model.rope_factor=4.0", "model.rope_original_max_seq_len=16", "moe.shared_experts=1",
+            "train.grad_accum=2"],
 }
 # (per-head QK-norm under tp is Qwen3-MoE's case in test_hf_training.py)
-FEATURE_LAYOUTS = {"full-ep2xtp2": "ep2xtp2", "full-dp2xep2-fssdp": "dp2xep2-fssdp-remat", "mla-ep2xtp2": "ep2xtp2",
-                   "mla-dp2xep2": "dp2xep2"}
+FEATURE_LAYOUTS = {"full-ep2xtp2": LAYOUTS["ep2xtp2"], "full-dp2xep2-fssdp": LAYOUTS["dp2xep2-fssdp-remat"],
+                   "mla-ep2xtp2": LAYOUTS["ep2xtp2"],
+                   "mla-dp2xep2-ac": (4, [*LAYOUTS["dp2xep2"][1], 'parallel.activation_checkpoint="full"'])}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def single_variant(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(FEATURE_LAYOUTS))
 def test_architecture_options_train_the_single_process_model(run_distributed, tmp_path, single_variant, name):
-    world, layout = LAYOUTS[FEATURE_LAYOUTS[name]]
+    world, layout = FEATURE_LAYOUTS[name]
     _train_like_single(run_distributed, tmp_path, single_variant(name.split("-")[0]), name, world, layout)
 
 

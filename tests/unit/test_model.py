@@ -192,6 +192,11 @@ def test_seeded_init_draws_any_slice_as_the_full_tensor():
     other = SeededInit(cfg.model, seed=8).read("layers.0.attention.wq.weight", (32, 32), (slice(0, 32), slice(0, 32)))
     assert not torch.equal(wq, other)
     assert torch.equal(init.read("norm.weight", (32,), (slice(0, 32),)), torch.ones(32))
+    init.BLOCK_VALUES = 64  # 2 rows of 32 per generator: slices across block boundaries
+    emb = init.read("tok_embeddings.weight", (9, 32), (slice(0, 9), slice(0, 32)))
+    assert torch.equal(init.read("tok_embeddings.weight", (9, 32), (slice(3, 8), slice(4, 20))), emb[3:8, 4:20])
+    assert init.read("tok_embeddings.weight", (9, 32), (slice(5, 5), slice(0, 32))).shape == (0, 32)
+    assert emb.std() > 0.5  # the embedding's own rule (std 1)
 
 
 @pytest.mark.parametrize("variant", [
