@@ -85,6 +85,11 @@ def write_checkpoint(c: dict, out: Path) -> int:
 # ---- the measured children: each prints one JSON line {"seconds", "peak_rss_mb", "base_rss_mb"}
 
 def _rss_mb() -> float:
+    """This process's peak resident set (VmHWM: per address space, so a parent's peak before exec does not
+    count, as ru_maxrss's would)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -96,7 +101,7 @@ def child_transformers(path: str) -> dict:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    _ = transformers.Qwen3MoeForCausalLM  # the lazy imports happen before the clock starts
+    _ = transformers.Qwen3MoeForCausalLM  # the lazy imports (torch._dynamo among them) before the clock starts
     base = _rss_mb()
     t0 = time.perf_counter()
     transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -107,6 +112,7 @@ def child_expertmesh(path: str) -> dict:
     import time
 
     import safetensors.torch  # noqa: F401  (imported before the clock starts, as transformers' are)
+    import torch._dynamo  # noqa: F401  (transformers' import above loads it too; building on meta needs it)
 
     import expertmesh.models.transformer  # noqa: F401
     from expertmesh.models.hf import load_pretrained

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from expertmesh.config import ModelConfig
+from expertmesh.parallel.shards import fill
 
 _OUT_PROJECTIONS = ("wo.weight", "w2.weight", "experts.w2")  # scaled down with depth
 _STACKED_EXPERTS = ("experts.w1", "experts.w2", "experts.w3")
@@ -53,14 +54,18 @@ def _generator(seed: int, *parts) -> torch.Generator:
 
 
 class SeededInit:
-    """`read(name, shape, index)`: the slice `index` of tensor `name` (global `shape`) as the seed makes it."""
+    """`read(name, shape, index, out)`: the slice `index` of tensor `name` (global `shape`) as the seed makes it."""
 
     def __init__(self, m: ModelConfig, seed: int) -> None:
         self.m, self.seed = m, seed
 
     BLOCK_VALUES = 1 << 20
 
-    def read(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
+    def read(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...], out: torch.Tensor) -> None:
+        fill(out, self.draw(name, shape, index), name)
+
+    def draw(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
+        """The slice `index` of tensor `name`."""
         if len(shape) == 0 or shape[0] == 0:
             full = torch.empty(shape)
             init_tensor(self.m, name, full, _generator(self.seed, name))

@@ -35,14 +35,16 @@ def model_tensors(model: nn.Module):
         yield name.replace(_WRAPPED, ""), t
 
 
+def fill(out: torch.Tensor, part: torch.Tensor, name: str) -> None:
+    """out <- part (cast to out's dtype), refusing a part of another shape (copy_ would broadcast it)."""
+    if tuple(part.shape) != tuple(out.shape):
+        raise RuntimeError(f"{name}: the source gave a slice of shape {tuple(part.shape)} for this rank's "
+                           f"{tuple(out.shape)}")
+    out.copy_(part)
+
+
 @torch.no_grad()
 def load_shards(model: nn.Module, read) -> None:
-    """Copies `read(name, global_shape, index)` into this rank's part of every tensor of `model`."""
+    """`read(name, global_shape, index, out)` fills `out`, this rank's part of every tensor of `model`."""
     for name, t in model_tensors(model):
-        local = t.to_local() if isinstance(t, DTensor) else t
-        index = local_index(t)
-        part = read(name, tuple(t.shape), index)
-        if tuple(part.shape) != tuple(local.shape):
-            raise RuntimeError(f"{name}: the source gave a slice of shape {tuple(part.shape)} for this rank's "
-                               f"{tuple(local.shape)} (index {index})")
-        local.copy_(part)
+        read(name, tuple(t.shape), local_index(t), t.to_local() if isinstance(t, DTensor) else t)

@@ -183,19 +183,19 @@ def test_seeded_init_draws_any_slice_as_the_full_tensor():
 
     cfg = config.load(None, TINY)
     init = SeededInit(cfg.model, seed=7)
-    full = init.read("layers.0.ffn.experts.w1", (4, 32, 16), (slice(0, 4), slice(0, 32), slice(0, 16)))
-    part = init.read("layers.0.ffn.experts.w1", (4, 32, 16), (slice(1, 3), slice(0, 32), slice(8, 16)))
+    full = init.draw("layers.0.ffn.experts.w1", (4, 32, 16), (slice(0, 4), slice(0, 32), slice(0, 16)))
+    part = init.draw("layers.0.ffn.experts.w1", (4, 32, 16), (slice(1, 3), slice(0, 32), slice(8, 16)))
     assert torch.equal(part, full[1:3, :, 8:16])
-    wq = init.read("layers.0.attention.wq.weight", (32, 32), (slice(0, 32), slice(0, 32)))
-    assert torch.equal(init.read("layers.0.attention.wq.weight", (32, 32), (slice(16, 32), slice(0, 32))), wq[16:])
+    wq = init.draw("layers.0.attention.wq.weight", (32, 32), (slice(0, 32), slice(0, 32)))
+    assert torch.equal(init.draw("layers.0.attention.wq.weight", (32, 32), (slice(16, 32), slice(0, 32))), wq[16:])
     assert not torch.equal(full[0], full[1])  # each expert its own draw
-    other = SeededInit(cfg.model, seed=8).read("layers.0.attention.wq.weight", (32, 32), (slice(0, 32), slice(0, 32)))
+    other = SeededInit(cfg.model, seed=8).draw("layers.0.attention.wq.weight", (32, 32), (slice(0, 32), slice(0, 32)))
     assert not torch.equal(wq, other)
-    assert torch.equal(init.read("norm.weight", (32,), (slice(0, 32),)), torch.ones(32))
+    assert torch.equal(init.draw("norm.weight", (32,), (slice(0, 32),)), torch.ones(32))
     init.BLOCK_VALUES = 64  # 2 rows of 32 per generator: slices across block boundaries
-    emb = init.read("tok_embeddings.weight", (9, 32), (slice(0, 9), slice(0, 32)))
-    assert torch.equal(init.read("tok_embeddings.weight", (9, 32), (slice(3, 8), slice(4, 20))), emb[3:8, 4:20])
-    assert init.read("tok_embeddings.weight", (9, 32), (slice(5, 5), slice(0, 32))).shape == (0, 32)
+    emb = init.draw("tok_embeddings.weight", (9, 32), (slice(0, 9), slice(0, 32)))
+    assert torch.equal(init.draw("tok_embeddings.weight", (9, 32), (slice(3, 8), slice(4, 20))), emb[3:8, 4:20])
+    assert init.draw("tok_embeddings.weight", (9, 32), (slice(5, 5), slice(0, 32))).shape == (0, 32)
     assert emb.std() > 0.5  # the embedding's own rule (std 1)
 
 

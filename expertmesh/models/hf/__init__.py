@@ -86,7 +86,7 @@ def resolve(cfg: JobConfig, explicit: dict) -> JobConfig:
 
 
 class HFSource:
-    """`read(name, shape, index)` for `load_shards`: this rank's slice of an expertmesh tensor, read from the
+    """`read(name, shape, index, out)` for `load_shards`: this rank's slice of an expertmesh tensor, read from the
     checkpoint's files. `check` compares every key and shape first, so a bad checkpoint fails as one line."""
 
     def __init__(self, cfg: JobConfig) -> None:
@@ -110,20 +110,22 @@ class HFSource:
                     raise ConfigError(f"model.hf_path={self.path!r}: {key} has shape {list(got)}, the config "
                                       f"needs {list(want)}")
 
-    def read(self, name: str, shape, index) -> torch.Tensor:
+    def read(self, name: str, shape, index, out: torch.Tensor) -> None:
         recipe = self.recipe(name)
         if recipe is None:  # a buffer the family does not store (the router's selection bias): zero
-            return torch.zeros(tuple(s.stop - s.start for s in index))
-        return recipe.read(self.files, shape, index)
+            out.zero_()
+        else:
+            recipe.read(self.files, shape, index, out, name)
 
 
-def tensor_shapes(cfg: JobConfig) -> dict[str, tuple[int, ...]]:
-    """Global shape of every tensor of the model `cfg` describes (built on meta: no memory)."""
+def tensor_shapes(cfg: JobConfig, model=None) -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor of the model `cfg` describes (`model`, or one built on meta: no memory)."""
     from expertmesh.models.transformer import Transformer
     from expertmesh.parallel.shards import model_tensors
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(cfg)
     return {name: tuple(t.shape) for name, t in model_tensors(model)}
 
 
@@ -141,9 +143,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", overri
 
     cfg = config_for(path, overrides)
     source = HFSource(cfg)
-    source.check(tensor_shapes(cfg))
     with torch.device("meta"):
         model = Transformer(cfg)
+    source.check(tensor_shapes(cfg, model))
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_rope()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from expertmesh.config import ConfigError
+from expertmesh.parallel.shards import fill
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class Same:
     def expected(self, shape, files=None) -> dict[str, tuple[int, ...]]:
         return {self.key: tuple(shape)}
 
-    def read(self, files, shape, index) -> torch.Tensor:
-        return files.read(self.key, index)
+    def read(self, files, shape, index, out, name) -> None:
+        fill(out, files.read(self.key, index), name)
 
     def export(self, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         return [(self.key, full)]
@@ -50,16 +51,15 @@ class Experts:
             return {self.fused: (E, self.parts * B, A)}
         return {self.per_expert.format(e=e): (B, A) for e in range(E)}
 
-    def read(self, files, shape, index) -> torch.Tensor:
+    def read(self, files, shape, index, out, name) -> None:
         e_sl, a_sl, b_sl = index
         if self._fused(files):
             B = shape[2]
             rows = slice(self.part * B + b_sl.start, self.part * B + b_sl.stop)
-            return files.read(self.fused, (e_sl, rows, a_sl)).permute(0, 2, 1)
-        parts = [files.read(self.per_expert.format(e=e), (b_sl, a_sl)).t() for e in range(e_sl.start, e_sl.stop)]
-        if not parts:
-            return torch.empty(0, a_sl.stop - a_sl.start, b_sl.stop - b_sl.start)
-        return torch.stack(parts)
+            fill(out, files.read(self.fused, (e_sl, rows, a_sl)).permute(0, 2, 1), name)
+            return
+        for i, e in enumerate(range(e_sl.start, e_sl.stop)):  # straight into this rank's rows, one expert each
+            fill(out[i], files.read(self.per_expert.format(e=e), (b_sl, a_sl)).t(), name)
 
     def export(self, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         return [(self.per_expert.format(e=e), full[e].t()) for e in range(full.shape[0])]
