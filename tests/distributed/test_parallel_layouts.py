@@ -119,8 +119,8 @@ VARIANTS = {
 }
 # (per-head QK-norm under tp is Qwen3-MoE's case in test_hf_training.py)
 FEATURE_LAYOUTS = {"full-ep2xtp2": LAYOUTS["ep2xtp2"], "full-dp2xep2-fssdp": LAYOUTS["dp2xep2-fssdp-remat"],
-                   "mla-ep2xtp2": LAYOUTS["ep2xtp2"],
-                   "mla-dp2xep2-ac": (4, [*LAYOUTS["dp2xep2"][1], 'parallel.activation_checkpoint="full"'])}
+                   "mla-ep2xtp2-ac": (4, [*LAYOUTS["ep2xtp2"][1], 'parallel.activation_checkpoint="full"']),
+                   "mla-dp2xep2-fssdp": LAYOUTS["dp2xep2-fssdp-remat"]}
 
 
 @pytest.fixture(scope="module")
