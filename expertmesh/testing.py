@@ -21,7 +21,6 @@ import socket
 import time
 import traceback
 
-
 PRELOAD = ["torch", "torch.distributed", "expertmesh.launch.train"]
 
 
