@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from expertmesh.config import ConfigError
+from expertmesh.data.corpus import jsonl_records
 
 IGNORE = -100  # cross-entropy's ignore_index: a position without loss
 
@@ -74,13 +75,7 @@ class ChatRenderer:
 def chat_stream(path: Path, lines: list[str], renderer: ChatRenderer, tokenizer, loss_on: str):
     """Tokens and labels of every conversation in a JSONL file, in order."""
     tokens, labels = [], []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
+    for lineno, record in jsonl_records(path, lines):
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ConfigError(f"{path}:{lineno} has no 'messages' list of {{role, content}} objects")

@@ -55,18 +55,23 @@ def glob_files(patterns: list[str]) -> list[Path]:
     return sorted(files)
 
 
+def jsonl_records(path: Path, lines: list[str]):
+    """(line number, record) of every non-blank JSONL line; a malformed line is a ConfigError naming it."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
+
+
 def _read(path: Path, jsonl_field: str) -> str:
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix != ".jsonl":
         return text
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
+    for lineno, record in jsonl_records(path, text.splitlines()):
         if not isinstance(record, dict) or jsonl_field not in record:
             raise ConfigError(f"{path}:{lineno} has no field '{jsonl_field}' (set data.jsonl_field)")
         docs.append(str(record[jsonl_field]))
