@@ -44,9 +44,9 @@ def _preflight(args, nproc: int):
 
         glob_files(cfg.data.paths)
     if cfg.model.hf_path:  # every key and shape of the checkpoint, before a process starts
-        from expertmesh.models.hf import HFSource, tensor_shapes
+        from expertmesh.models.hf import HFSource
 
-        HFSource(cfg).check(tensor_shapes(cfg))
+        HFSource(cfg)
     return cfg
 
 

@@ -15,15 +15,16 @@ import torch
 from torch import nn
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    """A `save_pretrained` directory: its config.json names a `model_type`."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
+def hf_family(path: str | Path) -> str | None:
+    """The `model_type` a `save_pretrained` directory's config.json names; None for any other directory."""
     try:
-        return "model_type" in json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    return hf_family(path) is not None
 
 
 class HFCache:

@@ -130,10 +130,9 @@ def load_weights(model: nn.Module, cfg: JobConfig) -> int:
     if not cfg.model.hf_path:
         load_shards(model, SeededInit(cfg.model, cfg.train.seed).read)
         return 0
-    from expertmesh.models.hf import HFSource, tensor_shapes
+    from expertmesh.models.hf import HFSource
 
     source = HFSource(cfg)
-    source.check(tensor_shapes(cfg))
     load_shards(model, source.read)
     return source.files.bytes_read
 

@@ -25,7 +25,7 @@ from expertmesh.models.hf.olmoe import OLMoE
 from expertmesh.models.hf.qwen2_moe import Qwen2MoE
 from expertmesh.models.hf.qwen3_moe import Qwen3MoE
 from expertmesh.models.hf.safetensors_dir import SafetensorsDir
-from expertmesh.models.hf_lm import HFCausalLM, is_hf_dir
+from expertmesh.models.hf_lm import HFCausalLM, hf_family, is_hf_dir
 
 FAMILIES: dict[str, Adapter] = {a.model_type: a for a in (Qwen3MoE(), Qwen2MoE(), Mixtral(), OLMoE(), DeepSeekV3())}
 
@@ -49,13 +49,6 @@ def read_hf_config(path: str | Path) -> tuple[dict, Adapter]:
         raise ConfigError(f"{cfg_file}: model_type {kind!r} is not supported "
                           f"(supported: {', '.join(sorted(FAMILIES))})")
     return hf, FAMILIES[kind]
-
-
-def hf_family(path: str | Path) -> str | None:
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def resolve(cfg: JobConfig, explicit: dict) -> JobConfig:
@@ -87,12 +80,14 @@ def resolve(cfg: JobConfig, explicit: dict) -> JobConfig:
 
 class HFSource:
     """`read(name, shape, index, out)` for `load_shards`: this rank's slice of an expertmesh tensor, read from the
-    checkpoint's files. `check` compares every key and shape first, so a bad checkpoint fails as one line."""
+    checkpoint's files. Every key and shape is checked on construction (against `model`, or the model `cfg`
+    describes), so a bad checkpoint fails as one line before anything is read."""
 
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, model=None) -> None:
         self.path = cfg.model.hf_path
         self.hf, self.adapter = read_hf_config(self.path)
         self.files = SafetensorsDir(self.path)
+        self.check(tensor_shapes(cfg, model))
 
     def recipe(self, name: str):
         return self.adapter.recipe(name)
@@ -142,10 +137,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", overri
     from expertmesh.parallel.shards import load_shards
 
     cfg = config_for(path, overrides)
-    source = HFSource(cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
-    source.check(tensor_shapes(cfg, model))
+    source = HFSource(cfg, model)
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_rope()
