@@ -73,9 +73,20 @@ def time_alternating(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[fl
     return times
 
 
+def results_path(name: str, device: str) -> Path:
+    """benchmarks/results/<name>.json, or <name>_cuda.json for a run on CUDA: neither overwrites the other."""
+    return RESULTS / (f"{name}_cuda.json" if device == "cuda" else f"{name}.json")
+
+
 def write(name: str, config: dict, results: list[dict], claims: list[dict], out: str | None = None,
-          threads: int | None = None, extra: dict | None = None) -> Path:
-    path = Path(out) if out else RESULTS / f"{name}.json"
+          threads: int | None = None, extra: dict | None = None, device: str | None = None) -> Path:
+    """Writes the JSON to `out`, else to results_path(name, device).
+
+    `device` defaults to the config's "device" when it names one, else to "cuda" whenever a GPU is
+    visible: a run on a GPU machine never replaces the CPU figures in <name>.json.
+    """
+    device = device or config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(out) if out else results_path(name, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "name": name,

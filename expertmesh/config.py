@@ -157,7 +157,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile each transformer block (regional); inductor's C++ backend on CPU
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager: trace, no codegen
     threads: int = 0  # torch threads per process; 0 = cores / local processes
 
 
@@ -401,6 +403,9 @@ def check(cfg: JobConfig) -> None:
         "metrics.log_every", "parallel.dp_replicate", "parallel.ep", "parallel.tp",
     ])
     check_attention(m)
+    if t.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision='fp16' needs a loss scaler, which expertmesh does not have; "
+                          "use 'bf16' (fp32's range, no scaling needed)")
     if e.first_k_dense < 0 or e.routed_scaling_factor <= 0 or e.shared_dim < 0:
         raise ConfigError(f"moe.first_k_dense={e.first_k_dense} and moe.shared_dim={e.shared_dim} must be >= 0, "
                           f"moe.routed_scaling_factor={e.routed_scaling_factor} > 0")

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from expertmesh.dist.comm_stats import Comm
+
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -44,11 +46,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def step_dirs(run_path: Path) -> list[tuple[int, Path]]:
@@ -132,20 +129,37 @@ def load_model(path: Path, model) -> int:
     return int(state["step"])
 
 
+def rng_state(device: torch.device) -> dict:
+    """This rank's random state: the CPU generator's, and the GPU's when the job runs on one (dropout and
+    sampling on the device draw from it)."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(per_rank: dict, device: torch.device) -> None:
+    if "rng" in per_rank:
+        torch.set_rng_state(per_rank["rng"])
+    if "cuda_rng" in per_rank and device.type == "cuda":
+        torch.cuda.set_rng_state(per_rank["cuda_rng"], device)
+
+
 class Checkpointer:
     """Every sharded weight is a DTensor (tensor, expert and FSDP parallelism make them so), and DCP
     stores global tensors, so a checkpoint does not depend on the layout that wrote it: loading under
     other parallel degrees reads each rank's new slices. `shared` state (the data position) is the
     same on every rank and is saved once; `per_rank` state (RNG) only matters under the same layout."""
 
-    def __init__(self, run_path: Path, keep: int, rank: int) -> None:
+    def __init__(self, run_path: Path, keep: int, rank: int, comm: Comm | None = None) -> None:
         self.run_path, self.keep, self.rank = run_path, keep, rank
+        self.comm = comm or Comm()
 
     def save(self, step: int, model, optimizer, scheduler, shared: dict, per_rank: dict, layout: str = "") -> Path:
         path = self.run_path / f"step-{step}"
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # a leftover from a crashed attempt at the same step
-        _barrier()
+        self.comm.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with warnings.catch_warnings():  # DCP warns when a single process saves without a group
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -154,11 +168,11 @@ class Checkpointer:
         tmp = path / f"rank-{self.rank}.pt.tmp"
         torch.save(per_rank, tmp)
         os.replace(tmp, path / f"rank-{self.rank}.pt")
-        _barrier()  # every rank's files are on disk before the marker says so
+        self.comm.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
             self._write_marker(path, step, layout)
             self._prune()
-        _barrier()
+        self.comm.barrier()
         return path
 
     def _write_marker(self, path: Path, step: int, layout: str) -> None:

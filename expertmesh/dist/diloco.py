@@ -22,6 +22,13 @@ Elastic workers (`diloco.elastic`, elastic.py): the outer group is re-formed whe
 next one) or when a worker asks to join; then the member furthest along sends its global copies,
 outer momentum, step and sync times to every member whose state differs, and those take them as
 their local weights too. `after_step` returns the step the loop is at, which a joiner changes.
+
+Communicators per thread (NCCL forbids two threads on one communicator; gloo interleaves them):
+the exchange thread issues collectives only on the outer group, which is a process group of its own
+(`replica_group`: its own NCCL communicator, never one of the mesh's), or under `elastic` a gloo
+`StoreGroup` of the epoch. While an exchange is in flight the main thread touches neither: it uses
+the mesh's groups (all-to-all, FSDP, metrics), the gloo control group, and the job's WORLD for the
+elastic flags, and it joins the thread before `_agree`/`_reform` use the outer group again.
 """
 
 from __future__ import annotations
@@ -130,9 +137,9 @@ class DiLoCo:
         group = self.group
         try:
             if self.membership is not None:  # elastic: agree on whether to let a waiting worker in
-                want = torch.tensor([int(self.membership.someone_waiting())])
-                counter.all_reduce(want, group, "control", op=torch.distributed.ReduceOp.MAX)
-                pend.want = bool(want.item())
+                want = counter.all_reduce_ints([int(self.membership.someone_waiting())], group, "control",
+                                               op=torch.distributed.ReduceOp.MAX)
+                pend.want = bool(want[0])
             for delta in deltas:
                 if group is not None and self.membership is not None:
                     delta = delta.cpu()  # the outer group is gloo
@@ -151,8 +158,10 @@ class DiLoCo:
             log.warning("DiLoCo: the exchange of fragments %s failed (%s)", pend.fragments,
                         str(err).splitlines()[0][:200])
         self.bytes_last_sync = counter.sent.get("diloco", 0)
-        for label, n in counter.take().items():
-            self.comm.count(label, n)
+        counter.take()
+        for key, n in counter.take_by_op().items():
+            label, op = key.rsplit(".", 1)
+            self.comm.count(label, n, op)
 
     def start(self, step: int) -> int:
         """Elastic: joins the outer group (once every expected worker is there, or after timeout_s)
@@ -269,8 +278,8 @@ class DiLoCo:
             pend.thread = None
         failed, want = pend.failed, pend.want
         if self.membership is not None and self.worker_group is not None:
-            flags = torch.tensor([int(failed), int(want)])  # every rank of this worker acts alike
-            self.comm.all_reduce(flags, self.worker_group, "control", op=torch.distributed.ReduceOp.MAX)
+            flags = self.comm.all_reduce_ints([int(failed), int(want)], self.worker_group, "control",
+                                              op=torch.distributed.ReduceOp.MAX)  # every rank of this worker acts alike
             failed, want = bool(flags[0]), bool(flags[1])
         if not failed:
             self._outer_step(pend)

@@ -29,7 +29,7 @@ import time
 
 import torch.distributed as dist
 
-from expertmesh.dist.comm_stats import StoreGroup
+from expertmesh.dist.comm_stats import Comm, StoreGroup
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ class Membership:
     own outer group (`group`: None while the worker is alone)."""
 
     def __init__(self, address: str, run: str, worker: int, workers: int, rank: int, timeout_s: float,
-                 settle_s: float, worker_group=None) -> None:
+                 settle_s: float, worker_group=None, comm: Comm | None = None) -> None:
         self.run, self.worker, self.workers, self.rank = run, worker, workers, rank
+        self.comm = comm or Comm()
         self.timeout_s, self.settle_s = timeout_s, settle_s
         self.worker_group = worker_group  # this worker's own ranks (None: one rank)
         # The store's own timeout bounds every wait on it; joiners may wait for a whole sync period.
@@ -83,9 +84,8 @@ class Membership:
             if self.rank == 0:
                 info = self._register(member)
             if self.worker_group is not None:  # every rank of this worker takes the same epoch
-                box = [info]
-                dist.broadcast_object_list(box, src=0, group=self.worker_group)
-                info = box[0]
+                info = self.comm.broadcast_object(info, dist.get_global_rank(self.worker_group, 0),
+                                                  self.worker_group)
             self.epoch, self.members = info
             me = self.members.index(self.worker)
             self.group = None

@@ -29,11 +29,18 @@ ranks, so the work spreads. Per MoE layer and step:
 With no replicas FSSDP is expert parallelism; with every expert everywhere, data parallelism.
 Checkpoints are written with the ownership moved back to expert order, so they are EP checkpoints
 (layout-free like every other) and an EP checkpoint loads into an FSSDP run.
+
+Communicators: everything here runs on the training thread, on the `ep` group's communicator (the
+all-to-alls, the SparseAllGather/ReduceScatter point-to-point batches, the owner moves) and on
+`dense_dp` (the load history). The prefetched SparseAllGather is asynchronous, but it is posted and
+waited for on that same thread, so NCCL sees one thread per communicator. Expert parallelism
+(parallel/expert.py) uses the `ep` group in the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections import deque
 from contextlib import contextmanager
@@ -45,7 +52,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from expertmesh.config import FSSDPConfig
-from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.comm_stats import Comm, group_device
 from expertmesh.models.mlp import local
 from expertmesh.moe.experts import compute
 from expertmesh.parallel.data_parallel import local_part
@@ -153,9 +160,9 @@ def balanced_slots(load_E, ranks: int) -> tuple[int, ...]:
     return tuple(e for r in range(ranks) for e in sorted(owned[r]))
 
 
-def route(plan: Plan, me: int, counts_E: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def route(plan: Plan, me: int, counts_E: list[int]) -> tuple[list[list[int]], torch.Tensor]:
     """Where this rank's rows go. Rows arrive grouped by expert (counts_E[e] rows of expert e); returns
-    send_PE[q, e] (rows of expert e for rank q) and `order`, the row indices in sending order: by
+    send_PE[q][e] (rows of expert e for rank q, host ints) and `order`, the row indices in sending order: by
     destination, then in the destination's held order (so they arrive ready for its grouped GEMM)."""
     P, E = plan.ranks, len(counts_E)
     position = plan.positions
@@ -181,9 +188,9 @@ def route(plan: Plan, me: int, counts_E: list[int]) -> tuple[torch.Tensor, torch
     firsts = torch.tensor([s[2] for s in segments], dtype=torch.int64)
     sizes = torch.tensor([s[3] for s in segments], dtype=torch.int64)
     dst = torch.cumsum(sizes, 0) - sizes
-    total = int(sizes.sum())
+    total = sum(s[3] for s in segments)
     order = torch.repeat_interleave(firsts - dst, sizes, output_size=total) + torch.arange(total)
-    return torch.tensor(send, dtype=torch.int64), order
+    return send, order
 
 
 def _pack(tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
@@ -219,7 +226,7 @@ class Exchange:
         sends = {q: _pack(own, rows) for q, rows in self.sends.items()}
         row = sum(t[0].numel() for t in own)
         recvs = {r: own[0].new_empty(len(idx), row) for r, idx in self.recvs.items()}
-        return p2p(self.comm, self.group, sends, recvs, self.label), recvs, own
+        return self.comm.batch_isend_irecv(sends, recvs, self.group, self.label), recvs, own
 
     def gather_finish(self, started) -> list[torch.Tensor]:
         works, recvs, own = started
@@ -235,23 +242,12 @@ class Exchange:
         sends = {r: _pack(replica_grads, idx) for r, idx in self.recvs.items()}
         row = sum(t[0].numel() for t in own)
         recvs = {q: own[0].new_empty(len(slots), row) for q, slots in self.sends.items()}
-        for w in p2p(self.comm, self.group, sends, recvs, self.label):
+        for w in self.comm.batch_isend_irecv(sends, recvs, self.group, self.label):
             w.wait()
         total = own[0].new_zeros(own[0].shape[0], row)
         for q, slots in sorted(self.sends.items()):  # a fixed order: the same sum on every run
             total.index_add_(0, torch.tensor(slots, device=total.device), recvs[q])
         return _unpack(total, own)
-
-
-def p2p(comm: Comm, group, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], label: str) -> list:
-    """Posts one batch of sends and receives to/from ranks of `group` (group ranks); returns the works."""
-    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, q), group) for q, t in sends.items()]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, q), group) for q, t in recvs.items()]
-    if not ops:
-        return []
-    comm.count(label, sum(t.numel() * t.element_size() for t in sends.values()))
-    with comm.own():
-        return dist.batch_isend_irecv(ops)
 
 
 class _Replicas(torch.autograd.Function):
@@ -308,12 +304,12 @@ class FSSDPPlacement:
         return self._exchange[1]
 
     def __call__(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:
-        counts = tokens_per_expert_E.detach().to("cpu", torch.int64)
+        # Host syncs: this rank's counts (to route its rows), then the counts it receives (the split sizes).
+        counts = tokens_per_expert_E.tolist()
         plan = self.plan
         if self.cfg.calibrate:  # this batch's own counts, summed over the group: the plan fits exactly
-            total = counts.clone()
-            self.comm.all_reduce(total, self.group, "fssdp")
-            plan = plan_replicas(total.tolist(), plan.slots, self.size, self.extra_slots)
+            total = self.comm.all_reduce_ints(counts, self.group, "fssdp")
+            plan = plan_replicas(total, plan.slots, self.size, self.extra_slots)
         xch = self.exchange(plan)
         own = [local(getattr(experts, n)) for n in WEIGHTS]
         remat = self.cfg.rematerialize and xch is not None
@@ -321,16 +317,18 @@ class FSSDPPlacement:
         if started is None and xch is not None and not remat:
             started = xch.gather_start([w.detach() for w in own])
 
-        send_PE, order = route(plan, self.rank, counts.tolist())
+        send_PE, order = route(plan, self.rank, counts)
+        in_splits = [sum(row) for row in send_PE]
+        send_PE = torch.tensor(send_PE, dtype=torch.int64, device=x_sorted_ND.device)
         recv_PE = torch.empty_like(send_PE)
         self.comm.all_to_all_single(recv_PE, send_PE, None, None, self.group, "ep")
-        in_splits, out_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
+        out_splits = recv_PE.sum(1).tolist()
         order = order.to(x_sorted_ND.device)
         x_recv = all_to_all(x_sorted_ND[order], out_splits, in_splits, self.group, self.comm)
         recv_PH = recv_PE[:, list(plan.held(self.rank))]
-        perm = source_to_expert_major(recv_PH).to(x_recv.device)
+        perm = source_to_expert_major(recv_PH, x_recv.shape[0])
         counts_H = recv_PH.sum(0)
-        self.rows.append(int(counts_H.sum()))
+        self.rows.append(x_recv.shape[0])  # every row received is for an expert held here
         if remat:
             y_held = checkpoint(_gather_and_compute, xch, x_recv[perm], counts_H, *own, use_reentrant=False)
         else:
@@ -380,11 +378,10 @@ class FSSDP:
     def record(self, step_load: list[list[torch.Tensor]]) -> None:
         """After a step: this step's tokens per expert (per micro-batch, per layer), summed over the
         load group, join the history; the rows each rank computed are kept for the metrics."""
-        per_layer = [torch.stack(layer).sum(0).cpu() for layer in zip(*step_load, strict=True)]
-        packed = torch.cat(per_layer).to(torch.int64)
-        self.comm.all_reduce(packed, self.load_group, "fssdp")
+        per_layer = [torch.stack(layer).sum(0) for layer in zip(*step_load, strict=True)]
         sizes = [t.numel() for t in per_layer]
-        self.history.append([t.tolist() for t in packed.split(sizes)])
+        packed = self.comm.all_reduce_ints(torch.cat(per_layer).to(torch.int64), self.load_group, "fssdp")
+        self.history.append([packed[a - n: a] for a, n in zip(itertools.accumulate(sizes), sizes, strict=True)])
         self.last_rows = [sum(p.rows) for p in self.placements]
         self._rows_window.append(self.last_rows)
         for p in self.placements:
@@ -398,6 +395,7 @@ class FSSDP:
         n = dist.get_world_size(group)
         gathered = torch.zeros(n, rows.numel(), dtype=torch.float64)
         gathered[dist.get_rank(group)] = rows
+        gathered = gathered.to(group_device(group) or "cpu")
         self.comm.all_reduce(gathered, group, "metrics")
         mean = gathered.mean(0)
         ratio = [float(m) / float(a) if a > 0 else 1.0 for m, a in zip(gathered.max(0).values, mean, strict=True)]
@@ -461,7 +459,7 @@ def move_slots(tensors: list[torch.Tensor], old: tuple[int, ...], new: tuple[int
     width = sum(t[0].numel() for t in tensors)
     recvs = {r: tensors[0].new_empty(len(es), width) for (r, q), es in moving.items() if q == me and r != me}
     kept = _pack(tensors, [where_old[e] % L for e in moving.get((me, me), [])])
-    works = p2p(comm, group, sends, recvs, "fssdp")
+    works = comm.batch_isend_irecv(sends, recvs, group, "fssdp")
     for w in works:
         w.wait()
     index = {e: i % L for i, e in enumerate(new)}

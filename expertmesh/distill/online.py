@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from expertmesh.dist.comm_stats import Comm, group_size
 from expertmesh.distill.losses import densify, divergence
 
 
@@ -149,7 +150,7 @@ class OnlineDistiller:
         p = densify(torch.cat([e.topk_idx for e in batch]), torch.cat([e.topk_p for e in batch]), self.vocab)
         return divergence(self.kind, logits[rows, cols], p.to(device), beta=self.beta)
 
-    def update(self, group=None) -> float:
+    def update(self, group=None, comm: Comm | None = None) -> float:
         """`steps` optimizer steps on replay samples. With a process `group` of trainers, each samples
         its own buffer and the gradients are averaged over the group (every member must call this,
         an empty buffer contributing zeros), so the trainers' drafts stay identical."""
@@ -167,8 +168,8 @@ class OnlineDistiller:
                     p.grad = torch.zeros_like(p)
             if group is not None:
                 flat = torch.cat([p.grad.reshape(-1) for p in params])
-                torch.distributed.all_reduce(flat, group=group)
-                flat /= torch.distributed.get_world_size(group)
+                (comm or Comm()).all_reduce(flat, group, "distill")
+                flat /= group_size(group)
                 offset = 0
                 for p in params:
                     p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))

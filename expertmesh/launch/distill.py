@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from expertmesh import config as config_mod
 from expertmesh.config import ConfigError, JobConfig
+from expertmesh.dist.comm_stats import Comm, group_device
 from expertmesh.distill.models import load_lm, save_lm
 from expertmesh.distill.online import (
     OnlineDistiller,
@@ -268,16 +269,6 @@ def answered_requests(run_path: Path, rank: int | None) -> set[int]:
     return done
 
 
-def _send(obj, dst: int) -> None:
-    dist.send_object_list([obj], dst=dst)
-
-
-def _recv(src: int):
-    box = [None]
-    dist.recv_object_list(box, src=src)
-    return box[0]
-
-
 def run(cfg: JobConfig, env: DistEnv) -> dict:
     """Serves the whole stream; returns the summary record on rank 0 ({} elsewhere)."""
     g = cfg.distill
@@ -288,6 +279,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     set_threads(cfg.train.threads, env)
     torch.manual_seed(cfg.train.seed)
     run_path = cfg.run_path
+    comm = Comm()  # every collective below goes through it (the collective rule: dist/comm_stats.py)
     single = env.world_size == 1
     serving = single or env.rank >= g.trainers
     resume = cfg.checkpoint.resume and (run_path / "config.json").is_file()
@@ -304,7 +296,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         target.requires_grad_(False)
     done = answered_requests(run_path, env.rank if serving else None) if resume else set()
     if not single:
-        dist.barrier()  # every server has tidied its files before anyone reads them (rank 0: config below)
+        comm.barrier()  # every server has tidied its files before anyone reads them (rank 0: config below)
     if env.is_rank0:
         run_path.mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, run_path / "config.json")
@@ -337,9 +329,9 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
                 if trainer.run_due():
                     server.version = trainer.version  # the same module: swapped by construction
         elif trainer is not None:
-            _train_loop(trainer, env, g.trainers, g.overlap, device)
+            _train_loop(trainer, env, g.trainers, g.overlap, comm)
         else:
-            _serve_loop(server, env, g.trainers, device)
+            _serve_loop(server, env, g.trainers, comm)
         summary = trainer.finish() if trainer is not None else {}
         if trainer is not None and trainer.saver is not None:
             path = trainer.saver()
@@ -356,12 +348,12 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         metrics.close()
 
 
-def _wire(device: torch.device) -> torch.device:
+def _wire() -> torch.device:
     """Where broadcast tensors live: NCCL needs them on the GPU, gloo on the CPU."""
-    return device if device.type == "cuda" else torch.device("cpu")
+    return group_device(dist.group.WORLD)
 
 
-def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, device: torch.device) -> None:
+def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, comm: Comm) -> None:
     mine = [r for r in range(trainers, env.world_size) if (r - trainers) % trainers == env.rank]
     n_servers = env.world_size - trainers
     sent = 0
@@ -370,26 +362,25 @@ def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, de
             trainer.run_due()  # while the servers decode their next batch
         examples, stats, done = [], [], 0
         for src in mine:
-            payload = _recv(src)
+            payload = comm.recv_object(src)
             examples += payload["examples"]
             stats += payload["stats"]
             done += payload["done"]
         parts = [(stats, len(examples), done)]
         if trainers > 1:  # every trainer learns every request's statistics: one update schedule for all
-            parts = [None] * trainers
-            dist.all_gather_object(parts, (stats, len(examples), done), group=trainer.group)
+            parts = comm.all_gather_object((stats, len(examples), done), trainer.group)
         for t, (st, n, _) in enumerate(parts):
             trainer.receive(examples if t == env.rank else [], st, 0 if t == env.rank else n)
         done = sum(d for _, _, d in parts)  # servers that have drained their share, all trainers' together
         if not overlap:
             trainer.run_due()
         stop = done == n_servers
-        header = torch.tensor([trainer.version, int(stop)], dtype=torch.int64, device=_wire(device))
-        dist.broadcast(header, src=0)
+        header = torch.tensor([trainer.version, int(stop)], dtype=torch.int64, device=_wire())
+        comm.broadcast(header, 0, dist.group.WORLD, "distill")
         if trainer.version != sent:
-            flat = weights_vector(trainer.draft).to(_wire(device))
+            flat = weights_vector(trainer.draft).to(_wire())
             mine_flat = flat.clone() if env.rank else None
-            dist.broadcast(flat, src=0)
+            comm.broadcast(flat, 0, dist.group.WORLD, "distill")
             if mine_flat is not None and not torch.equal(flat, mine_flat):
                 raise RuntimeError(f"trainer rank {env.rank}'s draft differs from rank 0's at version "
                                    f"{trainer.version}: the trainers' updates diverged")
@@ -398,18 +389,18 @@ def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, de
             return
 
 
-def _serve_loop(server: Server, env: DistEnv, trainers: int, device: torch.device) -> None:
+def _serve_loop(server: Server, env: DistEnv, trainers: int, comm: Comm) -> None:
     size = sum(p.numel() for p in server.draft.parameters())
     while True:
         batch = server.next_batch()
         examples, stats = server.serve(batch) if batch else ([], [])
-        _send({"examples": examples, "stats": stats, "done": not batch}, dst=(env.rank - trainers) % trainers)
-        header = torch.zeros(2, dtype=torch.int64, device=_wire(device))
-        dist.broadcast(header, src=0)
+        comm.send_object({"examples": examples, "stats": stats, "done": not batch}, (env.rank - trainers) % trainers)
+        header = torch.zeros(2, dtype=torch.int64, device=_wire())
+        comm.broadcast(header, 0, dist.group.WORLD, "distill")
         version, stop = int(header[0]), bool(header[1])
         if version != server.version:
-            flat = torch.empty(size, dtype=torch.float32, device=_wire(device))
-            dist.broadcast(flat, src=0)
+            flat = torch.empty(size, dtype=torch.float32, device=_wire())
+            comm.broadcast(flat, 0, dist.group.WORLD, "distill")
             server.swap(flat, version)  # between requests: the batch above finished with the old draft
         if stop:
             return

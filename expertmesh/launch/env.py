@@ -69,8 +69,9 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
 
 
 def init_distributed(env: DistEnv, device: torch.device) -> None:
-    """gloo on CPU, nccl on GPU; a single process creates no process group at all."""
-    if env.world_size == 1 or dist.is_initialized():
+    """gloo on CPU, nccl on GPU. A single process creates no process group, except a launched one on a GPU
+    (`expertmesh run --nproc 1`), which runs NCCL at world size 1 as a larger job would."""
+    if dist.is_initialized() or (env.world_size == 1 and (device.type != "cuda" or env.launcher == "single")):
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, store=_attempt_store(env),
@@ -94,3 +95,14 @@ def set_threads(requested: int, env: DistEnv) -> int:
     n = requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
     torch.set_num_threads(n)
     return n
+
+
+def control_group(device: torch.device):
+    """The group for host values that every rank must agree on each step (the preemption flag): gloo,
+    so agreeing needs no device sync. Under gloo it is the job's own group; under NCCL a gloo group
+    over the same ranks is made beside it. None for a single process."""
+    if not dist.is_initialized():
+        return None
+    if str(dist.get_backend()) == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -33,23 +34,24 @@ from expertmesh.data.chat import IGNORE, load_chat
 from expertmesh.data.corpus import glob_files, load_text
 from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
 from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
-from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact
+from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact, rng_state, set_rng_state
 from expertmesh.dist.comm_stats import CollectiveTap, Comm, view_labels
 from expertmesh.dist.diloco import DiLoCo, replica_group
 from expertmesh.dist.elastic import Membership
 from expertmesh.dist.fssdp import FSSDP
-from expertmesh.launch.env import DistEnv, detect, init_distributed, pick_device, set_threads
+from expertmesh.launch.env import DistEnv, control_group, detect, init_distributed, pick_device, set_threads
 from expertmesh.metrics import Metrics
 from expertmesh.models.hf.export import SOURCE_COPY, copy_source_files, export_run
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
-from expertmesh.parallel.apply import parallelize_model
+from expertmesh.moe import ops as moe_ops
+from expertmesh.parallel.apply import compute_dtype, parallelize_model
 from expertmesh.parallel.data_parallel import clip_grad_norm
 from expertmesh.parallel.mesh import Mesh, ParallelDims
 
 log = logging.getLogger("expertmesh")
 
 
-def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv):
+def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv, comm: Comm):
     if cfg.data.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.data.tokenizer == "hf":
@@ -64,19 +66,18 @@ def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv):
     if env.is_rank0 and not path.is_file():  # one rank trains, the others wait and load the same file
         train_text = text[: int(len(text) * (1 - cfg.data.eval_fraction))]  # never the held-out part
         BPETokenizer.train(train_text, cfg.data.bpe_vocab_size, path)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     return BPETokenizer.load(path)
 
 
-def load_data(cfg: JobConfig, env: DistEnv):
+def load_data(cfg: JobConfig, env: DistEnv, comm: Comm):
     """(tokenizer, tokens, labels or None): the text corpus, or chat conversations with their labels."""
     if cfg.data.format == "chat":
-        tokenizer = build_tokenizer(cfg, "", env)
+        tokenizer = build_tokenizer(cfg, "", env, comm)
         template_dir = Path(cfg.data.tokenizer_path).parent if cfg.data.tokenizer_path else Path(cfg.model.hf_path)
         return (tokenizer, *load_chat(cfg.data, glob_files(cfg.data.paths), tokenizer, template_dir))
     text = load_text(cfg.data)
-    tokenizer = build_tokenizer(cfg, text, env)
+    tokenizer = build_tokenizer(cfg, text, env, comm)
     return tokenizer, tokenizer.encode(text), None
 
 
@@ -124,23 +125,46 @@ def _evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, 
     model.eval()
     d = mesh.dims
     rank = dist.get_rank() if dist.is_initialized() else 0
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     world = d.data_world // d.dp_replicate if d.independent_replicas else d.data_world  # DiLoCo: one worker
     eval_tokens, eval_labels = eval_data
     for x, y in eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
                              d.data_rank(rank) % world, world, d.data_world, eval_labels):
         with autocast:
             logits, _ = model(x.to(device))
-        total[0] += token_loss(logits, y.to(device), "sum").item()
-        total[1] += int((y != IGNORE).sum())
+        total[0] += token_loss(logits, y.to(device), "sum")
+        total[1] += (y != IGNORE).sum()
     comm.all_reduce(total, mesh.group("dense_dp"), "metrics")
     model.train()
-    return float(total[0] / total[1].clamp_min(1))
+    loss, count = total.tolist()
+    return loss / max(count, 1)
+
+
+def check_device_support(cfg: JobConfig, device: torch.device, env: DistEnv) -> None:
+    """What the config asks of the device, refused in one line when the device cannot honour it."""
+    t = cfg.train
+    if t.compile and device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++")):
+        raise ConfigError("train.compile=true on CPU needs a C++ compiler for inductor; none on PATH (set CXX, "
+                          "or train.compile=false)")
+    if t.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("train.compile=true on CUDA needs triton, which is not installed (or train.compile=false)")
+    if device.type == "cuda" and compute_dtype(cfg, device) and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r} means bf16, which "
+                          f"{torch.cuda.get_device_name()} does not support; use 'fp32'")
+    b = cfg.moe.backend
+    if b == "cuda" and (device.type != "cuda" or not moe_ops.cuda_ops_available()):
+        raise ConfigError("moe.backend='cuda' but " + ("the job runs on the CPU" if device.type != "cuda" else
+                          "expertmesh._C was built without CUDA kernels (rebuild on a machine with nvcc, or "
+                          "moe.backend='auto')"))
+    if b == "auto" and device.type == "cuda" and not moe_ops.cuda_ops_available() and env.is_rank0:
+        log.warning("moe.backend='auto': expertmesh._C has no CUDA kernels, so dispatch and combine run the "
+                    "pure-torch reference on the GPU (rebuild with nvcc for the fused kernels)")
 
 
 def run(cfg: JobConfig, env: DistEnv) -> dict:
     """Trains per the config; returns the last metrics record (rank 0) or {}."""
     device = pick_device(cfg.train.device, env)
+    check_device_support(cfg, device, env)
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, independent_replicas=cfg.diloco.enabled)
     init_distributed(env, device)
     set_threads(cfg.train.threads, env)
@@ -149,7 +173,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     run_path = cfg.run_path
 
     # Data: the same tokens on every rank, split once, sharded by data-parallel rank.
-    tokenizer, tokens, labels = load_data(cfg, env)
+    tokenizer, tokens, labels = load_data(cfg, env, comm)
     if tokenizer.vocab_size != cfg.model.vocab_size and cfg.data.tokenizer == "bpe":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     train_tokens, eval_tokens = split_tokens(tokens, cfg.data.eval_fraction)
@@ -167,21 +191,20 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     par = parallelize_model(model, mesh, cfg, device, comm)
     model = par.model
     optimizer, scheduler = build_optimizer(model, cfg)
-    use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    dtype = compute_dtype(cfg, device)  # bf16: FSDP gathers bf16 weights, autocast covers the rest
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
     fssdp = None
     if cfg.moe.placement == "fssdp":  # the config check guarantees ep >= 2
         fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm)
     diloco_group = replica_group(dims) if cfg.diloco.enabled else None
     diloco = make_diloco(model, cfg, diloco_group, comm, env)
-    checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank)
+    checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank, comm)
     start_step = 0
     if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path)) is not None:
         start_step, shared, per_rank = checkpointer.load(path, model, optimizer, scheduler,
                                                          {"loader": loader.state_dict()}, layout_name(cfg, dims))
-        if "rng" in per_rank:
-            torch.set_rng_state(per_rank["rng"])
+        set_rng_state(per_rank, device)
         if fssdp is not None and "fssdp" in per_rank:  # else: expert-ordered owners, no history yet
             fssdp.load_state_dict(per_rank["fssdp"], optimizer)
         if diloco is not None and "diloco" in per_rank:
@@ -226,13 +249,13 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
 def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_data, checkpointer, metrics,
                start_step, device, autocast, diloco=None, fssdp=None) -> dict:
     model = par.model
-    preemption = Preemption()
+    preemption = Preemption(control_group(device))
     eval_loss = None
     if start_step == 0:
         eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco)
         metrics.log_eval(0, eval_loss)
     tap = CollectiveTap(comm, view_labels(mesh.views))  # FSDP's and DTensor's own collectives
-    window = Window(mesh, comm, tap)
+    window = Window(mesh, comm, tap, device)
     layout = layout_name(cfg, mesh.dims)
     rec: dict = {}
     step = start_step
@@ -256,7 +279,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
             eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco)
             metrics.log_eval(step, eval_loss)
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
-            rec = window.record(step, scheduler.get_last_lr()[0], float(grad_norm), eval_loss)
+            rec = window.record(step, scheduler.get_last_lr()[0], grad_norm, eval_loss)
             if diloco is not None:
                 rec["diloco"] = diloco.stats(step)
             if fssdp is not None:
@@ -264,7 +287,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
             metrics.log(rec)
         stop = preemption.agreed(comm)
         if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop):
-            per_rank = {"rng": torch.get_rng_state()}
+            per_rank = rng_state(device)
             if diloco is not None:
                 per_rank["diloco"] = diloco.state_dict(optimizer)
             if fssdp is not None:
@@ -292,7 +315,7 @@ def make_diloco(model, cfg: JobConfig, group, comm: Comm, env: DistEnv) -> DiLoC
     if g.elastic:
         worker_group = dist.group.WORLD if env.world_size > 1 else None
         membership = Membership(g.store, cfg.train.name, g.worker, g.workers, env.rank, g.timeout_s, g.settle_s,
-                                worker_group)
+                                worker_group, comm)
     return DiLoCo(model, cfg.model.n_layers, g, group, comm, membership, worker_group)
 
 
@@ -311,8 +334,9 @@ def layout_name(cfg: JobConfig, dims: ParallelDims) -> str:
             f"dp_shard={str(cfg.parallel.dp_shard).lower()} placement={cfg.moe.placement}")
 
 
-def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp=None) -> float:
-    """Forward and backward over the micro-batches, gradient reduction, clip, optimizer step."""
+def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp=None) -> torch.Tensor:
+    """Forward and backward over the micro-batches, gradient reduction, clip, optimizer step. Returns the
+    gradient norm as a tensor: no host sync here beyond the ones the experts' split sizes need."""
     optimizer.zero_grad(set_to_none=True)
     step_load = []
     for _ in range(cfg.train.grad_accum):
@@ -339,7 +363,7 @@ def update_router_bias(model, step_load: list[list[torch.Tensor]], mesh: Mesh, c
     """Aux-loss-free balancing: every rank applies the same bias step from the same global counts."""
     per_layer = [torch.stack(layer).sum(0) for layer in zip(*step_load, strict=True)]
     sizes = [t.numel() for t in per_layer]
-    packed = torch.cat(per_layer).cpu()
+    packed = torch.cat(per_layer)
     comm.all_reduce(packed, mesh.group("dense_dp"), "router")
     for layer, load in zip(moe_layers(model), packed.split(sizes), strict=True):
         layer.router.update_bias(load.to(layer.router.expert_bias.device))
@@ -348,20 +372,22 @@ def update_router_bias(model, step_load: list[list[torch.Tensor]], mesh: Mesh, c
 class Preemption:
     """Set by SIGUSR1 (Slurm's warning before a time limit or preemption). Ranks receive the signal
     at different moments, so at the end of every step they agree through one tiny all-reduce:
-    either every rank checkpoints and stops after this step, or none does."""
+    either every rank checkpoints and stops after this step, or none does. The flag is a host value
+    and travels over the gloo control group (see launch/env.py): no device sync."""
 
-    def __init__(self) -> None:
+    def __init__(self, group) -> None:
         self.requested = False
+        self.group = group
         signal.signal(signal.SIGUSR1, self._set)
 
     def _set(self, _signum, _frame) -> None:
         self.requested = True
 
     def agreed(self, comm: Comm) -> bool:
-        flag = torch.tensor([1 if self.requested else 0])
-        if dist.is_initialized():
-            comm.all_reduce(flag, dist.group.WORLD, "control", op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = [1 if self.requested else 0]
+        if self.group is not None:
+            flag = comm.all_reduce_ints(flag, self.group, "control", op=dist.ReduceOp.MAX)
+        return bool(flag[0])
 
 
 def requeue_slurm_job() -> None:
@@ -389,35 +415,35 @@ def maybe_inject_fault(step: int, env: DistEnv) -> None:
 
 
 class Window:
-    """Accumulates what happened since the last metrics line; `record` reduces it across ranks."""
+    """Accumulates what happened since the last metrics line, on the device (no host sync per step);
+    `record` reduces it across ranks in one all-reduce and reads it back in one sync."""
 
-    def __init__(self, mesh: Mesh, comm: Comm, tap: CollectiveTap) -> None:
-        self.mesh, self.comm, self.tap = mesh, comm, tap
+    def __init__(self, mesh: Mesh, comm: Comm, tap: CollectiveTap, device: torch.device) -> None:
+        self.mesh, self.comm, self.tap, self.device = mesh, comm, tap, device
         self.tokens_seen = 0
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(5, dtype=torch.float64)  # ce, aux, z, dropped, entropy
+        self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # last ce, ce, aux, z, dropped, entropy
         self.micro = 0
         self.steps = 0
         self.tokens = 0
         self.seconds = 0.0
         self.load = None
-        self.last_ce = 0.0
         self.peak = 0  # most bytes any one step of the window sent through the wrapper
         self._sent_before = 0
 
     def add_micro(self, ce, aux, z, stats, tokens: int) -> None:
         self.micro += 1
         self.tokens += tokens
-        self.last_ce = float(ce.detach())
-        self.sums[0] += self.last_ce
-        self.sums[1] += float(aux.detach())
-        self.sums[2] += float(z.detach())
+        zero = ce.new_zeros(())
+        dropped = sum((s.dropped for s in stats), zero)
+        entropy = sum((s.entropy for s in stats), zero) / max(len(stats), 1)
+        figures = torch.stack([t.detach().to(ce) for t in (ce, aux, z, dropped, entropy)])
+        self.sums[0] = figures[0]
+        self.sums[1:] += figures.double()
         if stats:
-            self.sums[3] += sum(int(s.dropped) for s in stats)
-            self.sums[4] += sum(float(s.entropy) for s in stats) / len(stats)
-            load = [s.tokens_per_expert_E.detach().cpu().double() for s in stats]
+            load = [s.tokens_per_expert_E.detach().double() for s in stats]
             self.load = load if self.load is None else [a + b for a, b in zip(self.load, load, strict=True)]
 
     def add_step(self, seconds: float) -> None:
@@ -427,44 +453,52 @@ class Window:
         self.peak = max(self.peak, sent - self._sent_before)
         self._sent_before = sent
 
-    def record(self, step: int, lr: float, grad_norm: float, eval_loss) -> dict:
+    def record(self, step: int, lr: float, grad_norm: torch.Tensor, eval_loss) -> dict:
         comm_bytes = {k: v / max(self.steps, 1) for k, v in self.comm.take().items()}
-        for label, nbytes in self.tap.take_per_step().items():
+        by_op = {k: v / max(self.steps, 1) for k, v in self.comm.take_by_op().items()}
+        for key, nbytes in self.tap.take_per_step().items():  # FSDP's and DTensor's, from a sampled step
+            label = key.rsplit(".", 1)[0]
             comm_bytes[label] = comm_bytes.get(label, 0.0) + nbytes
+            by_op[key] = by_op.get(key, 0.0) + nbytes
         group = self.mesh.group("dense_dp")
         n = self.mesh.dims.degree("dense_dp")
         # One reduction for every figure: this step's loss, window means, dropped and token counts.
         load = self.load or []
-        packed = torch.cat([torch.tensor([self.last_ce, float(self.tokens), self.seconds], dtype=torch.float64),
-                            self.sums, *load])
+        host = torch.tensor([float(self.tokens), self.seconds], dtype=torch.float64, device=self.device)
+        packed = torch.cat([host, self.sums, *load])
         self.comm.all_reduce(packed, group, "metrics")
-        last_ce, tokens, seconds = packed[0] / n, packed[1], packed[2] / n
+        values = torch.cat([packed, grad_norm.detach().double().reshape(1).to(packed.device)]).tolist()
+        tokens, seconds, last_ce, ce, aux, z, dropped, entropy = values[:8]
+        seconds /= n
         if self.mesh.dims.independent_replicas:  # DiLoCo: the figures are worker 0's; every worker reads as much
             tokens = tokens * self.mesh.dims.dp_replicate
-        sums = packed[3:8]
         self.tokens_seen += int(tokens)
-        expert_load = [t.long().tolist() for t in packed[8:].split([t.numel() for t in load])]
-        dropped = int(sums[3])
+        expert_load, offset = [], 8
+        for t in load:
+            expert_load.append([int(v) for v in values[offset: offset + t.numel()]])
+            offset += t.numel()
+        dropped = int(dropped)
         routed = sum(sum(layer) for layer in expert_load) + dropped
         rec = {
             "kind": "train",
             "step": step,
             "time": time.time(),
-            "loss": float(last_ce),
-            "loss_avg": float(sums[0] / n / self.micro),
+            "loss": last_ce / n,
+            "loss_avg": ce / n / self.micro,
             "eval_loss": eval_loss,
             "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": float(tokens / seconds),
-            "tokens_per_s_per_rank": float(tokens / seconds / self.mesh.dims.world_size),
+            "grad_norm": values[-1],
+            "tokens_per_s": tokens / seconds,
+            "tokens_per_s_per_rank": tokens / seconds / self.mesh.dims.world_size,
             "tokens_seen": self.tokens_seen,
-            "aux_loss": float(sums[1] / n / self.micro),
-            "z_loss": float(sums[2] / n / self.micro),
+            "aux_loss": aux / n / self.micro,
+            "z_loss": z / n / self.micro,
             "dropped_tokens": dropped,
             "drop_fraction": dropped / routed if routed else 0.0,
-            "router_entropy": float(sums[4] / n / self.micro),
+            "router_entropy": entropy / n / self.micro,
             "expert_load": expert_load,
             "comm_bytes_per_step": comm_bytes,
+            "comm_bytes_per_step_by_op": by_op,
             "comm_peak_bytes_step": self.peak,
         }
         self._reset()

@@ -19,28 +19,48 @@ from expertmesh.models.mlp import local
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class _GroupedMM(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ w[e]; `offs` are the cumulative row counts (int32).
+@torch.library.custom_op("expertmesh::grouped_mm", mutates_args=())
+def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ w[e]; `offs` are the cumulative row counts (int32). An op of our own
+    around torch's: torch.compile sees one opaque kernel with a fake of known shape (torch's own meta
+    function accepts bf16 only), and the backward below runs on a contiguous gradient (torch's rejects
+    expanded, stride-0 ones)."""
+    return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
 
-    torch's own backward for _grouped_mm rejects expanded (stride-0) gradients, so both gradients
-    are computed here with grouped GEMMs on a contiguous gradient."""
 
-    @staticmethod
-    def forward(ctx, x_ND, w_EDF, offs_E):
-        ctx.save_for_backward(x_ND, w_EDF, offs_E)
-        return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
+@_grouped_mm.register_fake
+def _(x_ND, w_EDF, offs_E):
+    return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
 
-    @staticmethod
-    def backward(ctx, grad_NF):
-        x_ND, w_EDF, offs_E = ctx.saved_tensors
-        grad_NF = grad_NF.contiguous()
-        grad_x = torch._grouped_mm(grad_NF, w_EDF.transpose(-2, -1), offs=offs_E) if ctx.needs_input_grad[0] else None
-        grad_w = torch._grouped_mm(x_ND.t(), grad_NF, offs=offs_E) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
+
+@torch.library.custom_op("expertmesh::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad(x_ND: torch.Tensor, grad_NF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """grad_w[e] = x[rows of e]^T @ grad[rows of e]."""
+    return torch._grouped_mm(x_ND.t(), grad_NF, offs=offs_E)
+
+
+@_grouped_mm_wgrad.register_fake
+def _(x_ND, grad_NF, offs_E):
+    return x_ND.new_empty(offs_E.shape[0], x_ND.shape[1], grad_NF.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad_NF):
+    x_ND, w_EDF, offs_E = ctx.saved_tensors
+    grad_NF = grad_NF.contiguous()
+    grad_x = _grouped_mm(grad_NF, w_EDF.transpose(-2, -1), offs_E) if ctx.needs_input_grad[0] else None
+    grad_w = _grouped_mm_wgrad(x_ND, grad_NF, offs_E) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return _GroupedMM.apply(x_ND, w_EDF, offs_E)
+    return _grouped_mm(x_ND, w_EDF, offs_E)
 
 
 def _can_group(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
@@ -78,7 +98,10 @@ class GroupedExperts(nn.Module):
 
 def compute(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
     """The experts' SwiGLU on rows grouped by expert, with the weights given (this rank's experts, or
-    under FSSDP the experts it holds this step: its own and the replicas it received)."""
+    under FSSDP the experts it holds this step: its own and the replicas it received). Rows in a lower
+    precision than the weights (bf16 rows of mixed precision, fp32 weights) cast the weights to them."""
+    if x_ND.dtype != w1_EDF.dtype and x_ND.is_floating_point():
+        w1_EDF, w3_EDF, w2_EFD = (w.to(x_ND.dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
     if _can_group(x_ND, w1_EDF):
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         h_NF = F.silu(grouped_mm(x_ND, w1_EDF, offs_E)) * grouped_mm(x_ND, w3_EDF, offs_E)

@@ -65,6 +65,8 @@ class MoELayer(nn.Module):
         tp = self.tp_sync
         xr_TD, xe_TD = (tp.router_input(x_TD), tp.expert_input(x_TD)) if tp else (x_TD, x_TD)
         r = self.router(xr_TD)
+        if torch.is_autocast_enabled(x_TD.device.type):  # bf16 rows through dispatch, all-to-all and experts
+            xe_TD = xe_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         topk_w_TK = tp(r.topk_w_TK) if tp else r.topk_w_TK
         x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(xe_TD, r.topk_idx_TK, self.num_experts,
                                                                     self.backend)

@@ -117,7 +117,7 @@ if HAVE_EXTENSION:
 
 
 @functools.cache
-def _cuda_ops_available() -> bool:
+def cuda_ops_available() -> bool:
     if not (HAVE_EXTENSION and torch.cuda.is_available()):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("expertmesh::moe_dispatch", "CUDA")
@@ -130,11 +130,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend in ("cpp", "cuda") and not HAVE_EXTENSION:
         raise RuntimeError(f"moe.backend={backend!r} needs expertmesh._C, which is not built "
                            "(reinstall with a C++ compiler, or use moe.backend='reference')")
-    if backend == "cuda" and not _cuda_ops_available():
+    if backend == "cuda" and not cuda_ops_available():
         raise RuntimeError("moe.backend='cuda' but expertmesh._C has no CUDA kernels or no GPU is visible")
     if backend == "auto":
         if device.type == "cuda":
-            return "cuda" if _cuda_ops_available() else "reference"
+            return "cuda" if cuda_ops_available() else "reference"
         return "cpp" if HAVE_EXTENSION else "reference"
     return backend
 

@@ -101,15 +101,14 @@ class TopKRouter(nn.Module):
         if self.capacity_factor > 0:
             topk_idx_TK, dropped = self._apply_capacity(topk_idx_TK, topk_s_TK.detach())
             topk_w_TK = topk_w_TK * (topk_idx_TK >= 0)
-        valid = topk_idx_TK[topk_idx_TK >= 0]
-        tokens_per_expert_E = torch.bincount(valid, minlength=self.num_experts)
+        tokens_per_expert_E = count_per_expert(topk_idx_TK, self.num_experts)
         return RouterOutput(
             topk_idx_TK, topk_w_TK.to(x_TD.dtype), aux_loss, z_loss, tokens_per_expert_E, dropped, entropy
         )
 
     def _load_balance_loss(self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
         T, E = probs_TE.shape
-        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+        counts_E = count_per_expert(topk_idx_TK, E).to(probs_TE.dtype)
         frac_E = counts_E / max(T * self.top_k, 1)
         return E * (frac_E * probs_TE.mean(dim=0)).sum()
 
@@ -129,3 +128,11 @@ class TopKRouter(nn.Module):
         keep[order] = keep_sorted
         kept_idx = torch.where(keep, flat_idx, torch.full_like(flat_idx, -1)).view(T, K)
         return kept_idx, (~keep).sum()
+
+
+def count_per_expert(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert, ids of -1 (dropped slots) not counted. A scatter-add of fixed size: bincount and
+    boolean indexing would each wait for the device to learn an output size."""
+    flat = idx.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=idx.device)
+    return counts.scatter_add_(0, flat.clamp_min(0), (flat >= 0).to(torch.int64))

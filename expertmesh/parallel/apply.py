@@ -4,6 +4,7 @@ Order (each step is a function below, applied from outside the model):
   1. tensor parallelism      DTensor plans over `tp` (parallel/tensor.py)
   2. expert placement        experts split along E over `ep` (Shard(0)), the all-to-all attached
   3. activation checkpointing  every block recomputed in backward (`parallel.activation_checkpoint`)
+     + compile               each block's forward compiled on its own (`train.compile`, regional)
   4. data parallelism        FSDP2 over `dense_dp` for dense weights and over `expert_dp` for experts
                              (`parallel.dp_shard`), or replicated weights with bucketed all-reduce
   5. materialize + load      each rank reads or draws only its own slices (parallel/shards.py)
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from expertmesh.config import JobConfig
@@ -35,6 +36,12 @@ from expertmesh.parallel.expert import ExpertParallel
 from expertmesh.parallel.mesh import Mesh
 from expertmesh.parallel.shards import load_shards
 from expertmesh.parallel.tensor import apply_tensor_parallel
+
+
+def compute_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 under `train.mixed_precision = "bf16"` ("auto": on CUDA only); None computes in fp32."""
+    mp = cfg.train.mixed_precision
+    return torch.bfloat16 if mp == "bf16" or (mp == "auto" and device.type == "cuda") else None
 
 
 @dataclass
@@ -80,16 +87,31 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[key] = checkpoint_wrapper(block)
 
 
-def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Regional compilation, as torchtitan does it: each block's forward through torch.compile (the blocks
+    share one code object, so one graph serves them all). Only the forward method is replaced: parameter
+    names, hooks (FSDP's, TP's input plans, FSSDP's prefetch) and checkpoints are those of the eager model.
+    Expert parallelism's split sizes are host values, so the all-to-all runs between two graphs."""
+    # dispatch's output size is data-dependent: its fake gives an unbacked size, traced, not a graph break
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    for block in model.layers.values():
+        inner = getattr(block, "_checkpoint_wrapped_module", block)
+        inner.forward = torch.compile(inner.forward, backend=backend)
+
+
+def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False, dtype: torch.dtype | None = None) -> None:
     """FSDP2: dense weights sharded over dense_dp (dp_replicate x dp x ep: ranks of an ep group see
     different tokens, so they are data-parallel for dense weights), experts over expert_dp only.
-    Under FSSDP the experts are already sharded (over ep, by owner) and FSDP leaves them alone."""
+    Under FSSDP the experts are already sharded (over ep, by owner) and FSDP leaves them alone.
+    Mixed precision as torchtitan has it: `dtype` (bf16) parameters gathered for compute, gradients
+    reduced in fp32, fp32 master weights and optimizer state."""
     d = mesh.dims
     n_dense = d.degree("dense_dp")
     sum_only = dist.get_backend() == "gloo"  # gloo has no AVG / PREMUL_SUM: sum, then FSDP divides
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
 
     def shard(module, dp_mesh, **kw):
-        fully_shard(module, mesh=dp_mesh, **kw)
+        fully_shard(module, mesh=dp_mesh, mp_policy=policy, **kw)
         module.set_force_sum_reduction_for_comms(sum_only)
         return module
 
@@ -137,7 +159,7 @@ def load_weights(model: nn.Module, cfg: JobConfig) -> int:
     return source.files.bytes_read
 
 
-def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> bool:
+def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm, dtype: torch.dtype | None = None) -> bool:
     """Steps 1-4 on a meta-device model; returns whether FSDP manages the dense weights."""
     d, p = mesh.dims, cfg.parallel
     if d.tp > 1:
@@ -146,14 +168,16 @@ def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> boo
         place_experts(model, mesh, cfg, comm)
     if p.activation_checkpoint == "full":
         apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model, cfg.train.compile_backend)
     fsdp = p.dp_shard and d.degree("dense_dp") > 1
     if fsdp:
-        apply_fsdp(model, mesh, cfg.moe.placement == "fssdp")
+        apply_fsdp(model, mesh, cfg.moe.placement == "fssdp", dtype)
     return fsdp
 
 
 def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm):
-    fsdp = shard_model(model, mesh, cfg, comm)
+    fsdp = shard_model(model, mesh, cfg, comm, compute_dtype(cfg, device))
     model.to_empty(device=device)
     if not fsdp:  # FSDP keeps tied weights as one parameter; a plain module needs them tied again
         model.tie_weights()

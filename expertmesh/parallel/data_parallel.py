@@ -95,29 +95,30 @@ def _sharded_dims(t: torch.Tensor) -> tuple[tuple[str, object], ...]:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> float:
+def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> torch.Tensor:
     """Clips by the norm of the full gradient of the whole model, whatever the layout. Each rank sums
     the squares of its local gradient parts per kind of sharding; each sum is all-reduced over the
-    groups that kind is sharded on. Every rank gets the same norm and the same scale."""
-    sums: dict[tuple[str, ...], torch.Tensor] = {}
+    groups that kind is sharded on. Every rank gets the same norm and the same scale. Returns the norm
+    as a tensor on the gradients' device: nothing here waits for the device."""
+    parts: dict[tuple[str, ...], list[torch.Tensor]] = {}
     groups: dict[tuple[str, ...], list] = {}
     for p in params:
         if p.grad is not None:
             dims = _sharded_dims(p.grad)
             key = tuple(name for name, _ in dims)  # names, not groups: the same keys on every rank
             groups[key] = [g for _, g in dims]
-            sq = local_part(p.grad).double().pow(2).sum().cpu()
-            sums[key] = sums[key] + sq if key in sums else sq
-    total = torch.zeros((), dtype=torch.float64)
-    for key in sorted(sums):
-        part = sums[key].reshape(1)
+            parts.setdefault(key, []).append(local_part(p.grad))
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    total = None
+    for key in sorted(parts):
+        sq = torch.stack(torch._foreach_norm(parts[key], 2)).double().pow(2).sum().reshape(1)
         for group in groups[key]:
-            comm.all_reduce(part, group, "grad_norm")
-        total += part[0]
-    norm = float(total.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                local_part(p.grad).mul_(scale)
+            comm.all_reduce(sq, group, "grad_norm")
+        total = sq if total is None else total + sq
+    norm = total[0].sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        grads = [g for key in sorted(parts) for g in parts[key]]
+        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return norm

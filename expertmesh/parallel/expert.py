@@ -44,16 +44,17 @@ def all_to_all(x_ND, out_splits: list[int], in_splits: list[int], group, comm: C
     return _AllToAll.apply(x_ND, out_splits, in_splits, group, comm, label)
 
 
-def source_to_expert_major(recv_counts_PL: torch.Tensor) -> torch.Tensor:
-    """Index that reorders rows laid out [source p][local expert l] into [local expert l][source p]."""
+def source_to_expert_major(recv_counts_PL: torch.Tensor, total: int) -> torch.Tensor:
+    """Index that reorders rows laid out [source p][local expert l] into [local expert l][source p];
+    `total` is the number of rows (known on the host: no sync), the index is on the counts' device."""
     P, L = recv_counts_PL.shape
     counts = recv_counts_PL.reshape(-1)
     src_start_PL = (torch.cumsum(counts, 0) - counts).view(P, L)
     blocks = recv_counts_PL.t().reshape(-1)  # block sizes in expert-major order
     starts = src_start_PL.t().reshape(-1)
     dst_start = torch.cumsum(blocks, 0) - blocks
-    total = int(blocks.sum())
-    return torch.repeat_interleave(starts - dst_start, blocks, output_size=total) + torch.arange(total)
+    arange = torch.arange(total, device=recv_counts_PL.device)
+    return torch.repeat_interleave(starts - dst_start, blocks, output_size=total) + arange
 
 
 class ExpertParallel:
@@ -71,14 +72,13 @@ class ExpertParallel:
 
     def __call__(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:
         P, L = self.size, self.local
-        send_PL = tokens_per_expert_E.detach().to("cpu", torch.int64).view(P, L)
+        send_PL = tokens_per_expert_E.detach().to(torch.int64).view(P, L)
         recv_PL = torch.empty_like(send_PL)
         self.comm.all_to_all_single(recv_PL, send_PL, None, None, self.group, "ep")
-        in_splits = send_PL.sum(1).tolist()
-        out_splits = recv_PL.sum(1).tolist()
+        in_splits, out_splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # the one host sync
 
         x_recv = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, self.comm)
-        perm = source_to_expert_major(recv_PL).to(x_recv.device)
-        y_local = experts(x_recv[perm], recv_PL.sum(0).to(x_recv.device))
+        perm = source_to_expert_major(recv_PL, x_recv.shape[0])
+        y_local = experts(x_recv[perm], recv_PL.sum(0))
         y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local) if y_local.shape[0] else y_local
         return all_to_all(y_recv, in_splits, out_splits, self.group, self.comm)

@@ -53,6 +53,6 @@ def test_ep_with_ranks_that_receive_nothing(run_distributed):
 def test_source_to_expert_major_permutation():
     recv = torch.tensor([[2, 0, 1], [1, 3, 0]])  # [source][local expert]
     # rows as received: s0e0 s0e0 s0e2 | s1e0 s1e1 s1e1 s1e1 -> want e0: s0,s0,s1  e1: s1 x3  e2: s0
-    perm = source_to_expert_major(recv)
+    perm = source_to_expert_major(recv, 7)
     assert perm.tolist() == [0, 1, 3, 4, 5, 6, 2]
-    assert source_to_expert_major(torch.zeros(2, 3, dtype=torch.long)).numel() == 0
+    assert source_to_expert_major(torch.zeros(2, 3, dtype=torch.long), 0).numel() == 0

@@ -180,3 +180,59 @@ def test_fssdp_resumes_with_moved_owners(run_distributed, tmp_path):
     for step in (4, 5, 6):
         assert resumed[step]["loss"] == pytest.approx(orig[step]["loss"], rel=1e-6), step
         assert resumed[step]["fssdp"]["replicas"] == orig[step]["fssdp"]["replicas"], step
+
+
+# Mixed precision (train.mixed_precision="bf16"): bf16 weights gathered by FSDP and bf16 rows through the
+# experts' all-to-all, fp32 gradient reduction and master weights. Each step's loss stays within
+# BF16_REL of the same layout in fp32, and the bytes of the all-to-all and of FSDP's all-gather halve
+# while the fp32 reduce-scatter does not change.
+BF16_REL = 0.02
+
+
+def _train_each(rank, world, runs):
+    for overrides in runs:
+        _train(rank, world, overrides)
+    return rank
+
+
+BF16_LAYOUTS = {  # with the features that change what crosses the wire or what is recomputed
+    "dp2xep2-capacity-bias-accum": (4, ["parallel.ep=2", "data.batch_size=1", "train.grad_accum=2",
+                                        "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01"]),
+    "ep2xtp2-ac-shared-residual": (4, [*LAYOUTS["ep2xtp2"][1], 'parallel.activation_checkpoint="full"',
+                                       "moe.shared_experts=1", "moe.residual=true"]),
+    "dp2xep2-fssdp": LAYOUTS["dp2xep2-fssdp-remat"],
+}
+
+
+@pytest.mark.parametrize("name", list(BF16_LAYOUTS))
+def test_bf16_tracks_fp32_and_halves_the_bytes(run_distributed, tmp_path, name):
+    world, layout = BF16_LAYOUTS[name]
+    common = _common(tiny_overrides(tmp_path)) + layout
+    run_distributed(_train_each, world, [common + [f"train.name={name}-{mp}", f'train.mixed_precision="{mp}"']
+                                         for mp in ("fp32", "bf16")], timeout=300)
+    fp32, bf16 = (read_metrics(tmp_path / f"{name}-{mp}") for mp in ("fp32", "bf16"))
+    for step in range(1, STEPS + 1):
+        assert bf16[step]["loss"] == pytest.approx(fp32[step]["loss"], rel=BF16_REL), step
+        assert bf16[step]["loss"] != fp32[step]["loss"]  # it did compute in bf16
+    ops32, ops16 = fp32[STEPS]["comm_bytes_per_step_by_op"], bf16[STEPS]["comm_bytes_per_step_by_op"]
+    # rows cross in bf16; the routing (and so the row count) may differ by a few near-ties
+    assert ops16["ep.all_to_all"] == pytest.approx(ops32["ep.all_to_all"] / 2, rel=0.1)
+    assert ops16["dense_dp.all_gather"] == pytest.approx(ops32["dense_dp.all_gather"] / 2, rel=1e-6)
+    assert ops16["dense_dp.reduce_scatter"] == pytest.approx(ops32["dense_dp.reduce_scatter"], rel=1e-6)
+
+
+# Regional compilation (train.compile) under the layouts, against the eager single process: aot_eager traces
+# each block's forward and backward as torch.compile does, without generating code (inductor's C++ is
+# tested in tests/unit/test_compile.py; here each rank would spend a minute compiling).
+COMPILE_LAYOUTS = {
+    "dp2xep2-ac": (4, [*LAYOUTS["dp2xep2"][1], 'parallel.activation_checkpoint="full"']),
+    "ep2xtp2": LAYOUTS["ep2xtp2"],
+    "ep4-fssdp": LAYOUTS["ep4-fssdp"],
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_LAYOUTS))
+def test_compiled_layout_trains_the_single_process_model(run_distributed, tmp_path, single, name):
+    world, layout = COMPILE_LAYOUTS[name]
+    _train_like_single(run_distributed, tmp_path, single, f"compiled-{name}", world,
+                       [*layout, "train.compile=true", 'train.compile_backend="aot_eager"'])

@@ -8,7 +8,7 @@ from expertmesh.moe import ops
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.skipif(not ops._cuda_ops_available(), reason="expertmesh._C built without CUDA kernels"),
+    pytest.mark.skipif(not ops.cuda_ops_available(), reason="expertmesh._C built without CUDA kernels"),
 ]
 
 

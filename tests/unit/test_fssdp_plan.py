@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from expertmesh import config
 from expertmesh.config import ConfigError
@@ -57,6 +58,7 @@ def test_route_keeps_local_rows_and_splits_the_rest_evenly():
     counts = [10, 3, 0, 7, 1, 0, 2, 5]
     for me in range(P):
         send, order = route(plan, me, counts)
+        send = torch.tensor(send)
         assert send.sum(0).tolist() == counts  # every row goes somewhere, once
         assert sorted(order.tolist()) == list(range(sum(counts)))
         assert send[me, 0] == 10  # expert 0 is everywhere: its rows stay
@@ -67,7 +69,7 @@ def test_route_keeps_local_rows_and_splits_the_rest_evenly():
             assert all(send[q, e] == 0 for e in range(E) if e not in held)
     # rank 2 holds expert 0 itself: the first rows it sends (to rank 0) are its expert-1 rows, in order
     send, order = route(plan, 2, counts)
-    assert send[2, 0] == 10 and order[:3].tolist() == [10, 11, 12]
+    assert send[2][0] == 10 and order[:3].tolist() == [10, 11, 12]
 
 
 def test_balanced_slots_spreads_the_hot_experts():
