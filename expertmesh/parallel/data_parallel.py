@@ -112,7 +112,8 @@ def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> t
         return torch.zeros((), dtype=torch.float64)
     total = None
     for key in sorted(parts):
-        sq = torch.stack(torch._foreach_norm(parts[key], 2)).double().pow(2).sum().reshape(1)
+        # fp64 accumulation, as the norms of one process and of a layout's shards must agree to rounding
+        sq = torch.stack(torch._foreach_norm(parts[key], 2, dtype=torch.float64)).pow(2).sum().reshape(1)
         for group in groups[key]:
             comm.all_reduce(sq, group, "grad_norm")
         total = sq if total is None else total + sq

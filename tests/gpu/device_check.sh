@@ -140,7 +140,7 @@ run_step toolchain 15 bash -c 'nvcc --version && { ninja --version || echo "no n
 run_step build 200 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install -v --no-deps --no-build-isolation -e .
 run_step cuda_ops 30 "$PY" -c 'from expertmesh.moe import ops; assert ops.cuda_ops_available(), "no CUDA kernels"'
-run_step pytest_gpu 180 env MAX_JOBS=16 "$PY" -m pytest -q tests/gpu -p no:cacheprovider
+run_step pytest_gpu 180 env MAX_JOBS=16 EXPERTMESH_REPORT_DIR="$LOG" "$PY" -m pytest -q -rA tests/gpu -p no:cacheprovider
 train_step train_compile true 90
 train_step train_eager false 60
 run_step bench_moe_ops 60 "$PY" benchmarks/moe_ops.py

@@ -1,9 +1,11 @@
 """Training on one GPU: NCCL at world size 1 through `Comm`, bf16 and compile, CUDA RNG in checkpoints, and the
 host syncs of a step as CUDA's sync debug mode reports them (needs a GPU)."""
 
+import json
 import math
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +84,14 @@ def test_bf16_training_on_nccl_and_its_host_syncs(nccl_world, tmp_path, compile_
                             DistEnv(0, 0, 1, 1, "torchrun"))
     finally:
         train_mod.train_step = step
+    report = os.environ.get("EXPERTMESH_REPORT_DIR")  # tests/gpu/device_check.sh collects it
+    if report:
+        path = Path(report) / "host_syncs_cuda.json"
+        found = json.loads(path.read_text()) if path.is_file() else {}
+        found[f"compile={compile_}"] = syncs
+        path.write_text(json.dumps(found, indent=1))
     print(f"host syncs per step (compile={compile_}): {syncs}")
     assert math.isfinite(rec["loss"]) and rec["grad_norm"] > 0
-    assert max(syncs[1:]) <= 2 * 2  # the split sizes at most: 2 MoE layers x (dispatch, grouped GEMM offsets)
+    # Per MoE layer: dispatch learns its output size, combine, its backward and dispatch's backward read a bounds
+    # flag; per micro-batch the batch's pageable host-to-device copies (x, y).
+    assert max(syncs[1:]) <= 4 * 2 + 2

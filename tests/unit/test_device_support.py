@@ -1,0 +1,56 @@
+"""What a config asks of the device is refused in one line when the device cannot honour it."""
+
+import shutil
+
+import pytest
+import torch
+
+from expertmesh import config
+from expertmesh.config import ConfigError
+from expertmesh.launch.env import DistEnv
+from expertmesh.launch.train import check_device_support
+from expertmesh.parallel.apply import compute_dtype
+
+CPU, ONE = torch.device("cpu"), DistEnv(0, 0, 1, 1, "single")
+
+
+def test_fp16_is_refused_for_want_of_a_loss_scaler():
+    with pytest.raises(ConfigError, match=r"train.mixed_precision='fp16' needs a loss scaler.*use 'bf16'"):
+        config.load(None, ['train.mixed_precision="fp16"'])
+
+
+def test_the_cuda_backend_is_refused_on_a_cpu_job():
+    cfg = config.load(None, ['moe.backend="cuda"'])
+    with pytest.raises(ConfigError, match=r"moe.backend='cuda' but the job runs on the CPU"):
+        check_device_support(cfg, CPU, ONE)
+
+
+def test_compile_on_cpu_needs_a_cxx_compiler(monkeypatch):
+    cfg = config.load(None, ["train.compile=true"])
+    check_device_support(cfg, CPU, ONE)  # this machine has one
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"train.compile=true on CPU needs a C\+\+ compiler"):
+        check_device_support(cfg, CPU, ONE)
+
+
+def test_auto_precision_is_bf16_on_cuda_only():
+    auto, fp32 = config.load(None, []), config.load(None, ['train.mixed_precision="fp32"'])
+    assert compute_dtype(auto, CPU) is None and compute_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    assert compute_dtype(fp32, torch.device("cuda")) is None
+    assert compute_dtype(config.load(None, ['train.mixed_precision="bf16"']), CPU) == torch.bfloat16
+
+
+def test_auto_backend_warns_on_rank_0_when_the_gpu_has_no_kernels(monkeypatch, caplog):
+    from expertmesh.moe import ops
+
+    monkeypatch.setattr(ops, "cuda_ops_available", lambda: False)
+    cfg = config.load(None, ['train.mixed_precision="fp32"'])
+    gpu = torch.device("cuda", 0)
+    with caplog.at_level("WARNING", logger="expertmesh"):
+        check_device_support(cfg, gpu, DistEnv(1, 1, 2, 2, "torchrun"))
+        assert not caplog.records  # rank 1 says nothing
+        check_device_support(cfg, gpu, DistEnv(0, 0, 2, 2, "torchrun"))
+    (record,) = caplog.records
+    assert "no CUDA kernels" in record.message and "reference" in record.message
+    with pytest.raises(ConfigError, match=r"moe.backend='cuda' but expertmesh._C was built without CUDA kernels"):
+        check_device_support(config.load(None, ['moe.backend="cuda"', 'train.mixed_precision="fp32"']), gpu, ONE)
