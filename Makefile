@@ -23,7 +23,7 @@ train: setup
 	$(VENV)/bin/expertmesh run --config configs/default.toml --nproc $(NPROC)
 
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=25 tests
 
 bench: setup
 	DS_BUILD_OPS=0 $(VPY) -m pip install --quiet --no-build-isolation -e '.[bench]'
