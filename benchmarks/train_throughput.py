@@ -51,11 +51,11 @@ def train_flops_per_token(cfg: config.JobConfig) -> float:
 
 def main() -> None:
     args = benchlib.parse_args(__doc__)
-    steps = 20 if args.quick else config.JobConfig().train.steps
+    steps = 12 if args.quick else config.JobConfig().train.steps
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"train.run_dir={tmp}", f"train.steps={steps}", "checkpoint.enabled=false"]
         if args.quick:
-            overrides += ["train.eval_every=10", "metrics.wandb_mode=disabled"]
+            overrides += ["train.eval_every=6", "metrics.wandb_mode=disabled"]
         cfg = config.load(benchlib.ROOT / "configs" / "default.toml", overrides)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "expertmesh.launch.cli", "run", "--nproc", str(NPROC),

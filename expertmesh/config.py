@@ -566,6 +566,10 @@ def check_diloco(cfg: JobConfig) -> None:
     if g.outer_lr <= 0 or not 0.0 <= g.outer_momentum < 1.0:
         raise ConfigError(f"diloco.outer_lr={g.outer_lr} must be > 0 and diloco.outer_momentum="
                           f"{g.outer_momentum} in [0, 1)")
+    if cfg.moe.placement == "fssdp":
+        raise ConfigError("diloco.enabled=true with moe.placement='fssdp' is refused: FSSDP moves experts between "
+                          "owner slots while DiLoCo's global copies and outer momentum stay in the old slots, and "
+                          "each worker would plan its own owners (use moe.placement='ep' under DiLoCo)")
     if g.elastic:
         check_elastic(cfg)
 

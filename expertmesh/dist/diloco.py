@@ -87,6 +87,7 @@ class _Pending:
     result: list  # mean delta per fragment, once done
     failed: bool = False  # elastic: the outer group broke during the exchange (a worker left)
     want: bool = False  # elastic: some member saw a worker asking to join
+    error: BaseException | None = None  # not elastic: what broke the exchange, re-raised by the main thread
 
 
 class DiLoCo:
@@ -151,9 +152,10 @@ class DiLoCo:
                     counter.all_reduce(mean, group, "diloco")
                     mean /= group_size(group)
                 pend.result.append(mean.to(self.global_copy[0].device))
-        except RuntimeError as err:
-            if self.membership is None:
-                raise
+        except Exception as err:  # noqa: BLE001 (the thread has no caller: the main thread re-raises it)
+            if self.membership is None or not isinstance(err, RuntimeError):
+                pend.error = err
+                return
             pend.failed, pend.result = True, []
             log.warning("DiLoCo: the exchange of fragments %s failed (%s)", pend.fragments,
                         str(err).splitlines()[0][:200])
@@ -276,6 +278,9 @@ class DiLoCo:
         if pend.thread is not None:
             pend.thread.join()
             pend.thread = None
+        if pend.error is not None:
+            raise RuntimeError(f"DiLoCo: the exchange of fragments {pend.fragments} failed: {pend.error}") \
+                from pend.error
         failed, want = pend.failed, pend.want
         if self.membership is not None and self.worker_group is not None:
             flags = self.comm.all_reduce_ints([int(failed), int(want)], self.worker_group, "control",

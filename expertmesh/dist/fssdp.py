@@ -328,7 +328,8 @@ class FSSDPPlacement:
         recv_PH = recv_PE[:, list(plan.held(self.rank))]
         perm = source_to_expert_major(recv_PH, x_recv.shape[0])
         counts_H = recv_PH.sum(0)
-        self.rows.append(x_recv.shape[0])  # every row received is for an expert held here
+        if torch._C._current_graph_task_id() == -1:  # not the recompute of activation checkpointing (in backward)
+            self.rows.append(x_recv.shape[0])  # every row received is for an expert held here
         if remat:
             y_held = checkpoint(_gather_and_compute, xch, x_recv[perm], counts_H, *own, use_reentrant=False)
         else:

@@ -19,7 +19,8 @@ new weights reach the servers one exchange after the data that produced them.
 
 Outputs in runs/<name>/: metrics.jsonl (rank 0: `distill` records per window of requests, a
 `draft_update` record per new draft version with its digest, a final `distill_summary`),
-responses-rank{R}.jsonl (one line per answered request), swaps-rank{R}.jsonl (the version and
+responses-rank{R}.jsonl (one line per answered request; a prompt too long for the models gets an
+`error` instead of tokens), swaps-rank{R}.jsonl (the version and
 digest of every draft a server swapped in), and draft/ (the distilled draft, loadable as
 `distill.draft`).
 """
@@ -124,11 +125,18 @@ class Server:
                 break
             g = self.cfg.distill
             need = len(req.tokens) + g.max_new_tokens + (g.gamma_max if g.adaptive_gamma else g.gamma) + 1
-            if need > self.limit:
-                raise ConfigError(f"request {req.id}: {len(req.tokens)} prompt tokens + distill.max_new_tokens="
-                                  f"{g.max_new_tokens} + drafts exceed the models' {self.limit} positions")
+            if need > self.limit:  # answered with an error, as a server would: raising here would leave the
+                self.refuse(req, f"{len(req.tokens)} prompt tokens + distill.max_new_tokens={g.max_new_tokens} + "
+                                 f"drafts exceed the models' {self.limit} positions")  # other ranks waiting
+                continue
             batch.append(req)
         return batch
+
+    def refuse(self, req: Request, reason: str) -> None:
+        log.warning("request %s refused: %s", req.id, reason)
+        self.responses.write(json.dumps({"id": req.id, "index": req.index, "domain": req.domain,
+                                         "error": reason}) + "\n")
+        self.responses.flush()
 
     def serve(self, batch: list[Request]) -> tuple[list, list[RequestStats]]:
         g = self.cfg.distill
@@ -356,7 +364,7 @@ def _wire() -> torch.device:
 def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, comm: Comm) -> None:
     mine = [r for r in range(trainers, env.world_size) if (r - trainers) % trainers == env.rank]
     n_servers = env.world_size - trainers
-    sent = 0
+    sent = trainer.version  # what the servers hold already: the saved draft on a resume, else version 0
     while True:
         if overlap:
             trainer.run_due()  # while the servers decode their next batch

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from expertmesh import config as config_mod
@@ -118,7 +119,13 @@ def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast, diloco=None) -> float:
     """Held-out loss; under DiLoCo, of the global model (every fragment's global copy)."""
     with comm.pause(), (diloco.global_weights() if diloco is not None else nullcontext()):
-        return _evaluate(model, eval_data, cfg, mesh, comm, device, autocast)
+        loss = _evaluate(model, eval_data, cfg, mesh, comm, device, autocast)
+    # FSDP keeps the root's weights gathered after a forward without backward; under DiLoCo they are the
+    # global copies just swapped out again. Freed here, the next forward gathers the local weights.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return loss
 
 
 def _evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
@@ -296,8 +303,12 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
                 checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()}, per_rank, layout)
         maybe_inject_fault(step, env)
         if stop:
-            log.info("stop requested (SIGUSR1): checkpointed step %d", step)
             metrics.close()  # flush W&B before the requeue: Slurm kills the job right after it
+            if not cfg.checkpoint.enabled:  # a requeued job would start over: stop, and say so
+                log.warning("stop requested (SIGUSR1) at step %d with checkpoint.enabled=false: nothing was saved, "
+                            "so the job is not requeued", step)
+                break
+            log.info("stop requested (SIGUSR1): checkpointed step %d", step)
             if env.is_rank0:
                 requeue_slurm_job()
             break

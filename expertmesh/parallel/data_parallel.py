@@ -102,24 +102,30 @@ def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> t
     as a tensor on the gradients' device: nothing here waits for the device."""
     parts: dict[tuple[str, ...], list[torch.Tensor]] = {}
     groups: dict[tuple[str, ...], list] = {}
+    devices: dict[tuple[str, ...], torch.device] = {}
     for p in params:
+        # Keys from the parameters' sharding, not from the gradients present: a parameter without a gradient
+        # on some rank (a layer its tokens skipped) must not leave that rank out of a collective the others join.
+        dims = _sharded_dims(p)
+        key = tuple(name for name, _ in dims)  # names, not groups: the same keys on every rank
+        groups[key], devices[key] = [g for _, g in dims], local_part(p).device
+        parts.setdefault(key, [])
         if p.grad is not None:
-            dims = _sharded_dims(p.grad)
-            key = tuple(name for name, _ in dims)  # names, not groups: the same keys on every rank
-            groups[key] = [g for _, g in dims]
-            parts.setdefault(key, []).append(local_part(p.grad))
+            parts[key].append(local_part(p.grad))
     if not parts:
         return torch.zeros((), dtype=torch.float64)
     total = None
     for key in sorted(parts):
         # fp64 accumulation, as the norms of one process and of a layout's shards must agree to rounding
-        sq = torch.stack(torch._foreach_norm(parts[key], 2, dtype=torch.float64)).pow(2).sum().reshape(1)
+        sq = torch.zeros(1, dtype=torch.float64, device=devices[key])
+        if parts[key]:
+            sq = torch.stack(torch._foreach_norm(parts[key], 2, dtype=torch.float64)).pow(2).sum().reshape(1)
         for group in groups[key]:
             comm.all_reduce(sq, group, "grad_norm")
         total = sq if total is None else total + sq
     norm = total[0].sqrt()
-    if max_norm > 0:
+    grads = [g for key in sorted(parts) for g in parts[key]]
+    if max_norm > 0 and grads:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        grads = [g for key in sorted(parts) for g in parts[key]]
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return norm

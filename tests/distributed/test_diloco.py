@@ -93,3 +93,15 @@ def test_diloco_composes_with_compile_and_bf16(run_distributed, tiny_overrides, 
     for step in range(1, 7):
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-5), step
         assert bf16[step]["loss"] == pytest.approx(eager[step]["loss"], rel=0.02), step
+
+
+def test_evaluation_does_not_change_training_under_fsdp(run_distributed, tiny_overrides, tmp_path):
+    """Two workers of dp2 with FSDP inside: evaluating the global model every 2 steps (never a checkpoint step)
+    leaves every training loss as it is without evaluations (FSDP's root kept the global weights gathered)."""
+    common = tiny_overrides + ["train.steps=6", "metrics.log_every=1", "checkpoint.enabled=false",
+                               "parallel.dp_replicate=2", "parallel.dp=2", "diloco.enabled=true",
+                               "diloco.sync_every=2", "diloco.outer_lr=0.5"]
+    run_distributed(_train_each, 4, [common + ["train.name=eval2", "train.eval_every=2"],
+                                     common + ["train.name=eval6", "train.eval_every=6"]], timeout=300)
+    often, rarely = read_metrics(tmp_path / "eval2"), read_metrics(tmp_path / "eval6")
+    assert [often[s]["loss"] for s in range(1, 7)] == [rarely[s]["loss"] for s in range(1, 7)]

@@ -58,3 +58,32 @@ def test_servers_use_the_trainers_weights_and_answer_each_request_once(tmp_path,
                 logged[int(items["_step"])] = (float(items["distill/alpha"]), "distill/headers/alpha" in items)
     windows = [r for r in metrics if r["kind"] == "distill"]
     assert logged == {w["requests"]: (pytest.approx(w["alpha"]), "headers" in w["domains"]) for w in windows}
+
+
+def test_a_resumed_job_with_two_servers_continues_the_stream_and_the_draft(tmp_path):
+    """A rerun of the run directory (1 trainer, 2 servers) starts from the saved draft version on both sides:
+    the trainer sends nothing the servers already hold, every later version reaches them bit for bit, and the
+    stream goes on where it stopped."""
+    target, _ = make_run(tmp_path / "target", 32, 2, 0, moe_every=2)
+    draft, _ = make_run(tmp_path / "draft", 16, 1, 1)
+
+    def distill(synthetic):
+        cmd = [sys.executable, "-m", "expertmesh.launch.cli", "distill", "--nproc", "3", f"distill.target={target}",
+               f"distill.draft={draft}", f"train.run_dir={tmp_path / 'runs'}", f"distill.synthetic={synthetic}",
+               "distill.max_new_tokens=8", "distill.prompt_len=10", "distill.update_every=2", "distill.batch_size=2",
+               "distill.save_every=1", "distill.trainers=1", "metrics.wandb_mode=disabled", "train.threads=1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run = tmp_path / "runs" / "default"
+    distill('["stdlib:6"]')
+    first = json.loads((run / "draft" / "distill.json").read_text())["version"]
+    assert first >= 1
+    distill('["stdlib:6", "headers:6"]')
+    updates = {r["version"]: r["digest"] for r in lines(run / "metrics.jsonl") if r["kind"] == "draft_update"}
+    assert max(updates) > first
+    for rank in (1, 2):
+        swapped = {s["version"]: s["digest"] for s in lines(run / f"swaps-rank{rank}.jsonl")}
+        assert {v: d for v, d in updates.items() if v > first} == {v: d for v, d in swapped.items() if v > first}
+    answered = [r["index"] for rank in (1, 2) for r in lines(run / f"responses-rank{rank}.jsonl")]
+    assert sorted(answered) == list(range(12))

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import assert_rank_matches_reference, moe_reference
+from torch.utils.checkpoint import checkpoint
 
 from expertmesh import config
 from expertmesh.dist.comm_stats import Comm
@@ -131,3 +132,23 @@ def _move_owners(rank, world):
 
 def test_owner_moves_carry_rows(run_distributed):
     run_distributed(_move_owners, 4)
+
+
+def _rows_under_recompute(rank, world):
+    layer, cfg = _layer([])
+    placement = FSSDPPlacement(E, dist.group.WORLD, Comm(), cfg.moe.fssdp)
+    placement.plan = Plan.everywhere(E, world, tuple(range(E)))  # replicas: the gather runs too
+    own = placement.local_slice()
+    for name in ("w1", "w3", "w2"):
+        setattr(layer.experts, name, torch.nn.Parameter(getattr(layer.experts, name).detach()[own].clone()))
+    layer.placement = placement
+    x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    out = checkpoint(lambda v: layer(v)[0], x, use_reentrant=False)
+    out.square().sum().backward()
+    return placement.rows, x.grad is not None
+
+
+def test_recomputation_counts_a_layers_rows_once(run_distributed):
+    """Under activation checkpointing the layer's forward runs again in backward: its rows are counted once."""
+    for rows, has_grad in run_distributed(_rows_under_recompute, 2):
+        assert len(rows) == 1 and has_grad, rows

@@ -46,6 +46,7 @@ def test_schedule_staggers_fragments_h_over_p_apart():
       "parallel.dp_replicate=2"], "parallel.dp_replicate=2 must be 1"),
     (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=0", "diloco.store=\"h:1\"", "diloco.settle_s=0"],
      "diloco.settle_s=0.0 must be > 0"),
+    (["parallel.ep=2", 'moe.placement="fssdp"'], "diloco.enabled=true with moe.placement='fssdp' is refused"),
 ])
 def test_diloco_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -77,3 +78,24 @@ def test_elastic_workers_run_in_their_own_directories():
     cfg = config.load(None, ["train.name=r", "diloco.enabled=true", "diloco.elastic=true", "diloco.workers=3",
                              "diloco.worker=1", "diloco.store=\"localhost:29600\""])
     assert cfg.run_path.parts[-2:] == ("r", "worker1")
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_an_exchange_error_reaches_the_training_loop_as_itself(tmp_path, monkeypatch, overlap):
+    """An error inside the exchange (in the background thread when overlapped) is raised by the main thread
+    with the fragments named, not as an unrelated error from an empty result."""
+    import expertmesh.dist.diloco as diloco_mod
+    from expertmesh.launch.env import DistEnv
+    from expertmesh.launch.train import run
+
+    def broken(*args, **kwargs):
+        raise ValueError("codes do not fit")
+
+    monkeypatch.setattr(diloco_mod, "quantized_all_reduce_mean", broken)
+    cfg = config.load(None, [f'train.run_dir="{tmp_path}"', "model.dim=32", "model.n_layers=2", "model.n_heads=2",
+                             "model.ffn_dim=64", "moe.expert_dim=32", "data.seq_len=32", "data.batch_size=2",
+                             "data.max_bytes=100000", "train.steps=4", "train.eval_batches=1",
+                             'metrics.wandb_mode="disabled"', "checkpoint.enabled=false", "diloco.enabled=true",
+                             "diloco.sync_every=2", "diloco.quant_bits=4", f"diloco.overlap={overlap}"])
+    with pytest.raises(RuntimeError, match=r"DiLoCo: the exchange of fragments \[0, 1\] failed: codes do not fit"):
+        run(cfg, DistEnv(0, 0, 1, 1, "single"))

@@ -85,6 +85,15 @@ def test_jsonl_prompts_domains_and_errors(tmp_path):
     summary = distill.run(cfg, SINGLE)
     assert summary["domains"]["py"]["requests"] == 2 and summary["domains"]["c"]["requests"] == 1
     assert summary["draft_updates"] == 0 and not (cfg.run_path / "draft").exists()  # the static arm
+    # a prompt longer than the models' positions is answered with an error; the rest are served
+    prompts.write_text("\n".join(json.dumps(r) for r in [{"id": "long", "tokens": [65] * 200},
+                                                        {"id": "short", "prompt": "import os\n"}]) + "\n")
+    fresh = distill_cfg(tmp_path, target, draft, f"distill.prompts={str(prompts)!r}".replace("'", '"'),
+                        "distill.online=false", "train.name=long")
+    summary = distill.run(fresh, SINGLE)
+    long, short = (json.loads(line) for line in (fresh.run_path / "responses-rank0.jsonl").read_text().splitlines())
+    assert long["id"] == "long" and "200 prompt tokens" in long["error"] and "128 positions" in long["error"]
+    assert short["id"] == "short" and short["tokens"] and summary["requests"] == 1
     prompts.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
     with pytest.raises(ConfigError, match=r"prompts.jsonl:2 needs exactly one of 'prompt'"):
         distill.run(cfg, SINGLE)
