@@ -241,7 +241,7 @@ class Comm:
             kw = {"device_ids": [torch.cuda.current_device()]} if str(dist.get_backend(group)) == "nccl" else {}
             dist.barrier(group=group, **kw)
 
-    def broadcast_object(self, obj, src: int, group, label: str = "control"):
+    def broadcast_object(self, obj, src: int, group):
         """`obj` from global rank `src` to every rank of `group` (pickled; NCCL moves it on this rank's GPU)."""
         if group is None:
             return obj
@@ -250,7 +250,7 @@ class Comm:
             dist.broadcast_object_list(box, src=src, group=group)
         return box[0]
 
-    def all_gather_object(self, obj, group, label: str = "control") -> list:
+    def all_gather_object(self, obj, group) -> list:
         if group is None:
             return [obj]
         out = [None] * group_size(group)

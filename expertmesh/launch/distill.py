@@ -356,12 +356,8 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         metrics.close()
 
 
-def _wire() -> torch.device:
-    """Where broadcast tensors live: NCCL needs them on the GPU, gloo on the CPU."""
-    return group_device(dist.group.WORLD)
-
-
 def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, comm: Comm) -> None:
+    wire = group_device(dist.group.WORLD)  # where the broadcasts' tensors live: the GPU under NCCL
     mine = [r for r in range(trainers, env.world_size) if (r - trainers) % trainers == env.rank]
     n_servers = env.world_size - trainers
     sent = trainer.version  # what the servers hold already: the saved draft on a resume, else version 0
@@ -383,10 +379,10 @@ def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, co
         if not overlap:
             trainer.run_due()
         stop = done == n_servers
-        header = torch.tensor([trainer.version, int(stop)], dtype=torch.int64, device=_wire())
+        header = torch.tensor([trainer.version, int(stop)], dtype=torch.int64, device=wire)
         comm.broadcast(header, 0, dist.group.WORLD, "distill")
         if trainer.version != sent:
-            flat = weights_vector(trainer.draft).to(_wire())
+            flat = weights_vector(trainer.draft).to(wire)
             mine_flat = flat.clone() if env.rank else None
             comm.broadcast(flat, 0, dist.group.WORLD, "distill")
             if mine_flat is not None and not torch.equal(flat, mine_flat):
@@ -398,16 +394,17 @@ def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, co
 
 
 def _serve_loop(server: Server, env: DistEnv, trainers: int, comm: Comm) -> None:
+    wire = group_device(dist.group.WORLD)
     size = sum(p.numel() for p in server.draft.parameters())
     while True:
         batch = server.next_batch()
         examples, stats = server.serve(batch) if batch else ([], [])
         comm.send_object({"examples": examples, "stats": stats, "done": not batch}, (env.rank - trainers) % trainers)
-        header = torch.zeros(2, dtype=torch.int64, device=_wire())
+        header = torch.zeros(2, dtype=torch.int64, device=wire)
         comm.broadcast(header, 0, dist.group.WORLD, "distill")
         version, stop = int(header[0]), bool(header[1])
         if version != server.version:
-            flat = torch.empty(size, dtype=torch.float32, device=_wire())
+            flat = torch.empty(size, dtype=torch.float32, device=wire)
             comm.broadcast(flat, 0, dist.group.WORLD, "distill")
             server.swap(flat, version)  # between requests: the batch above finished with the old draft
         if stop:

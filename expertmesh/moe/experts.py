@@ -100,7 +100,7 @@ def compute(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
     """The experts' SwiGLU on rows grouped by expert, with the weights given (this rank's experts, or
     under FSSDP the experts it holds this step: its own and the replicas it received). Rows in a lower
     precision than the weights (bf16 rows of mixed precision, fp32 weights) cast the weights to them."""
-    if x_ND.dtype != w1_EDF.dtype and x_ND.is_floating_point():
+    if x_ND.dtype != w1_EDF.dtype:
         w1_EDF, w3_EDF, w2_EFD = (w.to(x_ND.dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
     if _can_group(x_ND, w1_EDF):
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
