@@ -69,7 +69,9 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     run = tmp_path / "default"
     _wait(lambda: len(_train_steps(run)) >= 3, 240, "the job to train a few steps")
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)  # what --signal=USR1@90 delivers
-    _wait(lambda: _job_state(env, job)[1] >= 1, 120, "the job to requeue itself")
+    # Slurm holds a requeued job back (its begin time moves ~2 minutes ahead) once the old allocation is
+    # released; the begin time is reset only then, or the requeue would overwrite it.
+    _wait(lambda: _job_state(env, job) == ("PENDING", 1), 120, "the job to requeue itself")
     stops = [int(p.name.split("-")[1]) for p in run.glob("step-*") if (p / "COMPLETE.json").is_file()]
     assert stops and max(stops) < 60
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
