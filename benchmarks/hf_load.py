@@ -26,8 +26,8 @@ import torch
 FULL = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
             num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256, intermediate_size=2816,
             vocab_size=32000, max_position_embeddings=2048)
-QUICK = dict(FULL, hidden_size=256, num_hidden_layers=4, num_experts=16, moe_intermediate_size=128,
-             vocab_size=8192, num_attention_heads=4, num_key_value_heads=2)
+QUICK = dict(FULL, hidden_size=128, num_hidden_layers=2, num_experts=8, moe_intermediate_size=64,
+             intermediate_size=256, vocab_size=4096, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
 def write_checkpoint(c: dict, out: Path) -> int:

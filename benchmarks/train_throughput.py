@@ -55,7 +55,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"train.run_dir={tmp}", f"train.steps={steps}", "checkpoint.enabled=false"]
         if args.quick:
-            overrides += ["train.eval_every=6", "metrics.wandb_mode=disabled"]
+            overrides += ["train.eval_every=6", "metrics.wandb_mode=disabled", "data.max_bytes=2000000",
+                          "train.eval_batches=2"]
         cfg = config.load(benchlib.ROOT / "configs" / "default.toml", overrides)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "expertmesh.launch.cli", "run", "--nproc", str(NPROC),
@@ -71,8 +72,9 @@ def main() -> None:
     per_rank = statistics.median(r["tokens_per_s_per_rank"] for r in train)
     D, F = cfg.model.dim, cfg.moe.expert_dim
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    ceiling = statistics.median(spawn(_matmul_rate, NPROC, args=(tokens, D, F, 2.0)))
-    ceiling_square = statistics.median(spawn(_matmul_rate, NPROC, args=(512, 512, 512, 2.0)))
+    seconds = 0.5 if args.quick else 2.0
+    ceiling = statistics.median(spawn(_matmul_rate, NPROC, args=(tokens, D, F, seconds)))
+    ceiling_square = statistics.median(spawn(_matmul_rate, NPROC, args=(512, 512, 512, seconds)))
     flops_tok = train_flops_per_token(cfg)
     achieved = per_rank * flops_tok
     first, last = evals[0]["eval_loss"], evals[-1]["eval_loss"]

@@ -484,6 +484,7 @@ def check(cfg: JobConfig) -> None:
     check_diloco(cfg)
     check_fssdp(cfg)
     check_distill(cfg)
+    check_combinations(cfg)
 
 
 def check_attention(m: ModelConfig) -> None:
@@ -538,6 +539,11 @@ def check_fssdp(cfg: JobConfig) -> None:
     if p.ep < 2:
         raise ConfigError(f"moe.placement='fssdp' shards experts over the ep group: needs parallel.ep >= 2, "
                           f"got {p.ep}")
+    if cfg.diloco.enabled and f.reshard_every:
+        raise ConfigError(f"moe.fssdp.reshard_every={f.reshard_every} with diloco.enabled=true is refused: owner "
+                          "moves reorder the expert slots that DiLoCo's global copies and outer momentum are kept "
+                          "in, and each worker would plan its own; set moe.fssdp.reshard_every=0 (owners fixed, "
+                          "replicas still follow each worker's load)")
     if f.window < 1 or f.reshard_every < 0 or f.extra_slots < -1:
         raise ConfigError(f"moe.fssdp.window={f.window} must be >= 1, moe.fssdp.reshard_every={f.reshard_every} "
                           f">= 0 and moe.fssdp.extra_slots={f.extra_slots} >= -1 (-1 = E / ep)")
@@ -566,12 +572,55 @@ def check_diloco(cfg: JobConfig) -> None:
     if g.outer_lr <= 0 or not 0.0 <= g.outer_momentum < 1.0:
         raise ConfigError(f"diloco.outer_lr={g.outer_lr} must be > 0 and diloco.outer_momentum="
                           f"{g.outer_momentum} in [0, 1)")
-    if cfg.moe.placement == "fssdp":
-        raise ConfigError("diloco.enabled=true with moe.placement='fssdp' is refused: FSSDP moves experts between "
-                          "owner slots while DiLoCo's global copies and outer momentum stay in the old slots, and "
-                          "each worker would plan its own owners (use moe.placement='ep' under DiLoCo)")
     if g.elastic:
         check_elastic(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Which features combine: the compatibility matrix (the README's table is generated from it and
+# tests/combinations.py proves every pair not refused here against a reference)
+
+
+def _dense_dp(cfg: JobConfig, world: int | None) -> int:
+    """Ranks FSDP shards the dense weights over (None: the world size is not known yet)."""
+    p = cfg.parallel
+    if world is None:
+        return 2 if p.dp != 1 or p.ep > 1 else 1  # dp = -1 takes whatever the world leaves: assume some
+    dp = p.dp if p.dp > 0 else max(world // (p.dp_replicate * p.ep * p.tp), 1)
+    return dp * p.ep * (1 if cfg.diloco.enabled else p.dp_replicate)
+
+
+# name -> (how a user turns it on, whether a config (and world size) has it on)
+FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] = {
+    "ep": ("parallel.ep > 1", lambda c, w: c.parallel.ep > 1),
+    "tp": ("parallel.tp > 1", lambda c, w: c.parallel.tp > 1),
+    "fsdp": ("parallel.dp_shard=true", lambda c, w: c.parallel.dp_shard and _dense_dp(c, w) > 1),
+    "fssdp": ('moe.placement="fssdp"', lambda c, w: c.moe.placement == "fssdp"),
+    "diloco": ("diloco.enabled=true", lambda c, w: c.diloco.enabled),
+    "ac": ('parallel.activation_checkpoint="full"', lambda c, w: c.parallel.activation_checkpoint != "none"),
+    "capacity": ("moe.capacity_factor > 0", lambda c, w: c.moe.capacity_factor > 0),
+    "bias": ("moe.bias_update_rate > 0", lambda c, w: c.moe.bias_update_rate > 0),
+    "pr-moe": ("moe.residual=true", lambda c, w: c.moe.residual),
+    "shared": ("moe.shared_experts / shared_dim", lambda c, w: c.moe.shared_hidden > 0),
+    "accum": ("train.grad_accum > 1", lambda c, w: c.train.grad_accum > 1),
+    "bf16": ('train.mixed_precision="bf16"', lambda c, w: c.train.mixed_precision == "bf16"),
+    "compile": ("train.compile=true", lambda c, w: c.train.compile),
+}
+
+# Pairs refused at config time, with the reason (one line names both keys).
+REFUSED: dict[frozenset[str], str] = {}
+
+
+def features_of(cfg: JobConfig, world: int | None = None) -> set[str]:
+    return {name for name, (_, on) in FEATURES.items() if on(cfg, world)}
+
+
+def check_combinations(cfg: JobConfig, world: int | None = None) -> None:
+    on = features_of(cfg, world)
+    for pair, why in REFUSED.items():
+        if pair <= on:
+            a, b = sorted(pair, key=list(FEATURES).index)
+            raise ConfigError(f"{FEATURES[a][0]} with {FEATURES[b][0]} is refused: {why}")
 
 
 def check_elastic(cfg: JobConfig) -> None:

@@ -7,18 +7,28 @@ Layout of `runs/<name>/step-N/`:
   COMPLETE.json         written last, by rank 0, after every rank finished: step, world size,
                         layout, and size + sha256 of every file above
 
+Nothing in a checkpoint runs code when read (a run directory may come from someone else, e.g. as
+`distill.target`): DCP's `.metadata` is unpickled with an allow-list of DCP's own metadata types,
+its non-tensor items and the per-rank files are read with `torch.load(weights_only=True)`.
+
+Each file is hashed once: by the rank that wrote it, on save (DCP names a rank's files `__<rank>_*`;
+rank 0 hashes `.metadata` and anything no rank claimed), and the digests are gathered to rank 0. On
+load every rank checks every file's size (a stat) and hashes its share of the files (file i on rank
+i mod world); the ranks then agree on the verdict with one small all-reduce per candidate, so every
+rank picks the same step (a rank that chose differently would wait forever in DCP's collectives).
+
 A directory without an intact COMPLETE.json never counts. Resuming takes the newest directory
-whose manifest matches the files on disk; a damaged newest one is skipped with a warning. Every
-rank runs the same check on the same files, so every rank picks the same step (a rank that chose
-differently would wait forever in DCP's collectives).
+whose manifest matches the files on disk; a damaged newest one is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -27,6 +37,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from expertmesh.dist.comm_stats import Comm
@@ -38,6 +52,65 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: only the types DCP writes into it are let through."""
+
+    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED or module == "torch.distributed.checkpoint.metadata":
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"refusing to unpickle {module}.{name}: not a type DCP writes into .metadata "
+                              "(the checkpoint may carry code)")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, with `.metadata` unpickled through the allow-list."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, reading non-tensor items (step, data position) without pickle's code paths."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            item = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"the checkpoint item {read_item.dest_index.fqn!r} is not plain data: refused "
+                                  f"({str(e).splitlines()[0]})") from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = item
+
+
+def safe_load(state: dict, path: Path, **kw) -> None:
+    """`dcp.load` of `path` into `state`, reading nothing that could run code."""
+    SafeReader(str(path)).read_metadata()  # refused here, before DCP wraps the error or tries other files
+    with warnings.catch_warnings():  # DCP warns when a single process loads without a group
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        try:
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), **kw)
+        except CheckpointException as e:  # DCP gathers each rank's error: ours is re-raised as itself
+            ours = [err for err, _ in e.failures.values() if isinstance(err, CheckpointError)]
+            if ours:
+                raise ours[0] from None
+            raise
 
 
 def _sha256(path: Path) -> str:
@@ -56,8 +129,10 @@ def step_dirs(run_path: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def verify(path: Path) -> dict:
-    """Returns the manifest of an intact checkpoint; raises CheckpointError naming what is wrong."""
+def verify(path: Path, share: tuple[int, int] = (0, 1)) -> dict:
+    """Returns the manifest of an intact checkpoint; raises CheckpointError naming what is wrong.
+    `share` = (r, n): every file's size is checked, but only files r, r + n, ... are hashed (n = 0:
+    none)."""
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path} is incomplete: no {MARKER}")
@@ -66,39 +141,62 @@ def verify(path: Path) -> dict:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{marker} is unreadable: {e}") from None
-    for name, meta in sorted(files.items()):
+    mine, n = share
+    for i, (name, meta) in enumerate(sorted(files.items())):
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path} is missing {name}")
         size = f.stat().st_size
         if size != meta["size"]:
             raise CheckpointError(f"{f} has {size} bytes, the manifest says {meta['size']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
+        if n and i % n == mine and _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f} does not match its sha256 in the manifest (corrupted)")
     return manifest
 
 
-def latest_intact(run_path: Path) -> Path | None:
+def _verify_together(path: Path, comm: Comm | None) -> str | None:
+    """What is wrong with `path`, as every rank of the job agrees (None: intact). Alone: the whole check."""
+    together = comm is not None and dist.is_initialized() and dist.get_world_size() > 1
+    problem = None
+    try:
+        verify(path, (dist.get_rank(), dist.get_world_size()) if together else (0, 1))
+    except CheckpointError as e:
+        problem = str(e)
+    if not together:
+        return problem
+    if not comm.all_reduce_ints([problem is not None], dist.group.WORLD, "checkpoint", op=dist.ReduceOp.MAX)[0]:
+        return None
+    return next(p for p in comm.all_gather_object(problem, dist.group.WORLD) if p is not None)
+
+
+def latest_intact(run_path: Path, comm: Comm | None = None) -> Path | None:
     """Newest intact checkpoint; damaged newer ones are skipped with a warning. Raises if some exist
-    but none is intact, so a run never silently restarts from step 0 over its own checkpoints."""
+    but none is intact, so a run never silently restarts from step 0 over its own checkpoints. With
+    `comm`, every rank of the job calls it and the files are hashed once, spread over the ranks."""
     candidates = step_dirs(run_path)
     problems = []
     for _, path in candidates:
-        try:
-            verify(path)
+        problem = _verify_together(path, comm)
+        if problem is None:
             for p in problems:
                 log.warning("skipping checkpoint: %s", p)
             return path
-        except CheckpointError as e:
-            problems.append(str(e))
+        problems.append(problem)
     if any((p / MARKER).exists() for _, p in candidates):
         raise CheckpointError("no intact checkpoint in " + str(run_path) + ": " + "; ".join(problems)
                               + " (remove them, or set checkpoint.resume=false with a new train.name)")
     return None
 
 
-def write_marker(path: Path, step: int, layout: str, world_size: int) -> None:
-    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+def _digests(files) -> dict:
+    return {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def write_marker(path: Path, step: int, layout: str, world_size: int, hashed: dict | None = None) -> None:
+    """The manifest: the `hashed` digests (made by the ranks that wrote the files); this process hashes
+    the rest."""
+    hashed = hashed or {}
+    files = {f.name: hashed.get(f.name) or _digests([f])[f.name]
              for f in sorted(path.iterdir()) if f.is_file() and f.name != MARKER}
     tmp = path / (MARKER + ".tmp")
     tmp.write_text(json.dumps({"step": step, "world_size": world_size, "layout": layout, "files": files}, indent=1))
@@ -122,9 +220,7 @@ def load_model(path: Path, model) -> int:
     """Fills an unsharded model from any intact checkpoint (whatever layout wrote it); returns its step."""
     verify(path)
     state = {"model": model.state_dict(), "step": -1}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    safe_load(state, path, no_dist=True)
     model.load_state_dict(state["model"])
     return int(state["step"])
 
@@ -168,15 +264,16 @@ class Checkpointer:
         tmp = path / f"rank-{self.rank}.pt.tmp"
         torch.save(per_rank, tmp)
         os.replace(tmp, path / f"rank-{self.rank}.pt")
-        self.comm.barrier()  # every rank's files are on disk before the marker says so
+        # Each rank hashes what it wrote; the gather means every rank's files are on disk.
+        mine = _digests(f for f in path.iterdir()
+                        if f.name.startswith(f"__{self.rank}_") or f.name == f"rank-{self.rank}.pt")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        gathered = self.comm.gather_object(mine, 0, dist.group.WORLD) if world > 1 else [mine]
         if self.rank == 0:
-            self._write_marker(path, step, layout)
+            write_marker(path, step, layout, world, {k: v for d in gathered for k, v in d.items()})
             self._prune()
         self.comm.barrier()
         return path
-
-    def _write_marker(self, path: Path, step: int, layout: str) -> None:
-        write_marker(path, step, layout, dist.get_world_size() if dist.is_initialized() else 1)
 
     def _prune(self) -> None:
         intact = 0
@@ -190,17 +287,20 @@ class Checkpointer:
         """Restores model/optimizer/scheduler in place, under this run's layout whatever the saved one;
         returns (step, shared state, this rank's state or {} when the layout changed). `shared` gives
         the keys and types to read; `layout` names this run's parallel degrees."""
-        manifest = verify(path)
+        manifest = verify(path, (0, 0))  # sizes only: latest_intact hashed every file once
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": -1,
                  "shared": dict(shared)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, checkpoint_id=str(path))
+        safe_load(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(state["scheduler"])
         same = manifest.get("layout") == layout
         if not same:
             log.info("resharding %s: saved under %s, loading under %s", path, manifest.get("layout"), layout)
-        per_rank = torch.load(path / f"rank-{self.rank}.pt", weights_only=False) if same else {}
+        per_rank = {}
+        if same:
+            try:
+                per_rank = torch.load(path / f"rank-{self.rank}.pt", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{path / f'rank-{self.rank}.pt'} is not plain data: refused ({e})") from None
         return int(state["step"]), state["shared"], per_rank

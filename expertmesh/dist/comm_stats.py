@@ -258,6 +258,15 @@ class Comm:
             dist.all_gather_object(out, obj, group=group)
         return out
 
+    def gather_object(self, obj, dst: int, group) -> list | None:
+        """Every rank's `obj` on global rank `dst` (a list in group order), None elsewhere."""
+        if group is None:
+            return [obj]
+        out = [None] * group_size(group) if dist.get_rank() == dst else None
+        with self.own():
+            dist.gather_object(obj, out, dst=dst, group=group)
+        return out
+
     def send_object(self, obj, dst: int) -> None:
         with self.own():
             dist.send_object_list([obj], dst=dst)

@@ -12,6 +12,12 @@ staggered H/P apart, so at most one fragment is on the wire at any time:
   at step t+tau  theta_global <- outer_sgd(theta_global, mean delta); then
                  theta_local <- theta_global (tau = 0), or alpha * theta_local + (1 - alpha) * theta_global
 
+Aux-loss-free balancing biases (`expert_bias`, buffers that no gradient moves) travel with their
+block's fragment: each sync averages them over the workers (fp32, beside the pseudo-gradient), the
+mean becomes the fragment's global bias, and a worker's bias moves by (mean - its bias when the
+exchange started), which keeps the steps it took during an overlapped exchange. The elastic digest
+and the state a leader hands over include the global biases.
+
 Fragments: transformer blocks go to P fragments (`strided`: block i -> i mod P; `sequential`:
 contiguous runs); embeddings, final norm and head form their own fragment, synced in the same
 slot as the last block fragment. With P = 1 this is DiLoCo. Inner optimizer state never leaves
@@ -21,7 +27,8 @@ Elastic workers (`diloco.elastic`, elastic.py): the outer group is re-formed whe
 (a worker left: its fragment's outer step is skipped, the pseudo-gradient keeps accumulating for the
 next one) or when a worker asks to join; then the member furthest along sends its global copies,
 outer momentum, step and sync times to every member whose state differs, and those take them as
-their local weights too. `after_step` returns the step the loop is at, which a joiner changes.
+their local weights too. A joiner never leads (the store has no authentication: a worker that claims
+to be further along is not believed), and its state counts only once its digest equals the leader's. `after_step` returns the step the loop is at, which a joiner changes.
 
 Communicators per thread (NCCL forbids two threads on one communicator; gloo interleaves them):
 the exchange thread issues collectives only on the outer group, which is a process group of its own
@@ -79,12 +86,26 @@ def assign_fragments(names: list[str], n_layers: int, fragments: int, pattern: s
     return out
 
 
+def choose_lead(rows: torch.Tensor) -> int:
+    """rows[i] = (step, outer steps, digest, was a member before): the member whose state all take. Only
+    a worker that was in the group before may lead (a joiner, whoever it claims to be, takes the state
+    and never gives it); among those, the furthest along (outer steps, then step, then the lowest index)."""
+    eligible = [i for i in range(rows.shape[0]) if rows[i, 3] > 0] or list(range(rows.shape[0]))
+    return max(eligible, key=lambda i: (rows[i, 1].item(), rows[i, 0].item(), -i))
+
+
+class StateMismatch(Exception):
+    """A worker's state differs from the leader's after the hand-over: it must not contribute."""
+
+
 @dataclass
 class _Pending:
     fragments: list[int]  # exchanged one after the other by one thread: one collective at a time on the group
     apply_at: int
     thread: threading.Thread | None
     result: list  # mean delta per fragment, once done
+    bias_start: list  # this worker's balancing biases per fragment when the exchange started
+    bias_mean: list  # their mean over the workers, once done
     failed: bool = False  # elastic: the outer group broke during the exchange (a worker left)
     want: bool = False  # elastic: some member saw a worker asking to join
     error: BaseException | None = None  # not elastic: what broke the exchange, re-raised by the main thread
@@ -101,9 +122,17 @@ class DiLoCo:
         self.params: list[list[nn.Parameter]] = [[] for _ in range(cfg.fragments + 1)]
         for (_, p), f in zip(named, frag, strict=True):
             self.params[f].append(p)
+        self.device = local_part(named[0][1]).device
+        biases = [(n, b) for n, b in model.named_buffers() if n.endswith("expert_bias")]
+        self.biases: list[list[torch.Tensor]] = [[] for _ in range(cfg.fragments + 1)]
+        for (_, b), f in zip(biases, assign_fragments([n for n, _ in biases], n_layers, cfg.fragments, cfg.pattern),
+                             strict=True):
+            self.biases[f].append(b)
         self.global_copy = [self._flat(f).clone() for f in range(len(self.params))]
+        self.global_bias = [self._bias(f).clone() for f in range(len(self.params))]
         self.momentum = [torch.zeros_like(g) for g in self.global_copy]
         self.pending: list[_Pending] = []
+        self.was_member = False  # elastic: this process has been in an outer group (a joiner has not)
         self.outer_steps = 0
         self.last_sync = [0] * len(self.params)
         self.bytes_last_sync = 0
@@ -114,7 +143,17 @@ class DiLoCo:
 
     def _flat(self, f: int) -> torch.Tensor:
         parts = [local_part(p).detach().float().reshape(-1) for p in self.params[f]]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def _bias(self, f: int) -> torch.Tensor:
+        parts = [b.detach().float().reshape(-1) for b in self.biases[f]]
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def _write_bias(self, f: int, flat: torch.Tensor) -> None:
+        offset = 0
+        for b in self.biases[f]:
+            b.copy_(flat[offset: offset + b.numel()].view_as(b))
+            offset += b.numel()
 
     def _write(self, f: int, flat: torch.Tensor) -> None:
         offset = 0
@@ -134,6 +173,8 @@ class DiLoCo:
         return [k, P] if k == P - 1 else [k]
 
     def _exchange(self, deltas: list[torch.Tensor], pend: _Pending) -> None:
+        """Runs on the main thread (tau = 0) or the exchange thread: the mean pseudo-gradient of each
+        fragment in `pend`, then the mean of their balancing biases (one small fp32 all-reduce)."""
         counter = Comm()  # its own counter: this may run in a thread while the loop reads and resets `comm`
         group = self.group
         try:
@@ -152,11 +193,19 @@ class DiLoCo:
                     counter.all_reduce(mean, group, "diloco")
                     mean /= group_size(group)
                 pend.result.append(mean.to(self.global_copy[0].device))
+            biases = torch.cat(pend.bias_start)
+            if biases.numel():
+                if group is not None and self.membership is not None:
+                    biases = biases.cpu()
+                biases = biases.clone()
+                counter.all_reduce(biases, group, "diloco")
+                biases /= group_size(group)
+                pend.bias_mean = list(biases.to(self.device).split([b.numel() for b in pend.bias_start]))
         except Exception as err:  # noqa: BLE001 (the thread has no caller: the main thread re-raises it)
             if self.membership is None or not isinstance(err, RuntimeError):
                 pend.error = err
                 return
-            pend.failed, pend.result = True, []
+            pend.failed, pend.result, pend.bias_mean = True, [], []
             log.warning("DiLoCo: the exchange of fragments %s failed (%s)", pend.fragments,
                         str(err).splitlines()[0][:200])
         self.bytes_last_sync = counter.sent.get("diloco", 0)
@@ -197,37 +246,46 @@ class DiLoCo:
                 member = True
 
     def _digest(self) -> float:
-        return float(sum(g.double().sum() + 0.5 * m.double().sum() for g, m in zip(self.global_copy, self.momentum,
-                                                                                     strict=True)))
+        return float(sum(g.double().sum() + 0.5 * m.double().sum() + 0.25 * b.double().sum()
+                         for g, m, b in zip(self.global_copy, self.momentum, self.global_bias, strict=True)))
 
     def _agree(self, step: int) -> int:
-        """After a (re)form: the member furthest along (most outer steps, then steps, then the lowest
-        index) sends its state to every member whose (step, outer steps, digest) differ from its own."""
+        """After a (re)form: the leader (`choose_lead`: a worker that was a member before, furthest along)
+        sends its state to every member whose (step, outer steps, digest) differ from its own; a receiver
+        whose digest then differs from the leader's raises StateMismatch instead of contributing."""
         group = self.group
         if group is None:
+            self.was_member = True
             return step
-        rows = torch.zeros(group.size, 3, dtype=torch.float64)
-        rows[group.rank] = torch.tensor([step, self.outer_steps, self._digest()], dtype=torch.float64)
+        rows = torch.zeros(group.size, 4, dtype=torch.float64)
+        rows[group.rank] = torch.tensor([step, self.outer_steps, self._digest(), self.was_member],
+                                        dtype=torch.float64)
         self.comm.all_reduce(rows, group, "diloco_join")
-        lead = max(range(group.size), key=lambda i: (rows[i, 1].item(), rows[i, 0].item(), -i))
-        differs = (rows != rows[lead]).any(dim=1)
+        self.was_member = True
+        lead = choose_lead(rows)
+        differs = (rows[:, :3] != rows[lead, :3]).any(dim=1)
         if not differs.any():
             return step
         meta = torch.tensor([step, self.outer_steps, *self.last_sync], dtype=torch.int64)
-        state = torch.cat([*self.global_copy, *self.momentum]).cpu()
+        state = torch.cat([*self.global_copy, *self.momentum, *self.global_bias]).cpu()
         self.comm.broadcast(meta, lead, group, "diloco_join")
         self.comm.broadcast(state, lead, group, "diloco_join")
         if not differs[group.rank]:
             return step
         device = self.global_copy[0].device
-        sizes = [g.numel() for g in self.global_copy]
-        parts = state.to(device).split(sizes + sizes)
-        self.global_copy = [p.clone() for p in parts[:len(sizes)]]
-        self.momentum = [p.clone() for p in parts[len(sizes):]]
+        sizes, n = [g.numel() for g in self.global_copy], len(self.global_copy)
+        parts = state.to(device).split(sizes + sizes + [b.numel() for b in self.global_bias])
+        self.global_copy = [p.clone() for p in parts[:n]]
+        self.momentum = [p.clone() for p in parts[n:2 * n]]
+        self.global_bias = [p.clone() for p in parts[2 * n:]]
         self.outer_steps, self.last_sync = int(meta[1]), [int(v) for v in meta[2:]]
+        if self._digest() != rows[lead, 2].item():  # what arrived is not what the leader holds
+            raise StateMismatch(f"DiLoCo: worker {self.membership.worker}'s state digest {self._digest()!r} differs "
+                                f"from the leader's {rows[lead, 2].item()!r} after the hand-over; not joining")
         self.pending = []
-        for f, g in enumerate(self.global_copy):
+        for f, (g, b) in enumerate(zip(self.global_copy, self.global_bias, strict=True)):
             self._write(f, g)
+            self._write_bias(f, b)
         lead_worker = self.membership.members[lead]
         log.info("DiLoCo: took the global state of worker %d (step %d -> %d, %d outer steps)", lead_worker, step,
                  int(meta[0]), self.outer_steps)
@@ -245,7 +303,7 @@ class DiLoCo:
         if not fragments:
             return step
         deltas = [self.global_copy[f] - self._flat(f) for f in fragments]
-        pend = _Pending(fragments, step + self.cfg.overlap, None, [])
+        pend = _Pending(fragments, step + self.cfg.overlap, None, [], [self._bias(f) for f in fragments], [])
         if self.cfg.overlap == 0:
             self._exchange(deltas, pend)
             return self._apply(pend, step)
@@ -258,14 +316,16 @@ class DiLoCo:
     def global_weights(self):
         """Inside, the model holds the global copies (what the workers agree on); the local weights
         come back after."""
-        saved = [self._flat(f) for f in range(len(self.params))]
-        for f, g in enumerate(self.global_copy):
+        saved = [(self._flat(f), self._bias(f)) for f in range(len(self.params))]
+        for f, (g, b) in enumerate(zip(self.global_copy, self.global_bias, strict=True)):
             self._write(f, g)
+            self._write_bias(f, b)
         try:
             yield
         finally:
-            for f, flat in enumerate(saved):
+            for f, (flat, bias) in enumerate(saved):
                 self._write(f, flat)
+                self._write_bias(f, bias)
 
     def finish(self) -> None:
         """End of training: applies the exchanges still in flight (a thread must not outlive the run);
@@ -305,6 +365,10 @@ class DiLoCo:
                 self._write(f, c.merge_alpha * self._flat(f) + (1 - c.merge_alpha) * self.global_copy[f])
             self.outer_steps += 1
             self.last_sync[f] = pend.apply_at
+        for f, start, mean in zip(pend.fragments, pend.bias_start, pend.bias_mean, strict=False):
+            self.global_bias[f] = mean.clone()
+            # with overlap, the bias steps this worker took since the exchange started are kept
+            self._write_bias(f, mean if c.overlap == 0 else self._bias(f) + (mean - start))
 
     def stats(self, step: int) -> dict:
         out = {"outer_steps": self.outer_steps, "bytes_last_sync": self.bytes_last_sync,
@@ -324,8 +388,10 @@ class DiLoCo:
                 p.thread = None
         return {"global_copy": self.global_copy, "momentum": self.momentum, "outer_steps": self.outer_steps,
                 "local": [self._flat(f) for f in range(len(self.params))],  # the workers differ: DCP keeps one
+                "global_bias": self.global_bias, "local_bias": [self._bias(f) for f in range(len(self.params))],
                 "last_sync": self.last_sync,
-                "pending": [(p.fragments, p.apply_at, p.result, p.failed, p.want) for p in self.pending],
+                "pending": [(p.fragments, p.apply_at, p.result, p.bias_start, p.bias_mean, p.failed, p.want)
+                            for p in self.pending],
                 "inner": [{k: local_part(v).clone() if isinstance(v, torch.Tensor) else v
                            for k, v in optimizer.state.get(p, {}).items()} for ps in self.params for p in ps]}
 
@@ -333,10 +399,12 @@ class DiLoCo:
         self.global_copy = [t.clone() for t in state["global_copy"]]
         self.momentum = [t.clone() for t in state["momentum"]]
         self.outer_steps, self.last_sync = state["outer_steps"], list(state["last_sync"])
-        self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs], *flags)
-                        for fs, at, rs, *flags in state["pending"]]
-        for f, flat in enumerate(state["local"]):
+        self.global_bias = [t.clone() for t in state["global_bias"]]
+        self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs], list(start), list(mean), *flags)
+                        for fs, at, rs, start, mean, *flags in state["pending"]]
+        for f, (flat, bias) in enumerate(zip(state["local"], state["local_bias"], strict=True)):
             self._write(f, flat)
+            self._write_bias(f, bias)
         params = [p for ps in self.params for p in ps]
         with torch.no_grad():
             for p, saved in zip(params, state["inner"], strict=True):

@@ -208,7 +208,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     diloco = make_diloco(model, cfg, diloco_group, comm, env)
     checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank, comm)
     start_step = 0
-    if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path)) is not None:
+    if cfg.checkpoint.enabled and cfg.checkpoint.resume and (path := latest_intact(run_path, comm)) is not None:
         start_step, shared, per_rank = checkpointer.load(path, model, optimizer, scheduler,
                                                          {"loader": loader.state_dict()}, layout_name(cfg, dims))
         set_rng_state(per_rank, device)
@@ -226,6 +226,9 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
                         "original run's from here on", saved_batch, batch)
         loader.load_state_dict(shared["loader"])
         log.info("resumed from %s (step %d)", path, start_step)
+        if start_step >= cfg.train.steps:  # a success here would hide a reused name or a forgotten steps
+            raise ConfigError(f"{run_path} is already at step {start_step} >= train.steps={cfg.train.steps}: "
+                              "nothing to train; use another train.name or raise train.steps")
     if diloco is not None:
         joined_at = diloco.start(start_step)  # elastic: waits for the outer group; may take a peer's step
         if joined_at != start_step:
@@ -307,6 +310,9 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
             if not cfg.checkpoint.enabled:  # a requeued job would start over: stop, and say so
                 log.warning("stop requested (SIGUSR1) at step %d with checkpoint.enabled=false: nothing was saved, "
                             "so the job is not requeued", step)
+                break
+            if step >= cfg.train.steps:  # nothing left: a requeued job would only find the run finished
+                log.info("stop requested (SIGUSR1) at the last step %d: training is complete, not requeued", step)
                 break
             log.info("stop requested (SIGUSR1): checkpointed step %d", step)
             if env.is_rank0:

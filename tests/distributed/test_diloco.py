@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from combinations import COMPILED, DILOCO_AS_PLAIN, DILOCO_PLAIN_FEATURES, DILOCO_WORKERS
 from helpers import assert_restart_reproduces, read_metrics
 
 from expertmesh import config
@@ -20,22 +21,81 @@ def _train(rank, world, overrides):
 
 
 def test_one_worker_h1_plain_outer_step_is_plain_training(tiny_overrides, tmp_path):
-    common = tiny_overrides + ["train.steps=6", "metrics.log_every=1", "checkpoint.enabled=false"]
+    """With recomputation, capacity dropping, bias balancing, PR-MoE, a shared expert and accumulation on."""
+    common = tiny_overrides + ["train.steps=6", "metrics.log_every=1", "checkpoint.enabled=false",
+                               *DILOCO_PLAIN_FEATURES]
     one = DistEnv(0, 0, 1, 1, "single")
     run(config.load(None, common + ["train.name=plain"]), one)
-    run(config.load(None, common + ["train.name=diloco", "diloco.enabled=true", "diloco.sync_every=1",
-                                     "diloco.outer_lr=1.0", "diloco.outer_momentum=0.0"]), one)
+    run(config.load(None, common + ["train.name=diloco", *DILOCO_AS_PLAIN]), one)
     plain, diloco = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "diloco")
+    assert plain[1]["dropped_tokens"] > 0
     for step in range(1, 7):
-        assert diloco[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-6), step
+        assert diloco[step]["loss_avg"] == pytest.approx(plain[step]["loss_avg"], rel=1e-6), step
+        assert diloco[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-5), step
     assert diloco[6]["diloco"]["outer_steps"] == 12  # two fragments (blocks, the rest) a step
+
+
+def _outer_steps_by_hand(rank, world):
+    """Two workers, H = 1, one fragment of everything: each 'inner step' sets the local weights and the
+    balancing biases by hand (worker-specific), then DiLoCo syncs. Returns what DiLoCo made of them."""
+    import torch.distributed as dist
+
+    from expertmesh.dist.comm_stats import Comm
+    from expertmesh.dist.diloco import DiLoCo
+    from expertmesh.models.transformer import Transformer
+
+    cfg = config.load(None, ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=32",
+                             "moe.num_experts=4", "moe.expert_dim=8", "diloco.enabled=true", "diloco.sync_every=1",
+                             "diloco.outer_lr=0.7", "diloco.outer_momentum=0.9", "diloco.nesterov=true"])
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # the same start on both workers
+            p.normal_(0.0, 0.1)
+    d = DiLoCo(model, cfg.model.n_layers, cfg.diloco, dist.group.WORLD, Comm())
+    start = d.global_copy[0].clone()
+    gen = torch.Generator().manual_seed(100 + rank)
+    biases = [b for b in d.biases[0]]
+    seen = []
+    for step in (1, 2, 3):
+        local = d._flat(0) + 0.1 * torch.randn(d._flat(0).shape, generator=gen)  # this worker's inner steps
+        d._write(0, local)
+        with torch.no_grad():
+            for b in biases:
+                b.add_(torch.randn(b.shape, generator=gen))
+        bias = torch.cat([b.detach().clone() for b in biases])
+        d.after_step(step)
+        seen.append((local, bias, d.global_copy[0].clone(), d._flat(0), d.global_bias[0].clone(),
+                     torch.cat([b.detach().clone() for b in biases])))
+    return start.tolist(), [[t.tolist() for t in row] for row in seen]  # tensors do not outlive the process
+
+
+def test_outer_nesterov_and_bias_averaging_equal_a_hand_computed_update(run_distributed):
+    """Three syncs with momentum 0.9 and outer lr 0.7: the global copy follows Nesterov-SGD on the mean
+    pseudo-gradient computed here by hand, each worker's local weights become it, and the balancing
+    biases (never averaged before: the workers drifted apart) become the workers' mean on both."""
+    (start, w0), (_, w1) = run_distributed(_outer_steps_by_hand, 2)
+    w0, w1 = ([[torch.tensor(t) for t in row] for row in w] for w in (w0, w1))
+    glob, momentum = torch.tensor(start), torch.zeros(len(start))
+    for (l0, b0, g0, f0, gb0, nb0), (l1, b1, g1, f1, gb1, nb1) in zip(w0, w1, strict=True):
+        delta = ((glob - l0) + (glob - l1)) / 2
+        momentum = 0.9 * momentum + delta
+        glob = glob - 0.7 * (delta + 0.9 * momentum)
+        for g, f in ((g0, f0), (g1, f1)):
+            torch.testing.assert_close(g, glob, rtol=1e-5, atol=1e-6)
+            assert torch.equal(f, g)  # tau = 0: the local weights are the global copy
+        assert not torch.equal(b0, b1) and b0.numel() == 2 * 4  # two MoE layers, four experts
+        for gb, nb in ((gb0, nb0), (gb1, nb1)):
+            torch.testing.assert_close(gb, (b0 + b1) / 2)
+            assert torch.equal(nb, gb)
 
 
 @pytest.mark.parametrize("bits, overlap", [(0, 0), (4, 1), (0, 1), (4, 0)])
 def test_workers_agree_on_the_global_copy_after_every_sync(run_distributed, tiny_overrides, tmp_path, bits, overlap):
     common = tiny_overrides + ["train.steps=8", "metrics.log_every=1", "checkpoint.every=4", "checkpoint.keep=2",
                                "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=4",
-                               "diloco.fragments=2", f"diloco.quant_bits={bits}", f"diloco.overlap={overlap}"]
+                               "diloco.fragments=2", f"diloco.quant_bits={bits}", f"diloco.overlap={overlap}",
+                               "moe.bias_update_rate=0.003"]
     run_distributed(_train, 2, common)
     rec = read_metrics(tmp_path / "default")
     assert rec[8]["diloco"]["bytes_last_sync"] > 0 and rec[8]["diloco"]["outer_steps"] >= 3
@@ -43,11 +103,12 @@ def test_workers_agree_on_the_global_copy_after_every_sync(run_distributed, tiny
     assert sum(s.get("diloco", 0) for s in sent) > 0
     assert not any("dense_dp" in s for s in sent)  # no gradient crosses workers
     for step in (4, 8):
-        w0, w1 = (torch.load(tmp_path / "default" / f"step-{step}" / f"rank-{r}.pt", weights_only=False)["diloco"]
+        w0, w1 = (torch.load(tmp_path / "default" / f"step-{step}" / f"rank-{r}.pt", weights_only=True)["diloco"]
                   for r in (0, 1))
-        for a, b in zip(w0["global_copy"], w1["global_copy"], strict=True):
+        for a, b in zip(w0["global_copy"] + w0["global_bias"], w1["global_copy"] + w1["global_bias"], strict=True):
             assert torch.equal(a, b)
         assert any(not torch.equal(a, b) for a, b in zip(w0["local"], w1["local"], strict=True)) or overlap == 0
+        assert w0["global_bias"][1].abs().sum() > 0 or overlap  # the MoE layer 1 is in fragment 1: synced at 4, 8
 
 
 def test_mid_cycle_resume_reproduces_the_run(run_distributed, tiny_overrides, tmp_path):
@@ -81,11 +142,8 @@ def _train_each(rank, world, runs):
 def test_diloco_composes_with_compile_and_bf16(run_distributed, tiny_overrides, tmp_path):
     """Two workers with overlapped 4-bit exchanges: compiled blocks (traced, aot_eager) train as eager ones,
     and bf16 stays within 2% of fp32 (the global copies and outer momentum stay fp32)."""
-    common = tiny_overrides + ["train.steps=6", "metrics.log_every=1", "checkpoint.enabled=false",
-                               "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=2",
-                               "diloco.fragments=2", "diloco.overlap=0", "diloco.quant_bits=4"]
-    variants = {"eager": [], "compiled": ["train.compile=true", 'train.compile_backend="aot_eager"'],
-                "bf16": ['train.mixed_precision="bf16"']}
+    common = tiny_overrides + ["train.steps=6", "metrics.log_every=1", "checkpoint.enabled=false", *DILOCO_WORKERS]
+    variants = {"eager": [], "compiled": COMPILED, "bf16": ['train.mixed_precision="bf16"']}
     run_distributed(_train_each, 2, [common + [f"train.name={name}", *extra] for name, extra in variants.items()],
                     timeout=300)
     eager, compiled, bf16 = (read_metrics(tmp_path / name) for name in variants)

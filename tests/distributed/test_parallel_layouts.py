@@ -1,7 +1,8 @@
 """Every layout of expert, tensor and data parallelism trains the model one process would train.
 
 Fixed data and seed; the global batch is 8 sequences in every layout (the single process reads all
-of them), the load-balance loss is off (it is a per-rank statistic, not a mean over tokens), and
+of them), the load-balance loss is off (it is a per-rank statistic, not a mean over tokens:
+test_combinations.py turns it on against one process reading the same micro-batches), and
 clipping is active, so the global gradient norm must include every shard. The final weights are read
 back from each run's last DCP checkpoint as full tensors, which also shows that the checkpoint does
 not depend on the layout that wrote it.
@@ -11,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from combinations import BF16_LAYOUTS, COMPILE_LAYOUTS, COMPILED, FEATURE_LAYOUTS, LAYOUTS, VARIANTS
 from helpers import read_metrics, tiny_overrides
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -49,25 +51,6 @@ def single(tmp_path_factory):
     return read_metrics(tmp / "single"), _final_weights(tmp / "single", tmp), overrides
 
 
-LAYOUTS = {
-    "dp2xep2": (4, ["parallel.ep=2", "data.batch_size=2"]),
-    "ep4": (4, ["parallel.ep=4", "data.batch_size=2"]),
-    "ep2xtp2": (4, ["parallel.ep=2", "parallel.tp=2", "data.batch_size=4"]),
-    "dp2xtp2": (4, ["parallel.tp=2", "data.batch_size=4"]),
-    "dp2xep2xtp2": (8, ["parallel.ep=2", "parallel.tp=2", "data.batch_size=2"]),
-    # the other switches: replicated gradients, no sequence/vocab parallelism, recomputation
-    "ep2xtp2-ddp-nosp-ac": (4, ["parallel.ep=2", "parallel.tp=2", "data.batch_size=4", "parallel.dp_shard=false",
-                                "parallel.sequence_parallel=false", "parallel.vocab_parallel=false",
-                                'parallel.activation_checkpoint="full"']),
-    # FSSDP: replicas planned from a 2-step window, owners moved every 2 steps (also at the
-    # checkpoint); and with data parallelism over the owner shards, re-materialization, calibration
-    "ep4-fssdp": (4, ["parallel.ep=4", "data.batch_size=2", 'moe.placement="fssdp"', "moe.fssdp.window=2",
-                      "moe.fssdp.reshard_every=2"]),
-    "dp2xep2-fssdp-remat": (4, ["parallel.ep=2", "data.batch_size=2", 'moe.placement="fssdp"',
-                                "moe.fssdp.rematerialize=true", "moe.fssdp.calibrate=true"]),
-}
-
-
 def _train_like_single(run_distributed, tmp_path, single, name, world, layout):
     """Trains `name` under `layout` and compares it with the single-process run: every step's loss and
     gradient norm, and the final weights. Returns its metrics and overrides."""
@@ -102,25 +85,8 @@ def test_layout_trains_the_single_process_model(run_distributed, tmp_path, singl
         assert sent[view] == pytest.approx(nbytes, rel=0.15 if view == "ep" else 0.02), (view, sent, predicted)
 
 
-# The architecture options real checkpoints use, under the layouts that split what they add: grouped-query
-# heads of their own width with biases, QK-norm per head or over the whole projection (its squares summed
-# over tp), half-split RoPE with YaRN, a dense first layer, grouped sigmoid routing with scaled weights and a
-# gated shared expert; and multi-head latent attention.
-_MHA = ["model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.attn_bias=true", 'model.rope_style="half"',
-        'model.rope_scaling="yarn"', "model.rope_factor=4.0", "model.rope_original_max_seq_len=16",
-        "moe.first_k_dense=1", 'moe.score_func="sigmoid"', "moe.n_groups=2", "moe.topk_groups=1",
-        "moe.routed_scaling_factor=2.0", "moe.shared_experts=1", "moe.shared_gate=true"]
-VARIANTS = {
-    "full": _MHA + ['model.qk_norm="full"', "moe.bias_update_rate=0.001"],
-    "mla": ['model.attention="mla"', "model.n_heads=4", "model.q_lora_rank=8", "model.kv_lora_rank=16",
-            "model.qk_rope_head_dim=8", "model.qk_nope_head_dim=8", "model.v_head_dim=12", 'model.rope_scaling="yarn"',
-            "model.rope_factor=4.0", "model.rope_original_max_seq_len=16", "moe.shared_experts=1",
-            "train.grad_accum=2"],
-}
-# (per-head QK-norm under tp is Qwen3-MoE's case in test_hf_training.py)
-FEATURE_LAYOUTS = {"full-ep2xtp2": LAYOUTS["ep2xtp2"], "full-dp2xep2-fssdp": LAYOUTS["dp2xep2-fssdp-remat"],
-                   "mla-ep2xtp2-ac": (4, [*LAYOUTS["ep2xtp2"][1], 'parallel.activation_checkpoint="full"']),
-                   "mla-dp2xep2-fssdp": LAYOUTS["dp2xep2-fssdp-remat"]}
+# The architecture options (combinations.VARIANTS) under the layouts that split what they add. (Per-head
+# QK-norm under tp is Qwen3-MoE's case in test_hf_training.py.)
 
 
 @pytest.fixture(scope="module")
@@ -195,15 +161,6 @@ def _train_each(rank, world, runs):
     return rank
 
 
-BF16_LAYOUTS = {  # with the features that change what crosses the wire or what is recomputed
-    "dp2xep2-capacity-bias-accum": (4, ["parallel.ep=2", "data.batch_size=1", "train.grad_accum=2",
-                                        "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01"]),
-    "ep2xtp2-ac-shared-residual": (4, [*LAYOUTS["ep2xtp2"][1], 'parallel.activation_checkpoint="full"',
-                                       "moe.shared_experts=1", "moe.residual=true"]),
-    "dp2xep2-fssdp": LAYOUTS["dp2xep2-fssdp-remat"],
-}
-
-
 @pytest.mark.parametrize("name", list(BF16_LAYOUTS))
 def test_bf16_tracks_fp32_and_halves_the_bytes(run_distributed, tmp_path, name):
     world, layout = BF16_LAYOUTS[name]
@@ -224,14 +181,8 @@ def test_bf16_tracks_fp32_and_halves_the_bytes(run_distributed, tmp_path, name):
 # Regional compilation (train.compile) under the layouts, against the eager single process: aot_eager traces
 # each block's forward and backward as torch.compile does, without generating code (inductor's C++ is
 # tested in tests/unit/test_compile.py; here each rank would spend a minute compiling).
-COMPILE_LAYOUTS = {  # ep2 x tp2: FSDP over the ep ranks for dense weights, recomputation around the graphs
-    "ep2xtp2-ac": (4, [*LAYOUTS["ep2xtp2"][1], 'parallel.activation_checkpoint="full"']),
-    "ep4-fssdp": LAYOUTS["ep4-fssdp"],
-}
-
-
 @pytest.mark.parametrize("name", list(COMPILE_LAYOUTS))
 def test_compiled_layout_trains_the_single_process_model(run_distributed, tmp_path, single, name):
     world, layout = COMPILE_LAYOUTS[name]
     _train_like_single(run_distributed, tmp_path, single, f"compiled-{name}", world,
-                       [*layout, "train.compile=true", 'train.compile_backend="aot_eager"'])
+                       [*layout, *COMPILED])

@@ -1,6 +1,7 @@
 """End-to-end training runs on real processes: torchrun via `expertmesh run`, killed and resumed."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -23,14 +24,49 @@ def _train_on_rank(rank, world, overrides):
     return rec, str(path)
 
 
+def _train_corrupt_resume(rank, world, overrides):
+    """Trains 6 steps, damages the newest checkpoint's rank-1 shard, resumes to 8; records each file hashed."""
+    from expertmesh.dist import checkpoint
+
+    hashed, sha256 = [], checkpoint._sha256
+    checkpoint._sha256 = lambda path: hashed.append((sys._getframe(1).f_code.co_name, path.parent.name,
+                                                     path.name)) or sha256(path)
+    rec = run(config.load(None, overrides + ["train.steps=6"]), DistEnv(rank, rank, world, world, "torchrun"))
+    saved, hashed[:] = list(hashed), []
+    cfg = config.load(None, overrides + ["train.steps=8"])
+    if rank == 0:
+        shard = cfg.run_path / "step-6" / "__1_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    torch.distributed.barrier()
+    run(cfg, DistEnv(rank, rank, world, world, "torchrun"))
+    return rec, saved, hashed
+
+
 def test_data_parallel_ranks_train_one_model(run_distributed, tiny_overrides, tmp_path):
-    overrides = tiny_overrides + ["train.steps=6", "metrics.log_every=3", "checkpoint.every=6"]
-    results = run_distributed(_train_on_rank, 2, overrides)
-    rec, path = results[0]
+    """Two dp ranks train one model; each checkpoint file is hashed once, by its writer on save and by one
+    reader on load, and a corrupted shard of the newest checkpoint sends both ranks back to the one before."""
+    overrides = tiny_overrides + ["metrics.log_every=1", "checkpoint.every=3", "checkpoint.keep=3"]
+    results = run_distributed(_train_corrupt_resume, 2, overrides)
+    rec = results[0][0]
     assert rec["step"] == 6 and math.isfinite(rec["loss"])
     assert rec["comm_bytes_per_step"]["dense_dp"] > 0
+    run_path = tmp_path / "default"
     # Each rank wrote its own shard file; DCP deduplicated the replicated weights.
-    assert sorted(p.name for p in (tmp_path / "default" / "step-6").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+    assert sorted(p.name for p in (run_path / "step-6").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+    files = sorted(__import__("json").loads((run_path / "step-3" / "COMPLETE.json").read_text())["files"])
+    assert "__1_0.distcp" in files and ".metadata" in files
+    saved = [[(d, f) for _, d, f in r[1]] for r in results]
+    assert sorted(saved[0] + saved[1]) == sorted((d, f) for d in ("step-3", "step-6") for f in files)  # once, ...
+    assert ("step-6", "__1_0.distcp") in saved[1] and ("step-6", "__1_0.distcp") not in saved[0]  # ... by its writer
+    checked = [(d, f) for r in results for caller, d, f in r[2] if caller == "verify"]
+    assert sorted(f for d, f in checked if d == "step-3") == files  # the intact one: every file, by one rank
+    damaged = [f for d, f in checked if d == "step-6"]
+    assert "__1_0.distcp" in damaged and len(set(damaged)) == len(damaged)  # a check stops at its first mismatch
+    steps = [r["step"] for r in map(__import__("json").loads, (run_path / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]  # resumed from step 3 on both ranks
 
 
 def test_killed_run_resumes_with_identical_losses(tiny_overrides, tmp_path):

@@ -5,6 +5,7 @@ traced (aot_eager: inductor's bf16 C++ kernels round differently from eager's, w
 import pytest
 import torch
 import torch._dynamo
+from combinations import COMPILE_FEATURES
 from helpers import read_metrics
 from torch._dynamo.utils import counters
 
@@ -42,13 +43,11 @@ def test_moe_layer_traces_without_graph_breaks():
 
 # capacity dropping, bias balancing, a shared expert and PR-MoE's residual MLP inside the compiled blocks,
 # over accumulated micro-batches
-FEATURES = ["moe.every=1", "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01", "moe.shared_experts=1",
-            "moe.residual=true", "train.grad_accum=2"]
 
 
 @pytest.mark.parametrize("precision, backend", [("fp32", "inductor"), ("bf16", "aot_eager")])
 def test_compiled_training_equals_eager(tmp_path, tiny_overrides, precision, backend):
-    common = tiny_overrides + FEATURES + ["train.steps=3", "metrics.log_every=1", "checkpoint.enabled=false",
+    common = tiny_overrides + COMPILE_FEATURES + ["train.steps=5", "metrics.log_every=1", "checkpoint.enabled=false",
                                           "train.eval_every=100", "train.threads=2",
                                           f'train.mixed_precision="{precision}"']
     torch._dynamo.reset()  # earlier tests compiled the same block code: start below dynamo's recompile limit
@@ -58,7 +57,7 @@ def test_compiled_training_equals_eager(tmp_path, tiny_overrides, precision, bac
                                         f'train.compile_backend="{backend}"']), DistEnv(0, 0, 1, 1, "single"))
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled, one graph per block
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
-    for step in (1, 2, 3):
+    for step in range(1, 6):
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-5), step
         assert compiled[step]["grad_norm"] == pytest.approx(eager[step]["grad_norm"], rel=1e-4), step
         assert compiled[step]["dropped_tokens"] == eager[step]["dropped_tokens"], step

@@ -46,7 +46,7 @@ def test_schedule_staggers_fragments_h_over_p_apart():
       "parallel.dp_replicate=2"], "parallel.dp_replicate=2 must be 1"),
     (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=0", "diloco.store=\"h:1\"", "diloco.settle_s=0"],
      "diloco.settle_s=0.0 must be > 0"),
-    (["parallel.ep=2", 'moe.placement="fssdp"'], "diloco.enabled=true with moe.placement='fssdp' is refused"),
+    (["parallel.ep=2", 'moe.placement="fssdp"'], "moe.fssdp.reshard_every=100 with diloco.enabled=true is refused"),
 ])
 def test_diloco_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -99,3 +99,16 @@ def test_an_exchange_error_reaches_the_training_loop_as_itself(tmp_path, monkeyp
                              "diloco.sync_every=2", "diloco.quant_bits=4", f"diloco.overlap={overlap}"])
     with pytest.raises(RuntimeError, match=r"DiLoCo: the exchange of fragments \[0, 1\] failed: codes do not fit"):
         run(cfg, DistEnv(0, 0, 1, 1, "single"))
+
+
+def test_a_joiner_never_leads_whatever_it_claims():
+    """The store has no authentication: a newcomer claiming more outer steps is not the one whose state all take."""
+    from expertmesh.dist.diloco import choose_lead
+
+    # (step, outer steps, digest, was a member before)
+    members_and_a_joiner = torch.tensor([[40, 10, 1.5, 1], [40, 10, 1.5, 1], [999, 500, 7.0, 0]], dtype=torch.float64)
+    assert choose_lead(members_and_a_joiner) == 0
+    behind = torch.tensor([[12, 3, 1.0, 1], [40, 10, 2.0, 1], [8, 2, 0.5, 0]], dtype=torch.float64)
+    assert choose_lead(behind) == 1  # among members: the furthest along
+    first_forming = torch.tensor([[4, 1, 1.0, 0], [8, 2, 2.0, 0]], dtype=torch.float64)
+    assert choose_lead(first_forming) == 1  # nobody was a member yet: the furthest along

@@ -165,3 +165,23 @@ def test_a_rerun_resumes_where_the_stream_stopped(tmp_path):
     assert [u["version"] for u in updates] == [1, 2, 3, 4, 5] and updates[-1]["requests"] == 10
     windows = records(run_path, "distill")
     assert windows[-1]["requests"] == 10
+
+
+def test_the_readme_path_to_distill_runs(tmp_path, monkeypatch):
+    """The README's three commands, in order, from an empty directory: `make train` (configs/default.toml)
+    writes runs/default, configs/draft.toml writes runs/draft, and configs/distill.toml, reading both
+    from where they landed, serves and distills (each shortened to a step or a few requests)."""
+    from helpers import ROOT
+
+    from expertmesh.launch.train import run as train
+
+    monkeypatch.chdir(tmp_path)
+    short = ["train.steps=1", "data.max_bytes=100000", "train.eval_batches=1", 'metrics.wandb_mode="disabled"']
+    train(config.load(ROOT / "configs" / "default.toml", short), SINGLE)
+    train(config.load(ROOT / "configs" / "draft.toml", short), SINGLE)
+    cfg = config.load(ROOT / "configs" / "distill.toml", ['distill.synthetic=["stdlib:2"]', "distill.max_new_tokens=8",
+                                                        'metrics.wandb_mode="disabled"', "distill.update_every=2"])
+    summary = distill.run(cfg, SINGLE)
+    assert summary["requests"] == 2 and summary["draft_updates"] == 1
+    assert (tmp_path / "runs" / "distill" / "draft" / "config.json").is_file()
+

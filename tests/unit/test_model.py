@@ -220,3 +220,70 @@ def test_architecture_options_decode_with_the_cache_as_in_one_pass(variant):
         steps += [model(tokens[:, i:i + 1], cache=cache)[0] for i in range(6, 11)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     assert [b.is_moe for b in model.layers.values()][0] == ("moe.first_k_dense=1" not in variant)
+
+
+def _layer_by_loop(layer, x_TD):
+    """The MoE layer written token by token and expert by expert: softmax scores, the balancing bias in the
+    choice only, normalized top-k weights, per-expert capacity keeping the highest-scored slots (ties: the
+    earlier slot), each expert a SwiGLU, PR-MoE's two-way mix with a dense MLP, the shared expert added."""
+    import torch.nn.functional as F
+
+    r = layer.router
+    T, K, E = x_TD.shape[0], r.top_k, layer.num_experts
+    scores = [F.linear(x_TD[t], r.gate.weight).float().softmax(-1) for t in range(T)]
+    slots = []  # (token, k, expert, weight, score)
+    for t in range(T):
+        choice = sorted(range(E), key=lambda e: -(scores[t][e].item() + r.expert_bias[e].item()))[:K]
+        total = sum(scores[t][e] for e in choice)
+        slots += [(t, k, e, scores[t][e] / total, scores[t][e].item()) for k, e in enumerate(choice)]
+    cap = r.capacity(T) if r.capacity_factor > 0 else T * K
+    kept, used = [], [0] * E
+    for slot in sorted(slots, key=lambda s: -s[4]):  # stable: equal scores keep the token order
+        if used[slot[2]] < cap:
+            used[slot[2]] += 1
+            kept.append(slot)
+
+    def swiglu(x, w1, w3, w2):
+        return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+    ex = layer.experts
+    rows = []
+    for t in range(T):
+        y = sum((w * swiglu(x_TD[t], ex.w1[e], ex.w3[e], ex.w2[e]) for tt, _, e, w, _ in kept if tt == t),
+                torch.zeros_like(x_TD[t]))
+        if layer.residual_mlp is not None:
+            c = F.linear(x_TD[t], layer.coefficient.weight).softmax(-1)
+            y = c[0] * y + c[1] * layer.residual_mlp(x_TD[t])
+        if layer.shared is not None:
+            y = y + layer.shared(x_TD[t])
+        rows.append(y)
+    return torch.stack(rows), T * K - len(kept)
+
+
+@pytest.mark.parametrize("features", [[], ["moe.capacity_factor=1.0"], ["moe.residual=true"],
+                                      ["moe.shared_experts=1"], "all"])
+def test_moe_layer_equals_a_loop_over_tokens_and_experts(features):
+    """Output and every gradient of the layer (capacity dropping, bias balancing, PR-MoE, a shared expert, each
+    alone and all together) against the loop; the balancing bias is set by hand so it changes the choice."""
+    from combinations import LAYER_FEATURES
+
+    from expertmesh.moe.layer import MoELayer
+
+    cfg = config.load(None, ["moe.num_experts=4", "moe.top_k=2", "moe.expert_dim=8", "moe.bias_update_rate=0.01",
+                             *(LAYER_FEATURES if features == "all" else features)])
+    torch.manual_seed(3)
+    layer = MoELayer(16, cfg.moe)
+    layer.init_weights(0.3, 0.3)
+    layer.router.expert_bias.copy_(torch.tensor([0.2, -0.1, 0.0, 0.05]))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    out, stats = layer(x)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), params)
+    ref, dropped = _layer_by_loop(layer, x.view(10, 16))
+    ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, 16)).sum(), params, allow_unused=True)
+    assert int(stats.dropped) == dropped and (dropped > 0) == ("capacity" in str(features) or features == "all")
+    torch.testing.assert_close(out.view(10, 16), ref, rtol=1e-5, atol=1e-6)
+    for (name, _), g, r in zip([("x", x), *layer.named_parameters()], grads, ref_grads, strict=True):
+        r = torch.zeros_like(g) if r is None else r  # the loop never reads what the layer does not use
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -99,17 +98,14 @@ def export_hf(cfg: JobConfig, shapes: dict[str, tuple[int, ...]], get, out_dir: 
 
 def dcp_reader(step_dir: Path):
     """(shapes, get) over the model tensors of a DCP checkpoint, read one tensor at a time."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from expertmesh.dist.checkpoint import SafeReader, safe_load
 
-    meta = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    meta = SafeReader(str(step_dir)).read_metadata().state_dict_metadata
 
     def get(name: str) -> torch.Tensor:
         m = meta[f"model.{name}"]
         t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load({"model": {name: t}}, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
+        safe_load({"model": {name: t}}, step_dir, no_dist=True)
         return t
 
     return get

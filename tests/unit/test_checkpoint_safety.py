@@ -1,0 +1,63 @@
+"""Reading a checkpoint runs no code: a pickle payload planted in DCP's `.metadata`, in a non-tensor
+item or in a per-rank file is refused with a CheckpointError, and the payload never runs."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from expertmesh.dist import checkpoint
+from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, load_model, save_model, write_marker
+
+
+class Payload:
+    """Unpickling it would create the file `flag`."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.flag}",)
+
+
+def _reseal(path):
+    """An attacker rewrites the manifest too, so the hashes match the planted file."""
+    manifest = json.loads((path / checkpoint.MARKER).read_text())
+    write_marker(path, manifest["step"], manifest["layout"], manifest["world_size"])
+
+
+def test_planted_metadata_pickle_is_refused(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    path = save_model(tmp_path / "run", 5, model)
+    assert load_model(path, torch.nn.Linear(4, 3)) == 5  # the intact checkpoint loads
+    flag = tmp_path / "ran"
+    (path / ".metadata").write_bytes(pickle.dumps(Payload(flag)))
+    _reseal(path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle posix.system"):
+        load_model(path, torch.nn.Linear(4, 3))
+    assert not flag.exists()
+
+
+def test_planted_item_and_per_rank_pickles_are_refused(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt = Checkpointer(tmp_path / "run", keep=2, rank=0)
+    path = ckpt.save(3, model, opt, sched, shared={"loader": {"global_batch": 7}},
+                     per_rank={"rng": torch.get_rng_state()}, layout="single")
+    step, shared, per_rank = ckpt.load(path, model, opt, sched, {"loader": {"global_batch": 0}}, "single")
+    assert (step, shared["loader"]["global_batch"]) == (3, 7) and torch.equal(per_rank["rng"], torch.get_rng_state())
+
+    flag = tmp_path / "ran"
+    torch.save({"rng": Payload(flag)}, path / "rank-0.pt")
+    _reseal(path)
+    with pytest.raises(CheckpointError, match="rank-0.pt is not plain data"):
+        ckpt.load(path, model, opt, sched, {"loader": {"global_batch": 0}}, "single")
+
+    path = ckpt.save(4, model, opt, sched, shared={"loader": {"global_batch": Payload(flag)}}, per_rank={},
+                     layout="single")
+    with pytest.raises(CheckpointError, match="item .shared.loader.global_batch. is not plain data"):
+        ckpt.load(path, model, opt, sched, {"loader": {"global_batch": 0}}, "single")
+    assert not flag.exists()
