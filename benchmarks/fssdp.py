@@ -11,9 +11,12 @@ Per arm and skew: step time (barrier to barrier: the slowest rank), tokens/s, th
 experts computed (max/mean over ranks), bytes the sparse collectives moved (SparseAllGather +
 SparseReduceScatter, counted by the collective wrapper), replicas per step. The machine has 2 cores
 for 4 ranks, so a straggler rank shares a core less than the others: wall-clock gains are bounded by
-2 x (the hot rank's share of all work). The busiest rank's CPU time per step (thread CPU time, max over
-ranks) is reported too: the step time with one core per rank. Peak memory per rank (max RSS growth
-during training steps, separate processes) with and without re-materialization at s = 1.5.
+2 x (the hot rank's share of all work). So the same skews run again on 2 ranks, each with a core of its
+own: there the wall clock is the step time a one-core-per-rank machine sees (communication included,
+replicas' weights and gradients too), and the ideal speedup beside it is EP's max/mean rows per rank
+(what perfect balancing would save). The main thread's CPU time (max over ranks) is still reported,
+named as such: it leaves out communication. Peak memory per rank (max RSS growth during training
+steps, separate processes) with and without re-materialization at s = 1.5.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 WORLD = 4
+WORLD_CORE_PER_RANK = 2  # this machine's cores
 SHAPE = dict(dim=256, n_layers=4, n_heads=4, ffn_dim=512, num_experts=8, top_k=2, expert_dim=512, seq_len=256,
              batch_size=8)
 QUICK = dict(dim=64, n_layers=2, n_heads=2, ffn_dim=128, num_experts=8, top_k=2, expert_dim=128, seq_len=64,
@@ -51,12 +55,12 @@ def target_shares(E: int, K: int, s: float | None) -> list[float]:
     return p
 
 
-def overrides(shape: dict, placement: str, remat: bool = False) -> list[str]:
+def overrides(shape: dict, placement: str, remat: bool = False, world: int = WORLD) -> list[str]:
     return [f"model.dim={shape['dim']}", f"model.n_layers={shape['n_layers']}", f"model.n_heads={shape['n_heads']}",
             f"model.ffn_dim={shape['ffn_dim']}", f"moe.num_experts={shape['num_experts']}",
             f"moe.top_k={shape['top_k']}", f"moe.expert_dim={shape['expert_dim']}", "moe.every=1",
             f"data.seq_len={shape['seq_len']}", f"data.batch_size={shape['batch_size']}",
-            f"parallel.ep={WORLD}", "parallel.dp_shard=false", f'moe.placement="{placement}"',
+            f"parallel.ep={world}", "parallel.dp_shard=false", f'moe.placement="{placement}"',
             f"moe.fssdp.rematerialize={str(remat).lower()}", "moe.fssdp.window=3", "moe.fssdp.reshard_every=0",
             "optim.lr=1e-5", "optim.warmup_steps=0", "metrics.wandb_mode=\"disabled\""]
 
@@ -64,7 +68,7 @@ def overrides(shape: dict, placement: str, remat: bool = False) -> list[str]:
 class Arm:
     """One model + optimizer under one placement; `step()` is one training step on this rank's batch."""
 
-    def __init__(self, shape: dict, placement: str, remat: bool = False) -> None:
+    def __init__(self, shape: dict, placement: str, remat: bool = False, world: int = WORLD) -> None:
         from expertmesh import config
         from expertmesh.dist.comm_stats import Comm
         from expertmesh.dist.fssdp import FSSDP
@@ -73,8 +77,8 @@ class Arm:
         from expertmesh.parallel.apply import parallelize_model
         from expertmesh.parallel.mesh import ParallelDims
 
-        self.cfg = config.load(None, overrides(shape, placement, remat))
-        dims = ParallelDims.from_config(self.cfg.parallel, WORLD)
+        self.cfg = config.load(None, overrides(shape, placement, remat, world))
+        dims = ParallelDims.from_config(self.cfg.parallel, world)
         self.mesh = dims.build_mesh("cpu")
         self.comm = Comm()
         with torch.device("meta"):
@@ -160,7 +164,7 @@ def peak_rss_main(rank: int, world: int, shape: dict, placement: str, remat: boo
 
 def rank_main(rank: int, world: int, shape: dict, reps: int, warmup: int, calib_iters: int) -> dict:
     torch.set_num_threads(1)
-    arms = {"ep": Arm(shape, "ep"), "fssdp": Arm(shape, "fssdp")}
+    arms = {"ep": Arm(shape, "ep", world=world), "fssdp": Arm(shape, "fssdp", world=world)}
     E, K, T = shape["num_experts"], shape["top_k"], shape["batch_size"] * shape["seq_len"]
     out = {}
     for case, s in SKEWS:
@@ -214,35 +218,49 @@ def main() -> None:
     shape = QUICK if args.quick else SHAPE
     reps, warmup, calib = (2, 2, 10) if args.quick else (5, 3, 40)
     out = spawn(rank_main, WORLD, args=(shape, reps, warmup, calib), timeout=3600)[0]
+    out2 = spawn(rank_main, WORLD_CORE_PER_RANK, args=(shape, reps, warmup, calib), timeout=3600, threads=1)[0]
     results, claims = [], []
     speed = {}
-    for case, data in out.items():
-        tokens = data["tokens_per_step"]
-        for name, rec in data["rec"].items():
-            wall = statistics.median(rec["wall"])
-            row = {"case": case, "impl": name, "tokens_per_s": tokens / wall, **benchlib.summarize(rec["wall"]),
-                   "busiest_rank_cpu_s": statistics.median(rec["cpu_max"]),
-                   "tokens_per_s_core_per_rank": tokens / statistics.median(rec["cpu_max"]),
-                   "rows_max_over_mean": statistics.median(rec["rows_max_over_mean"]),
-                   "sparse_collective_bytes_per_step_all_ranks": statistics.median(rec["fssdp_bytes_all_ranks"]),
-                   "token_all_to_all_bytes_per_step_all_ranks": statistics.median(rec["ep_bytes_all_ranks"]),
-                   "replicas_per_step": statistics.median(rec["replicas"]),
-                   "measured_expert_shares_layer0": [round(x, 4) for x in data["measured_shares"][0]],
-                   "target_expert_shares": [round(x, 4) for x in data["target_shares"]]}
-            results.append(row)
-            speed[(case, name)] = row
+    for world, runs in ((WORLD, out), (WORLD_CORE_PER_RANK, out2)):
+        for case, data in runs.items():
+            for name, rec in data["rec"].items():
+                row = _row(case, name, world, data, rec)
+                results.append(row)
+                speed[(world, case, name)] = row
     for case, _ in SKEWS:
-        ep, fs = speed[(case, "ep")], speed[(case, "fssdp")]
+        ep, fs = speed[(WORLD, case, "ep")], speed[(WORLD, case, "fssdp")]
+        ep2, fs2 = speed[(WORLD_CORE_PER_RANK, case, "ep")], speed[(WORLD_CORE_PER_RANK, case, "fssdp")]
         if case == "zipf s=0":
             claims.append({"metric": "FSSDP step time / EP step time, zipf s=0",
                            "value": fs["median_s"] / ep["median_s"], "op": "<=", "target": 1.05})
         if case == "zipf s=1.5":
             claims.append({"metric": "FSSDP speedup over EP, zipf s=1.5 (wall clock, 4 ranks on 2 cores)",
                            "value": ep["median_s"] / fs["median_s"], "op": ">=", "target": 1.5})
-            claims.append({"metric": "FSSDP speedup over EP, zipf s=1.5 (busiest rank's CPU time: one core per rank)",
-                           "value": ep["busiest_rank_cpu_s"] / fs["busiest_rank_cpu_s"], "op": ">=", "target": 1.5})
+            claims.append({"metric": "FSSDP speedup over EP, zipf s=1.5 (wall clock, 2 ranks, a core each; "
+                                     f"ideal = EP's max/mean rows = {ep2['rows_max_over_mean']:.2f})",
+                           "value": ep2["median_s"] / fs2["median_s"], "op": ">=", "target": 1.5})
         claims.append({"metric": f"FSSDP max/mean rows per rank, {case}", "value": fs["rows_max_over_mean"],
                        "op": "<=", "target": 1.2})
+    _memory_and_write(args, shape, out, results, claims, reps, warmup, calib)
+
+
+def _row(case: str, name: str, world: int, data: dict, rec: dict) -> dict:
+    tokens = data["tokens_per_step"]
+    wall = statistics.median(rec["wall"])
+    return {"case": case, "impl": name, "ranks": world,
+            "cores_per_rank": 1.0 if world <= WORLD_CORE_PER_RANK else WORLD_CORE_PER_RANK / world,
+            "tokens_per_s": tokens / wall, **benchlib.summarize(rec["wall"]),
+            "main_thread_cpu_s_max_over_ranks": statistics.median(rec["cpu_max"]),
+            "rows_max_over_mean": statistics.median(rec["rows_max_over_mean"]),
+            "sparse_collective_bytes_per_step_all_ranks": statistics.median(rec["fssdp_bytes_all_ranks"]),
+            "token_all_to_all_bytes_per_step_all_ranks": statistics.median(rec["ep_bytes_all_ranks"]),
+            "replicas_per_step": statistics.median(rec["replicas"]),
+            "measured_expert_shares_layer0": [round(x, 4) for x in data["measured_shares"][0]],
+            "target_expert_shares": [round(x, 4) for x in data["target_shares"]]}
+
+
+def _memory_and_write(args, shape, out, results, claims, reps, warmup, calib) -> None:
+    from expertmesh.testing import spawn
 
     memory = []
     if not args.quick:  # separate processes: max RSS only grows

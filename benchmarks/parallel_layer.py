@@ -79,15 +79,15 @@ def _patch_megatron_for_cpu() -> None:
 
 def build_expertmesh(shape, comm):
     from expertmesh import config
+    from expertmesh.dist.fssdp import ExpertPlacement
     from expertmesh.moe.layer import MoELayer
-    from expertmesh.parallel.expert import ExpertParallel
 
     T, D, Fh, E, K = (shape[k] for k in ("T", "D", "F", "E", "K"))
     cfg = config.load(None, [f"moe.num_experts={E}", f"moe.top_k={K}", f"moe.expert_dim={Fh}"])
     torch.manual_seed(0)
     layer = MoELayer(D, cfg.moe)
     layer.init_weights(0.02, 0.02)
-    layer.placement = ExpertParallel(E, dist.group.WORLD, comm)
+    layer.placement = ExpertPlacement(E, dist.group.WORLD, comm)
     rows = layer.placement.local_slice()
     for name in ("w1", "w3", "w2"):
         setattr(layer.experts, name, torch.nn.Parameter(getattr(layer.experts, name).detach()[rows].clone()))

@@ -26,7 +26,10 @@ ranks, so the work spreads. Per MoE layer and step:
   7. re-sharding every `reshard_every` steps when the balanced ownership changed: owners move
      (weights and optimizer state, point-to-point) so that each rank's own experts carry an even share
      of the load, largest first onto the least loaded rank; fewer replicas are then needed.
-With no replicas FSSDP is expert parallelism; with every expert everywhere, data parallelism.
+With no replicas FSSDP is expert parallelism; with every expert everywhere, data parallelism. Expert
+parallelism (`moe.placement = "ep"`) is exactly that: the same `ExpertPlacement`, with the plan that
+has no replicas and never moves owners, so there is one token exchange for both placements (with no
+replicas it routes on the device, from the counts alone: one host sync per call, for the split sizes).
 Checkpoints are written with the ownership moved back to expert order, so they are EP checkpoints
 (layout-free like every other) and an EP checkpoint loads into an FSSDP run.
 
@@ -34,7 +37,7 @@ Communicators: everything here runs on the training thread, on the `ep` group's 
 all-to-alls, the SparseAllGather/ReduceScatter point-to-point batches, the owner moves) and on
 `dense_dp` (the load history). The prefetched SparseAllGather is asynchronous, but it is posted and
 waited for on that same thread, so NCCL sees one thread per communicator. Expert parallelism
-(parallel/expert.py) uses the `ep` group in the same way.
+uses the same code.
 """
 
 from __future__ import annotations
@@ -193,6 +196,24 @@ def route(plan: Plan, me: int, counts_E: list[int]) -> tuple[list[list[int]], to
     return send, order
 
 
+def route_owned(plan: Plan, counts_E: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`route` for a plan without replicas, on the counts' device (no host sync): every row goes to its
+    expert's owner. Returns send_PE and the row order (None when the owners are in expert order, as
+    under expert parallelism: the rows already leave grouped by destination)."""
+    P, E = plan.ranks, len(plan.slots)
+    owner = torch.tensor([h[0] for h in plan.holders], device=counts_E.device)
+    counts = counts_E.to(torch.int64)
+    send_PE = (owner[None, :] == torch.arange(P, device=counts.device)[:, None]) * counts[None, :]
+    if plan.slots == tuple(range(E)):
+        return send_PE, None
+    slots = torch.tensor(plan.slots, device=counts.device)  # the sending order of the experts
+    starts_E = torch.cumsum(counts, 0) - counts
+    blocks = counts[slots]
+    dst = torch.cumsum(blocks, 0) - blocks
+    order = torch.repeat_interleave(starts_E[slots] - dst, blocks, output_size=rows)
+    return send_PE, order + torch.arange(rows, device=counts.device)
+
+
 def _pack(tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
     return torch.cat([t[rows].reshape(len(rows), t[0].numel()) for t in tensors], dim=1)
 
@@ -272,19 +293,23 @@ def held_weights(exchange: Exchange | None, own: list[torch.Tensor], started=Non
     return [torch.cat([w, r]) for w, r in zip(own, replicas, strict=True)]
 
 
-class FSSDPPlacement:
-    """One MoE layer's experts under FSSDP over an expert group; called by MoELayer as `placement`."""
+class ExpertPlacement:
+    """One MoE layer's experts over an expert group; called by MoELayer as `placement`. With `cfg` None:
+    expert parallelism (the plan without replicas, which nothing changes); else FSSDP, whose plans and
+    owners the `FSSDP` manager sets every step."""
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup, comm: Comm, cfg: FSSDPConfig) -> None:
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, comm: Comm, cfg: FSSDPConfig | None = None) -> None:
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.size:
             raise ValueError(f"ep={self.size} does not divide num_experts={num_experts}")
         self.num_experts, self.local = num_experts, num_experts // self.size
-        self.group, self.comm, self.cfg = group, comm, cfg
-        self.extra_slots = cfg.extra_slots if cfg.extra_slots >= 0 else self.local
+        self.group, self.comm = group, comm
+        self.cfg = cfg or FSSDPConfig(extra_slots=0, reshard_every=0)
+        self.extra_slots = self.cfg.extra_slots if self.cfg.extra_slots >= 0 else self.local
         self.plan = Plan.expert_parallel(num_experts, self.size)
         self._exchange: tuple[Plan, Exchange | None] | None = None
-        self.rows: list[int] = []  # rows computed here per call since the last `record`
+        # FSSDP: rows computed here per call since the manager's last `record` (None: nobody reads them)
+        self.rows: list[int] | None = [] if cfg is not None else None
         self._prefetched = None  # a SparseAllGather posted by `prefetch`, consumed by the next call
 
     def local_slice(self) -> slice:
@@ -304,39 +329,49 @@ class FSSDPPlacement:
         return self._exchange[1]
 
     def __call__(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:
-        # Host syncs: this rank's counts (to route its rows), then the counts it receives (the split sizes).
-        counts = tokens_per_expert_E.tolist()
-        plan = self.plan
+        # Host syncs: with replicas, this rank's counts (to split its rows over holders); always the split
+        # sizes (the rows sent to and received from each rank).
+        counts, plan = None, self.plan
         if self.cfg.calibrate:  # this batch's own counts, summed over the group: the plan fits exactly
+            counts = tokens_per_expert_E.tolist()
             total = self.comm.all_reduce_ints(counts, self.group, "fssdp")
             plan = plan_replicas(total, plan.slots, self.size, self.extra_slots)
         xch = self.exchange(plan)
-        own = [local(getattr(experts, n)) for n in WEIGHTS]
+        # with replicas the weight stacks are read here (FSSDP's experts are never FSDP-sharded); without,
+        # the experts module is called, so FSDP over expert_dp (expert parallelism) gathers them first
+        own = [local(getattr(experts, n)) for n in WEIGHTS] if xch is not None else None
         remat = self.cfg.rematerialize and xch is not None
         started, self._prefetched = self._prefetched, None
         if started is None and xch is not None and not remat:
             started = xch.gather_start([w.detach() for w in own])
 
-        send_PE, order = route(plan, self.rank, counts)
-        in_splits = [sum(row) for row in send_PE]
-        send_PE = torch.tensor(send_PE, dtype=torch.int64, device=x_sorted_ND.device)
+        if plan.replicas:
+            send, order = route(plan, self.rank, counts if counts is not None else tokens_per_expert_E.tolist())
+            send_PE = torch.tensor(send, dtype=torch.int64, device=x_sorted_ND.device)
+            order = order.to(x_sorted_ND.device)
+        else:
+            send_PE, order = route_owned(plan, tokens_per_expert_E.detach(), x_sorted_ND.shape[0])
         recv_PE = torch.empty_like(send_PE)
         self.comm.all_to_all_single(recv_PE, send_PE, None, None, self.group, "ep")
-        out_splits = recv_PE.sum(1).tolist()
-        order = order.to(x_sorted_ND.device)
-        x_recv = all_to_all(x_sorted_ND[order], out_splits, in_splits, self.group, self.comm)
+        in_splits, out_splits = torch.stack([send_PE.sum(1), recv_PE.sum(1)]).tolist()
+        x_recv = all_to_all(x_sorted_ND if order is None else x_sorted_ND[order], out_splits, in_splits, self.group,
+                            self.comm)
         recv_PH = recv_PE[:, list(plan.held(self.rank))]
         perm = source_to_expert_major(recv_PH, x_recv.shape[0])
         counts_H = recv_PH.sum(0)
-        if torch._C._current_graph_task_id() == -1:  # not the recompute of activation checkpointing (in backward)
+        if self.rows is not None and torch._C._current_graph_task_id() == -1:  # not AC's recompute (in backward)
             self.rows.append(x_recv.shape[0])  # every row received is for an expert held here
-        if remat:
+        if xch is None:
+            y_held = experts(x_recv[perm], counts_H)
+        elif remat:
             y_held = checkpoint(_gather_and_compute, xch, x_recv[perm], counts_H, *own, use_reentrant=False)
         else:
             y_held = compute(x_recv[perm], counts_H, *held_weights(xch, own, started))
         y_recv = torch.empty_like(y_held).index_copy(0, perm, y_held) if y_held.shape[0] else y_held
         y_back = all_to_all(y_recv, in_splits, out_splits, self.group, self.comm)
-        return torch.empty_like(y_back).index_copy(0, order, y_back) if y_back.shape[0] else y_back
+        if order is None or not y_back.shape[0]:
+            return y_back
+        return torch.empty_like(y_back).index_copy(0, order, y_back)
 
 
 def _gather_and_compute(xch, x_held, counts_H, w1, w3, w2):
@@ -351,7 +386,7 @@ class FSSDP:
 
     def __init__(self, layers, cfg: FSSDPConfig, load_group, comm: Comm) -> None:
         self.layers = list(layers)
-        self.placements: list[FSSDPPlacement] = [layer.placement for layer in self.layers]
+        self.placements: list[ExpertPlacement] = [layer.placement for layer in self.layers]
         self.cfg, self.load_group, self.comm = cfg, load_group, comm
         self.history: deque[list[list[int]]] = deque(maxlen=cfg.window)
         self.reshards = 0

@@ -28,11 +28,10 @@ from torch.distributed.tensor import DTensor, Shard
 
 from expertmesh.config import JobConfig
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.dist.fssdp import FSSDPPlacement
+from expertmesh.dist.fssdp import ExpertPlacement
 from expertmesh.models.init import SeededInit
 from expertmesh.models.transformer import moe_layers
 from expertmesh.parallel.data_parallel import GradAverager, GradGroup
-from expertmesh.parallel.expert import ExpertParallel
 from expertmesh.parallel.mesh import Mesh
 from expertmesh.parallel.shards import load_shards
 from expertmesh.parallel.tensor import apply_tensor_parallel
@@ -63,9 +62,9 @@ def place_experts(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> N
     group = mesh.group("ep")
     for layer in moe_layers(model):
         if cfg.moe.placement == "fssdp":
-            placement = FSSDPPlacement(layer.num_experts, group, comm, cfg.moe.fssdp)
+            placement = ExpertPlacement(layer.num_experts, group, comm, cfg.moe.fssdp)
         else:
-            placement = ExpertParallel(layer.num_experts, group, comm)
+            placement = ExpertPlacement(layer.num_experts, group, comm)
         rows = placement.local_slice()
         for name in ("w1", "w3", "w2"):
             param = getattr(layer.experts, name)

@@ -1,15 +1,17 @@
-"""Expert parallelism: experts split evenly over the mesh's `ep` dim, tokens moved by all-to-all.
+"""Expert parallelism's token exchange pieces: experts split evenly over the mesh's `ep` dim, tokens
+moved by all-to-all. The placement that uses them, for expert parallelism and FSSDP alike, is
+dist/fssdp.py's `ExpertPlacement` (expert parallelism is its plan without replicas).
 
 Legend: N rows routed by this rank (grouped by global expert), E experts, L = E / ep local experts,
 R rows this rank receives, D model dim.
 
 One MoE call, for a rank of an ep group of size P:
-  1. counts: all-to-all of tokens_per_expert, so each rank learns how many rows every source
-     sends to each of its local experts (recv_counts[P, L]);
-  2. rows: uneven all_to_all_single; rank p's experts are contiguous in the global order, so the
-     rows for rank p are one contiguous block of x_sorted (sizes from the counts);
-  3. received rows arrive source-major ([source][local expert]); a local permutation makes them
-     expert-major ([local expert][source]) for one grouped expert GEMM;
+  1. counts: all-to-all of the rows per (destination, expert), so each rank learns how many rows
+     every source sends to each expert it holds;
+  2. rows: uneven all_to_all_single; the rows for rank p leave as one contiguous block (in expert
+     order rank p's experts are contiguous; moved owners or replicas need one gather first);
+  3. received rows arrive source-major ([source][held expert]); a local permutation
+     (`source_to_expert_major`) makes them expert-major for one grouped expert GEMM;
   4. the reverse: un-permute, all-to-all back with the splits swapped.
 Both all-to-alls are autograd functions whose backward is the opposite all-to-all. Every rank
 takes part in both exchanges even with zero rows to send or receive, so none waits on another.
@@ -18,7 +20,6 @@ takes part in both exchanges even with zero rows to send or receive, so none wai
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from expertmesh.dist.comm_stats import Comm
 
@@ -55,30 +56,3 @@ def source_to_expert_major(recv_counts_PL: torch.Tensor, total: int) -> torch.Te
     dst_start = torch.cumsum(blocks, 0) - blocks
     arange = torch.arange(total, device=recv_counts_PL.device)
     return torch.repeat_interleave(starts - dst_start, blocks, output_size=total) + arange
-
-
-class ExpertParallel:
-    """Placement of one MoE layer's experts over an ep group; called by MoELayer as `placement`."""
-
-    def __init__(self, num_experts: int, group: dist.ProcessGroup, comm: Comm) -> None:
-        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if num_experts % self.size:
-            raise ValueError(f"ep={self.size} does not divide num_experts={num_experts}")
-        self.num_experts, self.local = num_experts, num_experts // self.size
-        self.group, self.comm = group, comm
-
-    def local_slice(self) -> slice:
-        return slice(self.rank * self.local, (self.rank + 1) * self.local)
-
-    def __call__(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:
-        P, L = self.size, self.local
-        send_PL = tokens_per_expert_E.detach().to(torch.int64).view(P, L)
-        recv_PL = torch.empty_like(send_PL)
-        self.comm.all_to_all_single(recv_PL, send_PL, None, None, self.group, "ep")
-        in_splits, out_splits = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # the one host sync
-
-        x_recv = all_to_all(x_sorted_ND, out_splits, in_splits, self.group, self.comm)
-        perm = source_to_expert_major(recv_PL, x_recv.shape[0])
-        y_local = experts(x_recv[perm], recv_PL.sum(0))
-        y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local) if y_local.shape[0] else y_local
-        return all_to_all(y_recv, in_splits, out_splits, self.group, self.comm)

@@ -7,8 +7,9 @@ from helpers import assert_rank_matches_reference, moe_reference
 
 from expertmesh import config
 from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.fssdp import ExpertPlacement
 from expertmesh.moe.layer import MoELayer
-from expertmesh.parallel.expert import ExpertParallel, source_to_expert_major
+from expertmesh.parallel.expert import source_to_expert_major
 
 pytestmark = pytest.mark.distributed
 D, T, E = 16, 24, 8
@@ -29,7 +30,7 @@ def _ep_vs_single(rank, world, overrides, skew):
     # Expert parallel: this rank's tokens, this rank's experts.
     ep = _layer(overrides)
     ep.load_state_dict(full.state_dict())
-    placement = ExpertParallel(E, dist.group.WORLD, Comm())
+    placement = ExpertPlacement(E, dist.group.WORLD, Comm())
     local = placement.local_slice()
     for name in ("w1", "w3", "w2"):
         setattr(ep.experts, name, torch.nn.Parameter(getattr(full.experts, name).detach()[local].clone()))

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from expertmesh import config
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.dist.fssdp import FSSDPPlacement, Plan, move_slots, plan_replicas
+from expertmesh.dist.fssdp import ExpertPlacement, Plan, move_slots, plan_replicas
 from expertmesh.moe.layer import MoELayer
 
 pytestmark = pytest.mark.distributed
@@ -46,7 +46,7 @@ def _fssdp_vs_single(rank, world, plan_name, overrides, skew):
     comm = Comm()
     layer, _ = _layer(overrides)
     layer.load_state_dict(full.state_dict())
-    placement = FSSDPPlacement(E, dist.group.WORLD, comm, cfg.moe.fssdp)
+    placement = ExpertPlacement(E, dist.group.WORLD, comm, cfg.moe.fssdp)
     slots = tuple(range(E))
     if plan_name.startswith("moved"):  # owners permuted before the step (the initial rows are moved too)
         slots = tuple(random.Random(7).sample(range(E), E))
@@ -136,7 +136,7 @@ def test_owner_moves_carry_rows(run_distributed):
 
 def _rows_under_recompute(rank, world):
     layer, cfg = _layer([])
-    placement = FSSDPPlacement(E, dist.group.WORLD, Comm(), cfg.moe.fssdp)
+    placement = ExpertPlacement(E, dist.group.WORLD, Comm(), cfg.moe.fssdp)
     placement.plan = Plan.everywhere(E, world, tuple(range(E)))  # replicas: the gather runs too
     own = placement.local_slice()
     for name in ("w1", "w3", "w2"):

@@ -73,7 +73,10 @@ CASES = {  # name: (overrides, syncs allowed per step)
     "dp2xtp2-capacity-bias": (["parallel.tp=2", "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01"], 0),
     "dp2xep2-capacity-bias": (["parallel.ep=2", "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01"],
                               LAYERS * MICRO),
-    "dp2xep2-fssdp": (["parallel.ep=2", 'moe.placement="fssdp"', "moe.fssdp.window=1"], 2 * LAYERS * MICRO + 1),
+    # FSSDP: step 1 has no load history, so no replicas, and routes as expert parallelism does; then each
+    # call also reads its counts to split rows over holders; one more for the load history
+    "dp2xep2-fssdp": (["parallel.ep=2", 'moe.placement="fssdp"', "moe.fssdp.window=1"],
+                      (LAYERS * MICRO + 1, 2 * LAYERS * MICRO + 1, 2 * LAYERS * MICRO + 1)),
 }
 
 
@@ -103,6 +106,7 @@ def test_a_step_syncs_only_for_split_sizes(run_distributed, tmp_path):
     for rank, results in enumerate(run_distributed(_rank, 4, tmp_path, timeout=300)):
         for name, steps in results.items():
             allowed = CASES[name][1]
+            allowed = allowed if isinstance(allowed, tuple) else (allowed,) * 3
             assert len(steps) == 3
             for i, where in enumerate(steps):
-                assert sum(where.values()) == allowed, (rank, name, i + 1, where)
+                assert sum(where.values()) == allowed[i], (rank, name, i + 1, where)
