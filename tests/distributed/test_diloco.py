@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from combinations import COMPILED, DILOCO_AS_PLAIN, DILOCO_PLAIN_FEATURES, DILOCO_WORKERS
-from helpers import assert_restart_reproduces, read_metrics
+from helpers import read_metrics
 
 from expertmesh import config
 from expertmesh.launch.env import DistEnv
@@ -90,7 +90,7 @@ def test_outer_nesterov_and_bias_averaging_equal_a_hand_computed_update(run_dist
             assert torch.equal(nb, gb)
 
 
-@pytest.mark.parametrize("bits, overlap", [(0, 0), (4, 1), (0, 1), (4, 0)])
+@pytest.mark.parametrize("bits, overlap", [(0, 0), (4, 1)])
 def test_workers_agree_on_the_global_copy_after_every_sync(run_distributed, tiny_overrides, tmp_path, bits, overlap):
     common = tiny_overrides + ["train.steps=8", "metrics.log_every=1", "checkpoint.every=4", "checkpoint.keep=2",
                                "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=4",
@@ -122,15 +122,6 @@ def test_mid_cycle_resume_reproduces_the_run(run_distributed, tiny_overrides, tm
     run_distributed(_train, 2, common)
     again = {s: r["loss"] for s, r in read_metrics(tmp_path / "default").items()}
     assert again == first and sorted(again) == list(range(1, 9))
-
-
-def test_a_killed_worker_restarts_the_job_from_the_last_checkpoint(tiny_overrides, tmp_path):
-    """Losing a worker between syncs: torchrun restarts every worker from the last checkpoint (per-rank
-    DiLoCo state included) and the run finishes with the uninterrupted run's losses."""
-    common = tiny_overrides + ["train.steps=10", "metrics.log_every=1", "checkpoint.every=3",
-                               "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=4",
-                               "diloco.fragments=2", "diloco.overlap=1", "diloco.quant_bits=4"]
-    assert_restart_reproduces(common, tmp_path)
 
 
 def _train_each(rank, world, runs):

@@ -110,18 +110,30 @@ def test_architecture_options_train_the_single_process_model(run_distributed, tm
     _train_like_single(run_distributed, tmp_path, single_variant(name.split("-")[0]), name, world, layout)
 
 
+def _resume_common(tmp_path):
+    return tiny_overrides(tmp_path) + ["train.steps=4", "metrics.log_every=1", "checkpoint.every=2",
+                                       "checkpoint.keep=3", "moe.every=1", "optim.grad_clip=0.5", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def dp2xep2_run(tmp_path_factory):
+    """4 steps at dp2 x ep2, checkpointed at step 2 (one run for every resume below)."""
+    from expertmesh.testing import spawn
+
+    tmp = tmp_path_factory.mktemp("orig")
+    spawn(_train, 4, args=(_resume_common(tmp) + ["train.name=orig", "parallel.ep=2", "data.batch_size=2"],))
+    return tmp / "orig"
+
+
 @pytest.mark.parametrize("target", ["ep4", "ep2xtp2", "ep4-fssdp"])
-def test_checkpoint_resumes_under_another_layout(run_distributed, tmp_path, target):
+def test_checkpoint_resumes_under_another_layout(run_distributed, tmp_path, dp2xep2_run, target):
     """Saved at dp2 x ep2; resumed at ep4, tp2 x ep2 or under FSSDP from the step-2 checkpoint, the losses
     of steps 3 and 4 are the uninterrupted run's."""
-    common = tiny_overrides(tmp_path) + ["train.steps=4", "metrics.log_every=1", "checkpoint.every=2",
-                                         "checkpoint.keep=3", "moe.every=1", "optim.grad_clip=0.5", "train.threads=1"]
-    run_distributed(_train, 4, common + ["train.name=orig", "parallel.ep=2", "data.batch_size=2"])
-    orig = read_metrics(tmp_path / "orig")
+    orig = read_metrics(dp2xep2_run)
     (tmp_path / target).mkdir()
-    shutil.copytree(tmp_path / "orig" / "step-2", tmp_path / target / "step-2")
+    shutil.copytree(dp2xep2_run / "step-2", tmp_path / target / "step-2")
     world, layout = LAYOUTS[target]
-    run_distributed(_train, world, common + [f"train.name={target}", *layout])
+    run_distributed(_train, world, _resume_common(tmp_path) + [f"train.name={target}", *layout])
     resumed = read_metrics(tmp_path / target)
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
