@@ -20,22 +20,24 @@ pytestmark = pytest.mark.distributed
 
 
 
-def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_overrides, tmp_path):
+def _run_workers(tmp_path, overrides, kills, nproc):
+    """Starts a store and one `expertmesh run --nproc nproc` job per worker; kills[w] = (EXPERTMESH_KILL_AT,
+    torchrun restarts). Returns ({worker: exit code}, {worker: its log})."""
     address = f"127.0.0.1:{free_port()}"
     cli = [sys.executable, "-m", "expertmesh.launch.cli"]
     store = subprocess.Popen([*cli, "diloco-store", address], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert "listening" in store.stdout.readline()
-    common = tiny_overrides + [
-        "train.steps=40", "metrics.log_every=1", "checkpoint.every=4", "diloco.enabled=true", "diloco.sync_every=4",
-        "diloco.fragments=2", "diloco.overlap=1", "diloco.quant_bits=4", "diloco.elastic=true", "diloco.workers=3",
-        f"diloco.store=\"{address}\"", "diloco.timeout_s=30", "diloco.settle_s=3", "moe.bias_update_rate=0.01"]
-    kills = {0: ("", 0), 1: ("22:0", 0), 2: ("10:0", 1)}  # worker: (EXPERTMESH_KILL_AT, torchrun restarts)
+    common = overrides + [
+        "metrics.log_every=1", "checkpoint.every=4", "diloco.enabled=true", "diloco.sync_every=4",
+        "diloco.fragments=2", "diloco.overlap=1", "diloco.quant_bits=4", "diloco.elastic=true",
+        f"diloco.workers={len(kills)}", f"diloco.store=\"{address}\"", "diloco.timeout_s=30", "diloco.settle_s=3",
+        "moe.bias_update_rate=0.01"]
     jobs, logs = {}, {}
     try:
         for w, (kill, restarts) in kills.items():
             logs[w] = open(tmp_path / f"worker{w}.log", "w+")
             env = dict(os.environ, EXPERTMESH_KILL_AT=kill)
-            jobs[w] = subprocess.Popen([*cli, "run", "--nproc", "1", "--max-restarts", str(restarts), *common,
+            jobs[w] = subprocess.Popen([*cli, "run", "--nproc", str(nproc), "--max-restarts", str(restarts), *common,
                                         f"diloco.worker={w}"], cwd=ROOT, env=env, stdout=logs[w],
                                        stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
@@ -48,6 +50,22 @@ def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_override
         f.seek(0)
         text[w] = f.read()
         f.close()
+    return codes, text
+
+
+def _same_global_state(run, workers, steps, ranks):
+    for rank in range(ranks):
+        states = [torch.load(run / f"worker{w}" / f"step-{steps}" / f"rank-{rank}.pt", weights_only=True)["diloco"]
+                  for w in workers]
+        for key in ("global_copy", "momentum", "global_bias"):  # the balancing biases are part of the global state
+            for a, b in zip(states[0][key], states[1][key], strict=True):
+                assert torch.equal(a, b), (rank, key)
+        assert states[0]["outer_steps"] == states[1]["outer_steps"] > 0
+
+
+def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_overrides, tmp_path):
+    kills = {0: ("", 0), 1: ("22:0", 0), 2: ("10:0", 1)}  # worker: (EXPERTMESH_KILL_AT, torchrun restarts)
+    codes, text = _run_workers(tmp_path, tiny_overrides + ["train.steps=40"], kills, nproc=1)
     assert codes[0] == 0 and codes[2] == 0 and codes[1] != 0, (codes, text[0][-3000:])
     # How the re-forms go depends on timing (a loaded machine may drop a slow survivor for a sync, and a
     # worker restarted within settle_s is back in the very re-form that noticed it gone); what must hold:
@@ -61,11 +79,26 @@ def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_override
     assert last[0]["diloco"]["workers"] == last[2]["diloco"]["workers"] == 2
     assert last[0]["diloco"]["left"] >= 1
     assert last[0]["eval_loss"] == last[2]["eval_loss"]  # the same global model
-    states = [torch.load(run / f"worker{w}" / "step-40" / "rank-0.pt", weights_only=True)["diloco"] for w in (0, 2)]
-    for key in ("global_copy", "momentum", "global_bias"):  # the balancing biases are part of the global state
-        for a, b in zip(states[0][key], states[1][key], strict=True):
-            assert torch.equal(a, b), key
-    assert states[0]["outer_steps"] == states[1]["outer_steps"] > 0
+    _same_global_state(run, (0, 2), 40, ranks=1)
     # worker 2 skipped ahead: it never trained steps between its restart point and the step it rejoined at
     steps2 = sorted(read_metrics(run / "worker2"))
     assert steps2[-1] == 40 and len(steps2) < 40
+
+
+def test_workers_of_two_ranks_each_rejoin_after_a_rank_is_lost(tiny_overrides, tmp_path):
+    """Two workers of 2 ranks (dp2 inside): rank 1 of worker 1 is SIGKILLed after step 10 and its torchrun
+    restarts the worker while worker 0 trains on alone (60 steps: long enough to outlast the restart); rank r
+    of each worker meets rank r of the other, both ranks of a worker act alike on the failure and the join,
+    and the workers finish with the same global state on every rank."""
+    kills = {0: ("", 0), 1: ("10:1", 1)}
+    codes, text = _run_workers(tmp_path, tiny_overrides + ["train.steps=60"], kills, nproc=2)
+    assert codes == {0: 0, 1: 0}, text[1][-3000:]
+    assert re.search(r"a worker left the outer group at step 1[1-3]", text[0]), text[0][-3000:]
+    assert "worker(s) [1] joined" in text[0], text[0][-3000:]
+    assert "DiLoCo: took the global state of worker 0" in text[1], text[1][-3000:]
+    run = tmp_path / "default"
+    last = {w: read_metrics(run / f"worker{w}")[60] for w in (0, 1)}
+    assert last[0]["diloco"]["workers"] == last[1]["diloco"]["workers"] == 2
+    assert last[0]["eval_loss"] == last[1]["eval_loss"]
+    _same_global_state(run, (0, 1), 60, ranks=2)
+
