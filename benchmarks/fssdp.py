@@ -72,7 +72,7 @@ class Arm:
         from expertmesh import config
         from expertmesh.dist.comm_stats import Comm
         from expertmesh.dist.fssdp import FSSDP
-        from expertmesh.launch.train import build_optimizer
+        from expertmesh.launch.wiring import build_optimizer
         from expertmesh.models.transformer import Transformer, moe_layers
         from expertmesh.parallel.apply import parallelize_model
         from expertmesh.parallel.mesh import ParallelDims

@@ -54,7 +54,7 @@ from expertmesh.distill.online import (
 from expertmesh.distill.speculative import AdaptiveGamma, speculative_generate
 from expertmesh.distill.stream import Request, requests
 from expertmesh.launch.env import DistEnv, init_distributed, pick_device, set_threads
-from expertmesh.launch.train import rank_main
+from expertmesh.launch.rank import rank_main
 from expertmesh.metrics import Metrics
 
 log = logging.getLogger("expertmesh")

@@ -3,21 +3,21 @@
     torchrun --nproc_per_node 4 -m expertmesh.launch.train --config configs/default.toml train.steps=50
 
 Reads the config, joins the process group, builds the mesh, data, model and optimizer, resumes
-from the newest intact checkpoint, and runs a plain loop: forward, backward, gradient average,
-clip, step; eval, log and checkpoint on schedule.
+from the newest intact checkpoint, and runs a plain loop: a step, then eval, log and checkpoint on
+schedule. The parts, one hop away:
+  launch/wiring.py   data, tokenizer, optimizer, device checks, DiLoCo, the layout name
+  launch/step.py     the step (forward/backward over micro-batches, reduction, clip, optimizer, router bias)
+  parallel/pipeline.py  the pipelined step that replaces it under parallel.pp > 1
+  launch/window.py   the metrics window
+  launch/control.py  SIGUSR1 agreement, Slurm requeue, fault injection
+  launch/rank.py     rank setup: arguments, logging, SIGTERM, errors (shared with launch/distill.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
 import logging
-import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -25,94 +25,29 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from expertmesh import config as config_mod
 from expertmesh.config import ConfigError, JobConfig
-from expertmesh.data.chat import IGNORE, load_chat
-from expertmesh.data.corpus import glob_files, load_text
+from expertmesh.data.chat import IGNORE
 from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
-from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
-from expertmesh.dist.checkpoint import Checkpointer, CheckpointError, latest_intact, rng_state, set_rng_state
+from expertmesh.dist.checkpoint import Checkpointer, latest_intact, rng_state, set_rng_state
 from expertmesh.dist.comm_stats import CollectiveTap, Comm, view_labels
-from expertmesh.dist.diloco import DiLoCo, replica_group
-from expertmesh.dist.elastic import Membership
+from expertmesh.dist.diloco import replica_group
 from expertmesh.dist.fssdp import FSSDP
-from expertmesh.launch.env import DistEnv, control_group, detect, init_distributed, pick_device, set_threads
+from expertmesh.launch.control import Preemption, maybe_inject_fault, requeue_slurm_job
+from expertmesh.launch.env import DistEnv, control_group, init_distributed, pick_device, set_threads
+from expertmesh.launch.rank import rank_main
+from expertmesh.launch.step import token_loss, train_step
+from expertmesh.launch.window import Window
+from expertmesh.launch.wiring import build_optimizer, check_device_support, layout_name, load_data, make_diloco
 from expertmesh.metrics import Metrics
 from expertmesh.models.hf.export import SOURCE_COPY, copy_source_files, export_run
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
-from expertmesh.moe import ops as moe_ops
 from expertmesh.parallel.apply import compute_dtype, parallelize_model
-from expertmesh.parallel.data_parallel import clip_grad_norm
 from expertmesh.parallel.mesh import Mesh, ParallelDims
 
 log = logging.getLogger("expertmesh")
-
-
-def build_tokenizer(cfg: JobConfig, text: str, env: DistEnv, comm: Comm):
-    if cfg.data.tokenizer == "byte":
-        return ByteTokenizer()
-    if cfg.data.tokenizer == "hf":
-        tok = BPETokenizer.load(cfg.data.tokenizer_path or Path(cfg.model.hf_path) / "tokenizer.json")
-        if tok.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, more than model.vocab_size="
-                              f"{cfg.model.vocab_size}")
-        return tok
-    if cfg.data.tokenizer_path:
-        return BPETokenizer.load(cfg.data.tokenizer_path)
-    path = cfg.run_path / "tokenizer.json"
-    if env.is_rank0 and not path.is_file():  # one rank trains, the others wait and load the same file
-        train_text = text[: int(len(text) * (1 - cfg.data.eval_fraction))]  # never the held-out part
-        BPETokenizer.train(train_text, cfg.data.bpe_vocab_size, path)
-    comm.barrier()
-    return BPETokenizer.load(path)
-
-
-def load_data(cfg: JobConfig, env: DistEnv, comm: Comm):
-    """(tokenizer, tokens, labels or None): the text corpus, or chat conversations with their labels."""
-    if cfg.data.format == "chat":
-        tokenizer = build_tokenizer(cfg, "", env, comm)
-        template_dir = Path(cfg.data.tokenizer_path).parent if cfg.data.tokenizer_path else Path(cfg.model.hf_path)
-        return (tokenizer, *load_chat(cfg.data, glob_files(cfg.data.paths), tokenizer, template_dir))
-    text = load_text(cfg.data)
-    tokenizer = build_tokenizer(cfg, text, env, comm)
-    return tokenizer, tokenizer.encode(text), None
-
-
-def token_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the positions that carry a loss (chat data marks the others IGNORE)."""
-    total = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
-    return total if reduction == "sum" else total / (y != IGNORE).sum().clamp_min(1)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
-    o = cfg.optim
-    groups = []
-    for distributed in (False, True):  # foreach kernels take DTensors and plain tensors in separate groups
-        params = [p for p in model.parameters() if isinstance(p, DTensor) == distributed]
-        decay = [p for p in params if p.ndim >= 2]  # matrices decay; norms do not
-        no_decay = [p for p in params if p.ndim < 2]
-        groups += [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        progress = min((step - o.warmup_steps) / max(cfg.train.steps - o.warmup_steps, 1), 1.0)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-
-def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean load-balance and z-loss over the MoE layers (zero for a model without any)."""
-    if not stats:
-        zero = torch.zeros(())
-        return zero, zero
-    return torch.stack([s.aux_loss for s in stats]).mean(), torch.stack([s.z_loss for s in stats]).mean()
 
 
 @torch.no_grad()
@@ -145,28 +80,6 @@ def _evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, 
     model.train()
     loss, count = total.tolist()
     return loss / max(count, 1)
-
-
-def check_device_support(cfg: JobConfig, device: torch.device, env: DistEnv) -> None:
-    """What the config asks of the device, refused in one line when the device cannot honour it."""
-    t = cfg.train
-    if t.compile and device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++")):
-        raise ConfigError("train.compile=true on CPU needs a C++ compiler for inductor; none on PATH (set CXX, "
-                          "or train.compile=false)")
-    if t.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise ConfigError("train.compile=true on CUDA needs triton, which is not installed (or train.compile=false)")
-    if device.type == "cuda" and compute_dtype(cfg, device) and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r} means bf16, which "
-                          f"{torch.cuda.get_device_name()} does not support; use 'fp32'")
-    b = cfg.moe.backend
-    if b == "cuda" and (device.type != "cuda" or not moe_ops.cuda_ops_available()):
-        raise ConfigError("moe.backend='cuda' but " + ("the job runs on the CPU" if device.type != "cuda" else
-                          "expertmesh._C was built without CUDA kernels (rebuild on a machine with nvcc, or "
-                          "moe.backend='auto')"))
-    if b == "auto" and device.type == "cuda" and not moe_ops.cuda_ops_available() and env.is_rank0:
-        log.warning("moe.backend='auto': expertmesh._C has no CUDA kernels, so dispatch and combine run the "
-                    "pure-torch reference on the GPU (rebuild with nvcc for the fused kernels)")
-
 
 def run(cfg: JobConfig, env: DistEnv) -> dict:
     """Trains per the config; returns the last metrics record (rank 0) or {}."""
@@ -323,19 +236,6 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
             diloco.finish()
     return rec
 
-
-def make_diloco(model, cfg: JobConfig, group, comm: Comm, env: DistEnv) -> DiLoCo | None:
-    g = cfg.diloco
-    if not g.enabled:
-        return None
-    membership = worker_group = None
-    if g.elastic:
-        worker_group = dist.group.WORLD if env.world_size > 1 else None
-        membership = Membership(g.store, cfg.train.name, g.worker, g.workers, env.rank, g.timeout_s, g.settle_s,
-                                worker_group, comm)
-    return DiLoCo(model, cfg.model.n_layers, g, group, comm, membership, worker_group)
-
-
 def fast_forward(step: int, loader: TokenLoader, scheduler, cfg: JobConfig) -> None:
     """Puts the data order and the learning-rate schedule at `step` (a DiLoCo worker that joined late)."""
     loader.load_state_dict({"batches_served": step * cfg.train.grad_accum})
@@ -344,222 +244,6 @@ def fast_forward(step: int, loader: TokenLoader, scheduler, cfg: JobConfig) -> N
                                    strict=True):
         group["lr"] = base * factor(step)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-
-
-def layout_name(cfg: JobConfig, dims: ParallelDims) -> str:
-    return (f"dp_replicate={dims.dp_replicate} dp={dims.dp} ep={dims.ep} tp={dims.tp} "
-            f"dp_shard={str(cfg.parallel.dp_shard).lower()} placement={cfg.moe.placement}")
-
-
-def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp=None) -> torch.Tensor:
-    """Forward and backward over the micro-batches, gradient reduction, clip, optimizer step. Returns the
-    gradient norm as a tensor: no host sync here beyond the ones the experts' split sizes need."""
-    optimizer.zero_grad(set_to_none=True)
-    step_load = []
-    for _ in range(cfg.train.grad_accum):
-        x, y = loader.next_batch()
-        with autocast:
-            logits, stats = model(x.to(device))
-        ce = token_loss(logits, y.to(device))
-        aux, z = moe_losses(stats)
-        loss = ce + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
-        (loss / cfg.train.grad_accum).backward()
-        window.add_micro(ce, aux, z, stats, x.numel())
-        step_load.append([s.tokens_per_expert_E.detach() for s in stats])
-    if fssdp is not None:
-        fssdp.record(step_load)
-    par.grad_sync.average()
-    grad_norm = clip_grad_norm(list(model.parameters()), comm, cfg.optim.grad_clip)
-    optimizer.step()
-    if cfg.moe.bias_update_rate > 0:
-        update_router_bias(model, step_load, mesh, comm)
-    return grad_norm
-
-
-def update_router_bias(model, step_load: list[list[torch.Tensor]], mesh: Mesh, comm: Comm) -> None:
-    """Aux-loss-free balancing: every rank applies the same bias step from the same global counts."""
-    per_layer = [torch.stack(layer).sum(0) for layer in zip(*step_load, strict=True)]
-    sizes = [t.numel() for t in per_layer]
-    packed = torch.cat(per_layer)
-    comm.all_reduce(packed, mesh.group("dense_dp"), "router")
-    for layer, load in zip(moe_layers(model), packed.split(sizes), strict=True):
-        layer.router.update_bias(load.to(layer.router.expert_bias.device))
-
-
-class Preemption:
-    """Set by SIGUSR1 (Slurm's warning before a time limit or preemption). Ranks receive the signal
-    at different moments, so at the end of every step they agree through one tiny all-reduce:
-    either every rank checkpoints and stops after this step, or none does. The flag is a host value
-    and travels over the gloo control group (see launch/env.py): no device sync."""
-
-    def __init__(self, group) -> None:
-        self.requested = False
-        self.group = group
-        signal.signal(signal.SIGUSR1, self._set)
-
-    def _set(self, _signum, _frame) -> None:
-        self.requested = True
-
-    def agreed(self, comm: Comm) -> bool:
-        flag = [1 if self.requested else 0]
-        if self.group is not None:
-            flag = comm.all_reduce_ints(flag, self.group, "control", op=dist.ReduceOp.MAX)
-        return bool(flag[0])
-
-
-def requeue_slurm_job() -> None:
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        log.info("not running under Slurm: stopping without requeue")
-        return
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if result.returncode:
-        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
-    else:
-        log.info("requeued Slurm job %s", job)
-
-
-def maybe_inject_fault(step: int, env: DistEnv) -> None:
-    """Test hook: EXPERTMESH_KILL_AT="step:rank" SIGKILLs that rank after that step, on the first
-    attempt only (torchrun restarts count up in TORCHELASTIC_RESTART_COUNT)."""
-    spec = os.environ.get("EXPERTMESH_KILL_AT")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    kill_step, kill_rank = (int(v) for v in spec.split(":"))
-    if step == kill_step and env.rank == kill_rank:
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Window:
-    """Accumulates what happened since the last metrics line, on the device (no host sync per step);
-    `record` reduces it across ranks in one all-reduce and reads it back in one sync."""
-
-    def __init__(self, mesh: Mesh, comm: Comm, tap: CollectiveTap, device: torch.device) -> None:
-        self.mesh, self.comm, self.tap, self.device = mesh, comm, tap, device
-        self.tokens_seen = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # last ce, ce, aux, z, dropped, entropy
-        self.micro = 0
-        self.steps = 0
-        self.tokens = 0
-        self.seconds = 0.0
-        self.load = None
-        self.peak = 0  # most bytes any one step of the window sent through the wrapper
-        self._sent_before = 0
-
-    def add_micro(self, ce, aux, z, stats, tokens: int) -> None:
-        self.micro += 1
-        self.tokens += tokens
-        zero = ce.new_zeros(())
-        dropped = sum((s.dropped for s in stats), zero)
-        entropy = sum((s.entropy for s in stats), zero) / max(len(stats), 1)
-        figures = torch.stack([t.detach().to(ce) for t in (ce, aux, z, dropped, entropy)])
-        self.sums[0] = figures[0]
-        self.sums[1:] += figures.double()
-        if stats:
-            load = [s.tokens_per_expert_E.detach().double() for s in stats]
-            self.load = load if self.load is None else [a + b for a, b in zip(self.load, load, strict=True)]
-
-    def add_step(self, seconds: float) -> None:
-        self.steps += 1
-        self.seconds += seconds
-        sent = self.comm.total()  # bytes through the wrapper so far in this window
-        self.peak = max(self.peak, sent - self._sent_before)
-        self._sent_before = sent
-
-    def record(self, step: int, lr: float, grad_norm: torch.Tensor, eval_loss) -> dict:
-        comm_bytes = {k: v / max(self.steps, 1) for k, v in self.comm.take().items()}
-        by_op = {k: v / max(self.steps, 1) for k, v in self.comm.take_by_op().items()}
-        for key, nbytes in self.tap.take_per_step().items():  # FSDP's and DTensor's, from a sampled step
-            label = key.rsplit(".", 1)[0]
-            comm_bytes[label] = comm_bytes.get(label, 0.0) + nbytes
-            by_op[key] = by_op.get(key, 0.0) + nbytes
-        group = self.mesh.group("dense_dp")
-        n = self.mesh.dims.degree("dense_dp")
-        # One reduction for every figure: this step's loss, window means, dropped and token counts.
-        load = self.load or []
-        host = torch.tensor([float(self.tokens), self.seconds], dtype=torch.float64, device=self.device)
-        packed = torch.cat([host, self.sums, *load])
-        self.comm.all_reduce(packed, group, "metrics")
-        values = torch.cat([packed, grad_norm.detach().double().reshape(1).to(packed.device)]).tolist()
-        tokens, seconds, last_ce, ce, aux, z, dropped, entropy = values[:8]
-        seconds /= n
-        if self.mesh.dims.independent_replicas:  # DiLoCo: the figures are worker 0's; every worker reads as much
-            tokens = tokens * self.mesh.dims.dp_replicate
-        self.tokens_seen += int(tokens)
-        expert_load, offset = [], 8
-        for t in load:
-            expert_load.append([int(v) for v in values[offset: offset + t.numel()]])
-            offset += t.numel()
-        dropped = int(dropped)
-        routed = sum(sum(layer) for layer in expert_load) + dropped
-        rec = {
-            "kind": "train",
-            "step": step,
-            "time": time.time(),
-            "loss": last_ce / n,
-            "loss_avg": ce / n / self.micro,
-            "eval_loss": eval_loss,
-            "lr": lr,
-            "grad_norm": values[-1],
-            "tokens_per_s": tokens / seconds,
-            "tokens_per_s_per_rank": tokens / seconds / self.mesh.dims.world_size,
-            "tokens_seen": self.tokens_seen,
-            "aux_loss": aux / n / self.micro,
-            "z_loss": z / n / self.micro,
-            "dropped_tokens": dropped,
-            "drop_fraction": dropped / routed if routed else 0.0,
-            "router_entropy": entropy / n / self.micro,
-            "expert_load": expert_load,
-            "comm_bytes_per_step": comm_bytes,
-            "comm_bytes_per_step_by_op": by_op,
-            "comm_peak_bytes_step": self.peak,
-        }
-        self._reset()
-        return rec
-
-
-def parse_args(argv, prog: str = "expertmesh.launch.train", description: str = "One training rank."):
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="TOML config file (default: the embedded defaults)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.ep=2")
-    return p.parse_args(argv)
-
-
-def setup_logging(env: DistEnv) -> None:
-    level = logging.INFO if env.is_rank0 else logging.WARNING  # only rank 0 prints progress
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
-                        force=True)
-
-
-def _exit_on_sigterm(signum, frame):
-    # torchrun and Slurm stop workers with SIGTERM: unwind normally so `finally` blocks flush metrics.
-    raise SystemExit(128 + signum)
-
-
-def rank_main(run_fn, argv=None, **parser) -> int:
-    """One rank of a job: parse, detect torchrun/Slurm/single, run; config errors said once, exit 2."""
-    args = parse_args(sys.argv[1:] if argv is None else argv, **parser)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    env = None
-    try:
-        env = detect()
-        setup_logging(env)
-        cfg = config_mod.load(args.config, args.overrides)
-        run_fn(cfg, env)
-    except (ConfigError, CheckpointError) as e:
-        # The same deterministic problem on every rank: say it once.
-        if env is None or env.is_rank0:
-            print(f"expertmesh: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
 
 def main(argv=None) -> int:
     return rank_main(run, argv)

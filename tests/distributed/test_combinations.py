@@ -9,6 +9,7 @@ import torch
 from combinations import COMBINED, DILOCO_COMBINED
 from helpers import read_metrics, tiny_overrides
 
+import expertmesh.launch.step as step_mod
 import expertmesh.launch.train as train_mod
 from expertmesh import config
 from expertmesh.launch.env import DistEnv
@@ -26,13 +27,13 @@ def _common(tmp_path):
 def _train(rank, world, overrides):
     """Trains; returns the router biases this rank holds at the end (every MoE layer, as lists)."""
     held = []
-    update = train_mod.update_router_bias
+    update = step_mod.update_router_bias
 
     def keep(model, step_load, mesh, comm):
         update(model, step_load, mesh, comm)
-        held[:] = [layer.router.expert_bias.tolist() for layer in train_mod.moe_layers(model)]
+        held[:] = [layer.router.expert_bias.tolist() for layer in step_mod.moe_layers(model)]
 
-    train_mod.update_router_bias = keep
+    step_mod.update_router_bias = keep
     train_mod.run(config.load(None, overrides), DistEnv(rank, rank, world, world, "torchrun"))
     return held
 

@@ -8,7 +8,7 @@ import torch
 from expertmesh import config
 from expertmesh.config import ConfigError
 from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import check_device_support
+from expertmesh.launch.wiring import check_device_support
 from expertmesh.parallel.apply import compute_dtype
 
 CPU, ONE = torch.device("cpu"), DistEnv(0, 0, 1, 1, "single")

@@ -1,0 +1,55 @@
+"""One rank of a job: arguments, logging, SIGTERM, and the error handling every entry point shares
+(the trainer and `launch/distill.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import torch.distributed as dist
+
+from expertmesh import config as config_mod
+from expertmesh.config import ConfigError
+from expertmesh.dist.checkpoint import CheckpointError
+from expertmesh.launch.env import DistEnv, detect
+
+
+def parse_args(argv, prog: str = "expertmesh.launch.train", description: str = "One training rank."):
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="TOML config file (default: the embedded defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.ep=2")
+    return p.parse_args(argv)
+
+
+def setup_logging(env: DistEnv) -> None:
+    level = logging.INFO if env.is_rank0 else logging.WARNING  # only rank 0 prints progress
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=True)
+
+
+def _exit_on_sigterm(signum, frame):
+    # torchrun and Slurm stop workers with SIGTERM: unwind normally so `finally` blocks flush metrics.
+    raise SystemExit(128 + signum)
+
+
+def rank_main(run_fn, argv=None, **parser) -> int:
+    """One rank of a job: parse, detect torchrun/Slurm/single, run; config errors said once, exit 2."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, **parser)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    env = None
+    try:
+        env = detect()
+        setup_logging(env)
+        cfg = config_mod.load(args.config, args.overrides)
+        run_fn(cfg, env)
+    except (ConfigError, CheckpointError) as e:
+        # The same deterministic problem on every rank: say it once.
+        if env is None or env.is_rank0:
+            print(f"expertmesh: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
