@@ -117,6 +117,11 @@ class ParallelConfig:
     sequence_parallel: bool = True  # under tp: norms and residual stream split along the sequence
     vocab_parallel: bool = True  # under tp: embedding and output head split over the vocabulary; false: replicated
     activation_checkpoint: Literal["none", "full"] = "none"  # full: recompute every block in backward
+    pp: int = 1  # pipeline stages' ranks: the outermost mesh axis (torch.distributed.pipelining)
+    pp_schedule: str = "1F1B"  # 1F1B, Interleaved1F1B, ZBVZeroBubble, DualPipeV (as the installed torch has them)
+    pp_microbatches: int = 0  # micro-batches of data.batch_size a pipeline runs per step; 0: pp * stages_per_rank
+    pp_stages_per_rank: int = 1  # virtual stages per rank: >= 2 for Interleaved1F1B, exactly 2 for the V schedules
+    pp_layout: list[int] = field(default_factory=list)  # layers per stage (pp * stages_per_rank entries); empty: auto
 
 
 @dataclass(kw_only=True)
@@ -400,7 +405,7 @@ def check(cfg: JobConfig) -> None:
         "model.max_seq_len", "moe.num_experts", "moe.top_k", "moe.every", "moe.expert_dim",
         "data.seq_len", "data.batch_size", "optim.lr", "train.steps", "train.grad_accum",
         "train.eval_every", "train.eval_batches", "checkpoint.every", "checkpoint.keep",
-        "metrics.log_every", "parallel.dp_replicate", "parallel.ep", "parallel.tp",
+        "metrics.log_every", "parallel.dp_replicate", "parallel.ep", "parallel.tp", "parallel.pp",
     ])
     check_attention(m)
     if t.mixed_precision == "fp16":
@@ -481,10 +486,60 @@ def check(cfg: JobConfig) -> None:
     if d.tokenizer == "hf" and not (d.tokenizer_path or m.hf_path):
         raise ConfigError("data.tokenizer='hf' reads tokenizer.json from model.hf_path or data.tokenizer_path; "
                           "both are empty")
+    check_pipeline(cfg)
     check_diloco(cfg)
     check_fssdp(cfg)
     check_distill(cfg)
     check_combinations(cfg)
+
+
+# Pipeline schedules: name -> (stages per rank it takes: exactly n, or at least n when negative; style)
+PP_SCHEDULES = {"1F1B": (1, "loop"), "Interleaved1F1B": (-2, "loop"), "ZBVZeroBubble": (2, "v"), "DualPipeV": (2, "v")}
+
+
+def pp_microbatches(p: ParallelConfig) -> int:
+    return p.pp_microbatches or p.pp * p.pp_stages_per_rank
+
+
+def check_pipeline(cfg: JobConfig) -> None:
+    """Pipeline parallelism's settings, refused with the numbers; the installed torch's schedules are
+    checked where the pipeline is built (parallel/pipeline.py), as config files outlive installs."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp < 1 or p.pp_stages_per_rank < 1 or p.pp_microbatches < 0:
+        raise ConfigError(f"parallel.pp={p.pp} and parallel.pp_stages_per_rank={p.pp_stages_per_rank} must be >= 1, "
+                          f"parallel.pp_microbatches={p.pp_microbatches} >= 0 (0: pp * stages_per_rank)")
+    if p.pp == 1:
+        if p.pp_layout or p.pp_stages_per_rank != 1:
+            raise ConfigError(f"parallel.pp_layout={p.pp_layout} and parallel.pp_stages_per_rank={p.pp_stages_per_rank}"
+                              " need parallel.pp > 1")
+        return
+    if p.pp_schedule not in PP_SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}"
+                          + _suggest(p.pp_schedule, PP_SCHEDULES))
+    want, _ = PP_SCHEDULES[p.pp_schedule]
+    v = p.pp_stages_per_rank
+    if (want > 0 and v != want) or (want < 0 and v < -want):
+        need = f"exactly {want}" if want > 0 else f">= {-want}"
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} runs {need} stages per rank; "
+                          f"parallel.pp_stages_per_rank={v}")
+    stages = p.pp * v
+    if p.pp_layout:
+        if len(p.pp_layout) != stages or any(n < 1 for n in p.pp_layout) or sum(p.pp_layout) != m.n_layers:
+            raise ConfigError(f"parallel.pp_layout={p.pp_layout} must give {stages} stages (pp={p.pp} x "
+                              f"stages_per_rank={v}) of >= 1 layer each, summing to model.n_layers={m.n_layers} "
+                              f"(it sums to {sum(p.pp_layout)})")
+    elif stages > m.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} x parallel.pp_stages_per_rank={v} = {stages} stages exceed "
+                          f"model.n_layers={m.n_layers}: every stage needs a layer")
+    micro = pp_microbatches(p)
+    least = stages if p.pp_schedule != "1F1B" else 1
+    if micro < least or (p.pp_schedule == "Interleaved1F1B" and micro % p.pp):
+        rule = f">= {least}" + (f" and a multiple of pp={p.pp}" if p.pp_schedule == "Interleaved1F1B" else "")
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} with {stages} stages needs parallel.pp_microbatches"
+                          f" {rule}; got {micro}")
+    if m.tie_embeddings:
+        raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.pp={p.pp}: the embedding and "
+                          "the output head live on different stages")
 
 
 def check_attention(m: ModelConfig) -> None:
@@ -586,7 +641,7 @@ def _dense_dp(cfg: JobConfig, world: int | None) -> int:
     p = cfg.parallel
     if world is None:
         return 2 if p.dp != 1 or p.ep > 1 else 1  # dp = -1 takes whatever the world leaves: assume some
-    dp = p.dp if p.dp > 0 else max(world // (p.dp_replicate * p.ep * p.tp), 1)
+    dp = p.dp if p.dp > 0 else max(world // (p.pp * p.dp_replicate * p.ep * p.tp), 1)
     return dp * p.ep * (1 if cfg.diloco.enabled else p.dp_replicate)
 
 

@@ -16,6 +16,7 @@ schedule. The parts, one hop away:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import sys
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from expertmesh import config as config_mod
-from expertmesh.config import ConfigError, JobConfig
+from expertmesh.config import ConfigError, JobConfig, pp_microbatches
 from expertmesh.data.chat import IGNORE
 from expertmesh.data.loader import TokenLoader, eval_batches, split_tokens
 from expertmesh.dist.checkpoint import Checkpointer, latest_intact, rng_state, set_rng_state
@@ -46,15 +47,26 @@ from expertmesh.models.hf.export import SOURCE_COPY, copy_source_files, export_r
 from expertmesh.models.transformer import Transformer, count_params, moe_layers
 from expertmesh.parallel.apply import compute_dtype, parallelize_model
 from expertmesh.parallel.mesh import Mesh, ParallelDims
+from expertmesh.parallel.pipeline import (
+    build_pipeline,
+    build_rank_model,
+    pipeline_eval_sums,
+    pipeline_step,
+    rank_stages,
+    stage_layout,
+    stage_modules,
+)
 
 log = logging.getLogger("expertmesh")
 
 
 @torch.no_grad()
-def evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast, diloco=None) -> float:
-    """Held-out loss; under DiLoCo, of the global model (every fragment's global copy)."""
+def evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast, diloco=None,
+             pipe=None) -> float:
+    """Held-out loss; under DiLoCo, of the global model (every fragment's global copy); under pp, through
+    the pipeline (`pipe`)."""
     with comm.pause(), (diloco.global_weights() if diloco is not None else nullcontext()):
-        loss = _evaluate(model, eval_data, cfg, mesh, comm, device, autocast)
+        loss = _evaluate(model, eval_data, cfg, mesh, comm, device, autocast, pipe)
     # FSDP keeps the root's weights gathered after a forward without backward; under DiLoCo they are the
     # global copies just swapped out again. Freed here, the next forward gathers the local weights.
     for module in model.modules():
@@ -63,20 +75,29 @@ def evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, a
     return loss
 
 
-def _evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast) -> float:
+def _evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, autocast, pipe=None) -> float:
     model.eval()
     d = mesh.dims
     rank = dist.get_rank() if dist.is_initialized() else 0
     total = torch.zeros(2, dtype=torch.float64, device=device)
     world = d.data_world // d.dp_replicate if d.independent_replicas else d.data_world  # DiLoCo: one worker
     eval_tokens, eval_labels = eval_data
-    for x, y in eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
-                             d.data_rank(rank) % world, world, d.data_world, eval_labels):
+    batches = eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
+                           d.data_rank(rank) % world, world, d.data_world, eval_labels)
+    if pipe is not None:
+        for st in pipe.stages:
+            st.eval()
+        total = pipeline_eval_sums(pipe, batches, device, autocast)
+        for st in pipe.stages:
+            st.train()
+    for x, y in batches if pipe is None else ():
         with autocast:
             logits, _ = model(x.to(device))
         total[0] += token_loss(logits, y.to(device), "sum")
         total[1] += (y != IGNORE).sum()
     comm.all_reduce(total, mesh.group("dense_dp"), "metrics")
+    if pipe is not None:  # the last stage has the sums
+        comm.all_reduce(total, mesh.group("pp"), "metrics")
     model.train()
     loss, count = total.tolist()
     return loss / max(count, 1)
@@ -102,13 +123,23 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     shard, shards = dims.data_rank(env.rank), dims.data_world
     if cfg.diloco.enabled and cfg.diloco.elastic:  # worker k of the separate jobs reads its own k-th share
         shard, shards = cfg.diloco.worker * shards + shard, cfg.diloco.workers * shards
+    micro = cfg.train.grad_accum * (pp_microbatches(cfg.parallel) if dims.pp > 1 else 1)  # per step and rank
     loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, shard, shards, cfg.train.seed,
-                         cfg.train.grad_accum, train_labels)
+                         micro, train_labels)
 
     # Model: built on meta, then placed, materialized and initialized from outside.
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    par = parallelize_model(model, mesh, cfg, device, comm)
+    make_stages = None
+    if dims.pp > 1:  # this rank's stages only; pipeline.py says how they are laid out
+        pp_rank = dims.coordinate(env.rank)["pp"]
+        model = build_rank_model(cfg, rank_stages(cfg, pp_rank), stage_layout(cfg))
+        boundary = compute_dtype(cfg, device) or torch.float32
+        make_stages = lambda m: stage_modules(m, cfg, mesh, boundary)  # noqa: E731
+    else:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    par = parallelize_model(model, mesh, cfg, device, comm, make_stages)
+    if dims.pp > 1:
+        par.pipeline = build_pipeline(par.roots, cfg, mesh, device)
     model = par.model
     optimizer, scheduler = build_optimizer(model, cfg)
     dtype = compute_dtype(cfg, device)  # bf16: FSDP gathers bf16 weights, autocast covers the rest
@@ -174,11 +205,13 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
     model = par.model
     preemption = Preemption(control_group(device))
     eval_loss = None
+    pipe = par.pipeline
+    step_fn = train_step if pipe is None else functools.partial(pipeline_step, pipe)
     if start_step == 0:
-        eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco)
+        eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco, pipe)
         metrics.log_eval(0, eval_loss)
     tap = CollectiveTap(comm, view_labels(mesh.views))  # FSDP's and DTensor's own collectives
-    window = Window(mesh, comm, tap, device)
+    window = Window(mesh, comm, tap, device, pipe)
     layout = layout_name(cfg, mesh.dims)
     rec: dict = {}
     step = start_step
@@ -188,7 +221,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
         if fssdp is not None:
             fssdp.begin_step(step, optimizer)
         with tap if window.steps == 0 else nullcontext():  # one sampled step per metrics window
-            grad_norm = train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp)
+            grad_norm = step_fn(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp)
         tap.steps += window.steps == 0
         scheduler.step()
         if diloco is not None and (at := diloco.after_step(step)) != step:  # elastic: took a peer's state
@@ -199,7 +232,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             if step == cfg.train.steps and diloco is not None:
                 diloco.finish()  # the last exchanges land before the final evaluation
-            eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco)
+            eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco, pipe)
             metrics.log_eval(step, eval_loss)
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
             rec = window.record(step, scheduler.get_last_lr()[0], grad_norm, eval_loss)

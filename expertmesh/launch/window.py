@@ -13,10 +13,12 @@ from expertmesh.parallel.mesh import Mesh
 
 class Window:
     """Accumulates what happened since the last metrics line, on the device (no host sync per step);
-    `record` reduces it across ranks in one all-reduce and reads it back in one sync."""
+    `record` reduces it across ranks in one all-reduce and reads it back in one sync. Under pp (`pipe`) each
+    rank holds some layers: their figures go in those layers' slots of every MoE layer's, the tokens are
+    counted by the first stage, the loss by the last, and `record` adds one all-reduce over pp."""
 
-    def __init__(self, mesh: Mesh, comm: Comm, tap: CollectiveTap, device: torch.device) -> None:
-        self.mesh, self.comm, self.tap, self.device = mesh, comm, tap, device
+    def __init__(self, mesh: Mesh, comm: Comm, tap: CollectiveTap, device: torch.device, pipe=None) -> None:
+        self.mesh, self.comm, self.tap, self.device, self.pipe = mesh, comm, tap, device, pipe
         self.tokens_seen = 0
         self._reset()
 
@@ -35,12 +37,18 @@ class Window:
         self.tokens += tokens
         zero = ce.new_zeros(())
         dropped = sum((s.dropped for s in stats), zero)
-        entropy = sum((s.entropy for s in stats), zero) / max(len(stats), 1)
+        entropy = sum((s.entropy for s in stats), zero) / max(len(stats) if self.pipe is None else
+                                                              len(self.pipe.moe_index), 1)
         figures = torch.stack([t.detach().to(ce) for t in (ce, aux, z, dropped, entropy)])
         self.sums[0] = figures[0]
         self.sums[1:] += figures.double()
-        if stats:
-            load = [s.tokens_per_expert_E.detach().double() for s in stats]
+        load = [s.tokens_per_expert_E.detach().double() for s in stats]
+        if self.pipe is not None:  # every MoE layer's slot; the ones other stages hold stay zero
+            full = [torch.zeros(n, dtype=torch.float64, device=self.device) for n in self.pipe.experts]
+            for slot, t in zip(self.pipe.owned_moe_layers, load, strict=True):
+                full[slot] = t
+            load = full
+        if load:
             self.load = load if self.load is None else [a + b for a, b in zip(self.load, load, strict=True)]
 
     def add_step(self, seconds: float) -> None:
@@ -64,9 +72,14 @@ class Window:
         host = torch.tensor([float(self.tokens), self.seconds], dtype=torch.float64, device=self.device)
         packed = torch.cat([host, self.sums, *load])
         self.comm.all_reduce(packed, group, "metrics")
+        if self.pipe is not None:
+            self.comm.all_reduce(packed, self.pipe.group, "metrics")
+            n_time = n * self.mesh.dims.pp  # every rank timed the step
+        else:
+            n_time = n
         values = torch.cat([packed, grad_norm.detach().double().reshape(1).to(packed.device)]).tolist()
         tokens, seconds, last_ce, ce, aux, z, dropped, entropy = values[:8]
-        seconds /= n
+        seconds /= n_time
         if self.mesh.dims.independent_replicas:  # DiLoCo: the figures are worker 0's; every worker reads as much
             tokens = tokens * self.mesh.dims.dp_replicate
         self.tokens_seen += int(tokens)

@@ -112,5 +112,6 @@ def make_diloco(model, cfg: JobConfig, group, comm: Comm, env: DistEnv) -> DiLoC
 
 
 def layout_name(cfg: JobConfig, dims: ParallelDims) -> str:
-    return (f"dp_replicate={dims.dp_replicate} dp={dims.dp} ep={dims.ep} tp={dims.tp} "
+    return (("" if dims.pp == 1 else f"pp={dims.pp} ") +
+            f"dp_replicate={dims.dp_replicate} dp={dims.dp} ep={dims.ep} tp={dims.tp} "
             f"dp_shard={str(cfg.parallel.dp_shard).lower()} placement={cfg.moe.placement}")

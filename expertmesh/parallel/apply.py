@@ -17,7 +17,7 @@ generator, so the same seed gives the same full weights whatever the layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,8 @@ class Parallelized:
     grad_sync: GradAverager  # the gradient reductions FSDP does not do (all of them when dp_shard=false)
     fsdp: bool
     bytes_read: int = 0  # checkpoint bytes this rank read (model.hf_path)
+    roots: list = field(default_factory=list)  # pipeline stages (parallel/pipeline.py), else empty
+    pipeline: object = None  # their schedule (parallel/pipeline.py: Pipeline), set by the trainer
 
 
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
@@ -98,12 +100,14 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
         inner.forward = torch.compile(inner.forward, backend=backend)
 
 
-def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False, dtype: torch.dtype | None = None) -> None:
+def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False, dtype: torch.dtype | None = None,
+               roots: list[nn.Module] | None = None) -> None:
     """FSDP2: dense weights sharded over dense_dp (dp_replicate x dp x ep: ranks of an ep group see
     different tokens, so they are data-parallel for dense weights), experts over expert_dp only.
     Under FSSDP the experts are already sharded (over ep, by owner) and FSDP leaves them alone.
     Mixed precision as torchtitan has it: `dtype` (bf16) parameters gathered for compute, gradients
-    reduced in fp32, fp32 master weights and optimizer state."""
+    reduced in fp32, fp32 master weights and optimizer state. `roots` (pipeline stages) are the root units
+    in place of the model: each holds its stage's embedding or head."""
     d = mesh.dims
     n_dense = d.degree("dense_dp")
     sum_only = dist.get_backend() == "gloo"  # gloo has no AVG / PREMUL_SUM: sum, then FSDP divides
@@ -122,7 +126,8 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False, dtype: torch.d
         ignored = set(expert_params(model))
     for block in model.layers.values():
         shard(block, mesh.views["dense_dp"], ignored_params=ignored)
-    shard(model, mesh.views["dense_dp"], ignored_params=ignored)
+    for root in roots or [model]:
+        shard(root, mesh.views["dense_dp"], ignored_params=ignored)
 
 
 def build_grad_sync(model: nn.Module, mesh: Mesh, fsdp: bool, comm: Comm, fssdp: bool = False) -> GradAverager:
@@ -158,8 +163,10 @@ def load_weights(model: nn.Module, cfg: JobConfig) -> int:
     return source.files.bytes_read
 
 
-def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm, dtype: torch.dtype | None = None) -> bool:
-    """Steps 1-4 on a meta-device model; returns whether FSDP manages the dense weights."""
+def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm, dtype: torch.dtype | None = None,
+                make_roots=None) -> tuple[bool, list[nn.Module]]:
+    """Steps 1-4 on a meta-device model; returns whether FSDP manages the dense weights, and the modules
+    `make_roots(model)` built after steps 1-3 (pipeline stages: FSDP's roots; none without it)."""
     d, p = mesh.dims, cfg.parallel
     if d.tp > 1:
         apply_tensor_parallel(model, mesh.views["tp"], p, comm)
@@ -169,16 +176,22 @@ def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm, dtype:
         apply_activation_checkpointing(model)
     if cfg.train.compile:
         apply_compile(model, cfg.train.compile_backend)
+    roots = make_roots(model) if make_roots is not None else []
     fsdp = p.dp_shard and d.degree("dense_dp") > 1
     if fsdp:
-        apply_fsdp(model, mesh, cfg.moe.placement == "fssdp", dtype)
-    return fsdp
+        apply_fsdp(model, mesh, cfg.moe.placement == "fssdp", dtype, roots or None)
+    return fsdp, roots
 
 
-def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm):
-    fsdp = shard_model(model, mesh, cfg, comm, compute_dtype(cfg, device))
+def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm,
+                      make_roots=None):
+    """`make_roots(model)`: under pp, the stage modules over the placed blocks (see shard_model)."""
+    fsdp, roots = shard_model(model, mesh, cfg, comm, compute_dtype(cfg, device), make_roots)
     model.to_empty(device=device)
+    for root in roots if fsdp else []:  # FSDP's roots re-point their sharded parameters at the new storage
+        root.to_empty(device=device)
     if not fsdp:  # FSDP keeps tied weights as one parameter; a plain module needs them tied again
         model.tie_weights()
     nbytes = load_weights(model, cfg)
-    return Parallelized(model, build_grad_sync(model, mesh, fsdp, comm, cfg.moe.placement == "fssdp"), fsdp, nbytes)
+    grad_sync = build_grad_sync(model, mesh, fsdp, comm, cfg.moe.placement == "fssdp")
+    return Parallelized(model, grad_sync, fsdp, nbytes, roots)

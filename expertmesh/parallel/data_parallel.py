@@ -95,10 +95,11 @@ def _sharded_dims(t: torch.Tensor) -> tuple[tuple[str, object], ...]:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float, across=None) -> torch.Tensor:
     """Clips by the norm of the full gradient of the whole model, whatever the layout. Each rank sums
     the squares of its local gradient parts per kind of sharding; each sum is all-reduced over the
-    groups that kind is sharded on. Every rank gets the same norm and the same scale. Returns the norm
+    groups that kind is sharded on; `across` (the pipeline's group: each stage holds other parameters)
+    sums the total over the stages. Every rank gets the same norm and the same scale. Returns the norm
     as a tensor on the gradients' device: nothing here waits for the device."""
     parts: dict[tuple[str, ...], list[torch.Tensor]] = {}
     groups: dict[tuple[str, ...], list] = {}
@@ -112,8 +113,6 @@ def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> t
         parts.setdefault(key, [])
         if p.grad is not None:
             parts[key].append(local_part(p.grad))
-    if not parts:
-        return torch.zeros((), dtype=torch.float64)
     total = None
     for key in sorted(parts):
         # fp64 accumulation, as the norms of one process and of a layout's shards must agree to rounding
@@ -123,6 +122,10 @@ def clip_grad_norm(params: list[nn.Parameter], comm: Comm, max_norm: float) -> t
         for group in groups[key]:
             comm.all_reduce(sq, group, "grad_norm")
         total = sq if total is None else total + sq
+    if total is None:
+        total = torch.zeros(1, dtype=torch.float64)
+    if across is not None:
+        comm.all_reduce(total, across, "grad_norm")
     norm = total[0].sqrt()
     grads = [g for key in sorted(parts) for g in parts[key]]
     if max_norm > 0 and grads:

@@ -90,7 +90,7 @@ def plan(cfg: JobConfig, world: int) -> Plan:
         mesh = dims.build_mesh("cpu")
         with torch.device("meta"):
             model = Transformer(cfg)
-        fsdp = shard_model(model, mesh, cfg, Comm())
+        fsdp, _ = shard_model(model, mesh, cfg, Comm())
         param_bytes = sum(_local_numel(p) * p.element_size() for p in model.parameters())
         units = _fsdp_units(model) if fsdp else []
         experts = {id(p) for p in expert_params(model)} if dims.ep > 1 else set()

@@ -181,7 +181,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, p: ParallelConf
                                            use_local_output=True)
     if seq:
         top["norm"] = SequenceParallel()
-    parallelize_module(model, tp_mesh, top)
+    # a pipeline stage's rank model may lack the embedding or the head (parallel/pipeline.py)
+    parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if getattr(model, k) is not None})
 
     for block in model.layers.values():
         plan = attention_plan(block.attention, tp_mesh, stream, comm)
