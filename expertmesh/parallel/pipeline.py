@@ -138,7 +138,7 @@ class _AddLossGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, loss, scale: float):
         ctx.scale, ctx.shape, ctx.dtype = scale, loss.shape, loss.dtype
-        return h.view_as(h)
+        return h.clone()  # not a view: the split-backward schedules detach stage outputs in place
 
     @staticmethod
     def backward(ctx, grad):
@@ -207,6 +207,7 @@ class Pipeline:
     loss: PipelineLoss
     moe_index: dict[str, int] = field(default_factory=dict)  # layer key -> index among all MoE layers
     experts: list[int] = field(default_factory=list)  # experts of every MoE layer
+    v_shaped: bool = False  # ZBVZeroBubble, DualPipeV
 
     @property
     def first(self) -> bool:  # holds stage 0: feeds the tokens
@@ -253,7 +254,7 @@ def build_pipeline(stages: list[StageModule], cfg: JobConfig, mesh: Mesh, device
     schedule = cls(torch_stages if multi else torch_stages[0], n_microbatches=M, loss_fn=loss, scale_grads=False)
     moe = [i for i in range(m.n_layers) if cfg.moe.is_moe(i)]
     return Pipeline(stages, schedule, group, M, loss, {str(i): n for n, i in enumerate(moe)},
-                    cfg.moe.experts_in_layers(m.n_layers))
+                    cfg.moe.experts_in_layers(m.n_layers), PP_SCHEDULES[p.pp_schedule][1] == "v")
 
 
 class PipelineLoss:
@@ -330,6 +331,11 @@ def run_schedule(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, autocast) -> 
     with autocast:
         if torch.is_grad_enabled():
             pipe.schedule.step(*args, **kwargs)
+        elif pipe.v_shaped:
+            # torch's V schedules cannot run forward only (their eval raises "can't steal_bwd_input if this
+            # stage doesn't have backward"): a full step, whose gradients the next step's zero_grad drops
+            with torch.enable_grad():
+                pipe.schedule.step(*args, **kwargs)
         else:
             pipe.schedule.eval(*args, **kwargs)
 
