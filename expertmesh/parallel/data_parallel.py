@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from expertmesh.dist.comm_stats import Comm
@@ -52,10 +52,12 @@ class GradAverager:
     @torch.no_grad()
     def average(self) -> None:
         for _, bucket in self.buckets:
-            for p in bucket:  # sequence-parallel norm weights get partial sums over tp: add them up first
-                if isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements):
-                    p.grad = p.grad.redistribute(placements=[Replicate() if pl.is_partial() else pl
-                                                             for pl in p.grad.placements])
+            for p in bucket:
+                # Gradients laid out as their parameters: sequence-parallel norm weights get partial sums over
+                # tp (added up here), and a vocab-parallel embedding fed by a pipeline stage's input gets a
+                # replicated gradient (its rows taken here), which the local parts below must not mix up.
+                if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
+                    p.grad = p.grad.redistribute(placements=p.placements)
         for g, bucket in self.buckets:
             if g.group is None and g.divisor == 1:
                 continue
