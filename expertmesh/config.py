@@ -532,11 +532,22 @@ def check_pipeline(cfg: JobConfig) -> None:
         raise ConfigError(f"parallel.pp={p.pp} x parallel.pp_stages_per_rank={v} = {stages} stages exceed "
                           f"model.n_layers={m.n_layers}: every stage needs a layer")
     micro = pp_microbatches(p)
-    least = stages if p.pp_schedule != "1F1B" else 1
-    if micro < least or (p.pp_schedule == "Interleaved1F1B" and micro % p.pp):
-        rule = f">= {least}" + (f" and a multiple of pp={p.pp}" if p.pp_schedule == "Interleaved1F1B" else "")
-        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} with {stages} stages needs parallel.pp_microbatches"
-                          f" {rule}; got {micro}")
+    rounds = max(1, micro // p.pp)
+    need = {"1F1B": (micro >= p.pp, f">= pp={p.pp}"), "DualPipeV": (micro >= stages, f">= the {stages} stages"),
+            "Interleaved1F1B": (micro % rounds == 0, f"a multiple of max(1, microbatches // pp) = {rounds}"),
+            "ZBVZeroBubble": (True, "")}[p.pp_schedule]
+    if not need[0]:
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} with pp={p.pp} needs parallel.pp_microbatches "
+                          f"{need[1]}; got {micro}")
+    try:
+        from torch.distributed.pipelining import schedules
+
+        schedules.get_schedule_class(p.pp_schedule)
+    except (ImportError, ValueError) as e:
+        import torch
+
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} is not a schedule of the installed torch "
+                          f"{torch.__version__}: {e}") from e
     if m.tie_embeddings:
         raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.pp={p.pp}: the embedding and "
                           "the output head live on different stages")

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from expertmesh.config import PP_SCHEDULES, ConfigError, JobConfig, pp_microbatches
+from expertmesh.config import PP_SCHEDULES, JobConfig, pp_microbatches
 from expertmesh.data.chat import IGNORE
 from expertmesh.models.transformer import Transformer
 from expertmesh.moe.layer import MoEStats
@@ -185,17 +185,6 @@ class StageModule(nn.Module):
         return h
 
 
-def schedule_class(name: str):
-    """torch's schedule class for `parallel.pp_schedule`, refused in one line if this torch lacks it."""
-    from torch.distributed.pipelining import schedules
-
-    try:
-        return schedules.get_schedule_class(name)
-    except ValueError as e:
-        raise ConfigError(f"parallel.pp_schedule={name!r} is not a schedule of the installed torch "
-                          f"{torch.__version__}: {e}") from e
-
-
 @dataclass
 class Pipeline:
     """This rank's stages and the schedule that runs them."""
@@ -248,7 +237,9 @@ def build_pipeline(stages: list[StageModule], cfg: JobConfig, mesh: Mesh, device
         outputs = torch.empty(b, S, m.vocab_size, device="meta") if st.output is not None else hidden
         torch_stages.append(PipelineStage(st, st.index, n_stages, device, input_args=inputs, output_args=outputs,
                                           group=group))
-    cls = schedule_class(p.pp_schedule)
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
+    cls = get_schedule_class(p.pp_schedule)  # the config check refused a name this torch lacks
     loss = PipelineLoss()
     multi = PP_SCHEDULES[p.pp_schedule][0] != 1
     schedule = cls(torch_stages if multi else torch_stages[0], n_microbatches=M, loss_fn=loss, scale_grads=False)

@@ -33,7 +33,7 @@ def test_int_accepted_for_float_and_bare_strings():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel.epp=2"], "unknown config key 'parallel.epp' (did you mean 'ep'?)"),
+    (["parallel.exp=2"], "unknown config key 'parallel.exp' (did you mean 'ep'?)"),
     (["modle.dim=8"], "unknown config key 'modle' (did you mean 'model'?)"),
     (["train.steps=ten"], "train.steps must be an integer, got str 'ten'"),
     (["train.steps=1.5"], "train.steps must be an integer, got float 1.5"),
@@ -56,6 +56,26 @@ def test_int_accepted_for_float_and_bare_strings():
     (["train.steps"], "override 'train.steps' is not of the form section.key=value"),
     (["steps=3"], "override key 'steps' must be section.key"),
     (["data.source=files"], "data.source='files' needs data.paths"),
+    # pipeline parallelism, refused with the numbers
+    (["model.n_layers=4", "parallel.pp=8"], "parallel.pp=8 x parallel.pp_stages_per_rank=1 = 8 stages exceed "
+                                            "model.n_layers=4"),
+    (["model.n_layers=4", "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=4"],
+     "8 stages exceed model.n_layers=4"),
+    (["parallel.pp=4", "parallel.pp_microbatches=2"], "parallel.pp_schedule='1F1B' with pp=4 needs "
+                                                      "parallel.pp_microbatches >= pp=4; got 2"),
+    (["parallel.pp=2", "parallel.pp_schedule=DualPipeV", "parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=3"],
+     "needs parallel.pp_microbatches >= the 4 stages; got 3"),
+    (["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2",
+      "parallel.pp_microbatches=5"], "a multiple of max(1, microbatches // pp) = 2; got 5"),
+    (["model.n_layers=4", "parallel.pp=2", "parallel.pp_layout=[1, 2]"],
+     "parallel.pp_layout=[1, 2] must give 2 stages (pp=2 x stages_per_rank=1) of >= 1 layer each, summing to "
+     "model.n_layers=4 (it sums to 3)"),
+    (["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble"], "parallel.pp_schedule='ZBVZeroBubble' runs exactly 2 "
+                                                               "stages per rank; parallel.pp_stages_per_rank=1"),
+    (["parallel.pp=2", "parallel.pp_schedule=GPipe2"], "parallel.pp_schedule='GPipe2' is not one of 1F1B, "
+                                                        "Interleaved1F1B, ZBVZeroBubble, DualPipeV"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], "model.tie_embeddings=true is not supported with parallel.pp=2"),
+    (["parallel.pp_stages_per_rank=2"], "need parallel.pp > 1"),
 ])
 def test_bad_values_name_the_key_and_value(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -105,7 +125,7 @@ def _cli(*args, cwd=ROOT):
 
 def test_cli_reports_one_line_and_nonzero_exit(tmp_path):
     for args, text in [
-        (["config", "parallel.epp=2"], "did you mean 'ep'"),
+        (["config", "parallel.exp=2"], "did you mean 'ep'"),
         (["run", "--nproc", "3", "parallel.ep=2"], "does not divide WORLD_SIZE(3)"),
         (["run", "--nproc", "1", "data.source=files", f"data.paths={tmp_path}/*.txt"], "matched no files"),
     ]:
@@ -132,3 +152,48 @@ def test_every_shipped_config_loads(hf_dirs):
     for path in sorted((ROOT / "configs").glob("*.toml")):
         config.load(path, needs.get(path.name, []))  # raises ConfigError naming the key otherwise
     assert config.load(ROOT / "configs" / "distill.toml").distill.synthetic == ["stdlib:200", "headers:200"]
+
+
+def test_pipeline_schedule_unknown_to_the_installed_torch_is_refused(monkeypatch):
+    from torch.distributed.pipelining import schedules
+
+    def lacking(name):
+        raise ValueError(f"Unknown schedule name '{name}'")
+
+    monkeypatch.setattr(schedules, "get_schedule_class", lacking)
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule='DualPipeV' is not a schedule of the installed torch "
+                                          r"2\.\d+.*Unknown schedule name 'DualPipeV'"):
+        config.load(None, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV", "parallel.pp_stages_per_rank=2"])
+
+
+@pytest.mark.parametrize("overrides, layout", [
+    (["parallel.pp_layout=[1, 3]"], [[0], [1, 2, 3]]),
+    ([], None),
+])
+def test_pipeline_layout_explicit_or_balanced(overrides, layout):
+    """Explicit layouts are taken as written; the automatic split of 4 equal MoE layers with a big embedding
+    and head (vocab 4096) puts fewer layers on the end stages than in the middle."""
+    from expertmesh.parallel.pipeline import layer_costs, stage_layout
+
+    base = ["model.n_layers=4", "moe.every=1", "parallel.pp=2"]
+    cfg = config.load(None, base + overrides)
+    if layout is not None:
+        assert stage_layout(cfg) == layout
+        return
+    cfg = config.load(None, ["model.n_layers=8", "moe.every=1", "parallel.pp=4", "model.vocab_size=16384"])
+    got = stage_layout(cfg)
+    assert [i for s in got for i in s] == list(range(8)) and all(got)
+    assert len(got[0]) < len(got[1]) and len(got[-1]) < len(got[2])
+    c = layer_costs(cfg)  # the split is the best contiguous one: no move of a boundary lowers the largest stage
+    tp, tf = sum(c["params"]) + c["embedding"][0] + c["head"][0], sum(c["flops"]) + c["head"][1]
+
+    def worst(stages):
+        cost = [sum(c["params"][i] / tp + c["flops"][i] / tf for i in s) for s in stages]
+        cost[0] += c["embedding"][0] / tp
+        cost[-1] += c["head"][0] / tp + c["head"][1] / tf
+        return max(cost)
+
+    import itertools
+    best = min(worst([list(range(a, b)) for a, b in zip((0, *cuts), (*cuts, 8), strict=True)])
+               for cuts in itertools.combinations(range(1, 8), 3))
+    assert worst(got) == pytest.approx(best)

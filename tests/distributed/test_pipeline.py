@@ -1,0 +1,122 @@
+"""Pipeline parallelism against one process reading the same micro-batches: pp2, pp2 x ep2, pp2 x tp2,
+pp2 x dp2 x ep2 (8 ranks, FSDP inside the stages), and the multi-stage schedules (Interleaved1F1B, ZBV,
+DualPipeV: 2 stages per rank). Load-balance loss, z-loss and bias balancing on. Every step's loss, aux
+and z-loss, grad norm and per-layer expert load equal the reference's, and so do the final weights and
+router biases (read back from each run's last checkpoint into one unsharded model). A checkpoint resumes
+across a change of pp, both ways.
+
+The reference is one process with train.grad_accum = (the pipeline's micro-batches) x (data ranks): the
+loader's block layout gives it the same rows, and the load-balance loss is a statistic of the rows one
+forward routes, so it must see the same micro-batches."""
+
+import shutil
+
+import pytest
+import torch
+from helpers import read_metrics, tiny_overrides
+
+import expertmesh.launch.train as train_mod
+from expertmesh import config
+from expertmesh.dist.checkpoint import load_model
+from expertmesh.launch.env import DistEnv
+from expertmesh.models.transformer import Transformer
+from expertmesh.testing import spawn
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 5
+V2 = ["parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=4"]
+# name -> (world, overrides, the reference's grad_accum)
+LAYOUTS = {
+    "pp2": (2, ["parallel.pp=2", "parallel.pp_microbatches=2"], 2),
+    "pp2xep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 4),
+    "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_microbatches=2"], 2),
+    "pp2xdp2xep2": (8, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 8),
+    "pp2-interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", *V2], 4),
+    "pp2-zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", *V2], 4),
+    "pp2-dualpipev": (2, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV", *V2], 4),
+}
+
+
+def _common(run_dir):
+    return tiny_overrides(run_dir) + [
+        f"train.steps={STEPS}", "metrics.log_every=1", "model.n_layers=4", "moe.every=1", "optim.grad_clip=0.5",
+        "train.threads=1", "train.eval_every=100", "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001",
+        "moe.bias_update_rate=0.01", "checkpoint.every=3", "checkpoint.keep=5"]
+
+
+def _train(rank, world, overrides):
+    train_mod.run(config.load(None, overrides), DistEnv(rank, rank, world, world, "torchrun"))
+    return 0
+
+
+def _weights(run_path, overrides, step=STEPS) -> dict:
+    """Every weight and buffer (router biases included) of a run's checkpoint, in one unsharded model."""
+    model = Transformer(config.load(None, overrides))
+    load_model(run_path / f"step-{step}", model)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """grad_accum -> (run path, overrides) of the single-process run, trained once per module."""
+    root, runs = tmp_path_factory.mktemp("pp_ref"), {}
+
+    def get(accum: int):
+        if accum not in runs:
+            overrides = _common(root) + [f"train.grad_accum={accum}", f"train.name=ref{accum}"]
+            spawn(_train, 1, args=(overrides,), timeout=300)
+            runs[accum] = (root / f"ref{accum}", overrides)
+        return runs[accum]
+
+    return get
+
+
+def _assert_same_steps(got, want, steps):
+    for step in steps:
+        for key in ("loss_avg", "aux_loss", "z_loss"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
+        assert got[step]["expert_load"] == want[step]["expert_load"], step
+
+
+def _assert_same_weights(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_pipeline_layout_trains_the_single_process_model(tmp_path, reference, name):
+    world, layout, accum = LAYOUTS[name]
+    ref_path, ref_overrides = reference(accum)
+    overrides = _common(tmp_path) + layout + [f"train.name={name}"]
+    spawn(_train, world, args=(overrides,), timeout=300)
+    got, want = read_metrics(tmp_path / name), read_metrics(ref_path)
+    assert got[1]["aux_loss"] > 0 and got[1]["z_loss"] > 0
+    _assert_same_steps(got, want, range(1, STEPS + 1))
+    weights, ref_weights = _weights(tmp_path / name, overrides), _weights(ref_path, ref_overrides)
+    assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in ref_weights.items())
+    _assert_same_weights(weights, ref_weights)
+
+
+def test_checkpoint_resumes_across_a_change_of_pp(tmp_path, reference):
+    """pp2 -> pp1: a pp2 run's step-3 checkpoint resumed by one process; pp1 -> pp2: the reference's step-3
+    checkpoint resumed by a pp2 pipeline. Both continue as the uninterrupted reference did."""
+    world, layout, accum = LAYOUTS["pp2"]
+    ref_path, ref_overrides = reference(accum)
+    want = read_metrics(ref_path)
+    ref_weights = _weights(ref_path, ref_overrides)
+    pp2 = _common(tmp_path) + layout + ["train.name=down"]
+    spawn(_train, world, args=(pp2,), timeout=300)
+    shutil.rmtree(tmp_path / "down" / f"step-{STEPS}")  # the pp2 run as if stopped after step 3
+    down = _common(tmp_path) + [f"train.grad_accum={accum}", "train.name=down"]
+    spawn(_train, 1, args=(down,), timeout=300)
+    _assert_same_steps(read_metrics(tmp_path / "down"), want, (4, 5))
+    _assert_same_weights(_weights(tmp_path / "down", down), ref_weights)
+
+    shutil.copytree(ref_path / "step-3", tmp_path / "up" / "step-3")
+    up = _common(tmp_path) + layout + ["train.name=up"]
+    spawn(_train, world, args=(up,), timeout=300)
+    _assert_same_steps(read_metrics(tmp_path / "up"), want, (4, 5))
+    _assert_same_weights(_weights(tmp_path / "up", up), ref_weights)
