@@ -660,6 +660,7 @@ def _dense_dp(cfg: JobConfig, world: int | None) -> int:
 FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] = {
     "ep": ("parallel.ep > 1", lambda c, w: c.parallel.ep > 1),
     "tp": ("parallel.tp > 1", lambda c, w: c.parallel.tp > 1),
+    "pp": ("parallel.pp > 1", lambda c, w: c.parallel.pp > 1),
     "fsdp": ("parallel.dp_shard=true", lambda c, w: c.parallel.dp_shard and _dense_dp(c, w) > 1),
     "fssdp": ('moe.placement="fssdp"', lambda c, w: c.moe.placement == "fssdp"),
     "diloco": ("diloco.enabled=true", lambda c, w: c.diloco.enabled),
@@ -674,7 +675,12 @@ FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] 
 }
 
 # Pairs refused at config time, with the reason (one line names both keys).
-REFUSED: dict[frozenset[str], str] = {}
+REFUSED: dict[frozenset[str], str] = {
+    frozenset({"pp", "diloco"}): "DiLoCo's worker groups take dp_replicate as the outermost mesh axis, which pp "
+                                 "now is (not built yet)",
+    frozenset({"pp", "fssdp"}): "FSSDP's per-step replica exchange inside pipeline stages is not tested yet",
+    frozenset({"pp", "compile"}): "compiled blocks inside pipeline stages are not tested yet",
+}
 
 
 def features_of(cfg: JobConfig, world: int | None = None) -> set[str]:

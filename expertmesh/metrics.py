@@ -21,6 +21,19 @@ log = logging.getLogger("expertmesh")
 WANDB_ID_FILE = "wandb_run_id"
 
 
+def moe_layer_stats(expert_load: list[list[int]]) -> list[dict]:
+    """Per MoE layer, from its tokens per expert over a window: imbalance as max/mean and as the coefficient
+    of variation (population std / mean), and the dead experts (no token in the window)."""
+    out = []
+    for layer in expert_load:
+        n = len(layer)
+        mean = sum(layer) / n if n else 0.0
+        std = (sum((v - mean) ** 2 for v in layer) / n) ** 0.5 if n else 0.0
+        out.append({"max_mean": max(layer) / mean if mean else 0.0, "cv": std / mean if mean else 0.0,
+                    "dead": sum(1 for v in layer if v == 0)})
+    return out
+
+
 def _fmt_bytes(n: float) -> str:
     if abs(n) < 1024:
         return f"{n:.0f}B"
@@ -86,6 +99,9 @@ class Metrics:
         if self.wandb_run is not None:
             flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
             flat.update({f"comm/{k}": v for k, v in rec["comm_bytes_per_step"].items()})
+            for i, (layer, load) in enumerate(zip(rec.get("moe_layers", []), rec.get("expert_load", []), strict=True)):
+                flat.update({f"moe/layer{i}/{k}": v for k, v in layer.items()})
+                flat.update({f"moe/layer{i}/tokens_expert{j}": v for j, v in enumerate(load)})
             if "diloco" in rec:
                 d = rec["diloco"]
                 flat.update({"diloco/outer_steps": d["outer_steps"], "diloco/bytes_last_sync": d["bytes_last_sync"],

@@ -1,6 +1,6 @@
 """`expertmesh report RUN_DIR`: plots and a short summary of a run, from its metrics.jsonl.
 
-Writes RUN_DIR/report/{loss,throughput,comm,expert_load}.png for a training run, acceptance.png for an
+Writes RUN_DIR/report/{loss,throughput,comm,expert_load,imbalance}.png for a training run, acceptance.png for an
 `expertmesh distill` run (800x450 px), and
 RUN_DIR/report/summary.md, and logs the same images to the run's W&B run when it has one.
 """
@@ -107,6 +107,23 @@ def plot_expert_load(train, out: Path) -> Path | None:
     return out / "expert_load.png"
 
 
+def plot_imbalance(train, out: Path) -> Path | None:
+    """Each MoE layer's imbalance (max/mean tokens per expert in each logging window) over time; dead
+    experts are marked in the legend by their most recent count."""
+    rows = [r for r in train if r.get("moe_layers")]
+    if not rows:
+        return None
+    plt, fig, ax = _figure("MoE imbalance per layer", ylabel="max / mean tokens per expert")
+    steps = [r["step"] for r in rows]
+    for i in range(len(rows[0]["moe_layers"])):
+        dead = rows[-1]["moe_layers"][i]["dead"]
+        ax.plot(steps, [r["moe_layers"][i]["max_mean"] for r in rows],
+                label=f"layer {i}" + (f" ({dead} dead)" if dead else ""))
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, out / "imbalance.png")
+
+
 def plot_acceptance(distill, out: Path) -> Path | None:
     """Acceptance rate per window of requests, overall and per domain, with the draft updates."""
     if not distill:
@@ -175,7 +192,8 @@ def report(run_dir: str | Path) -> list[Path]:
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     plots = [plot_loss(train, evals, out), plot_throughput(train, out), plot_comm(train, out)] if train else []
-    plots += [p for p in (plot_expert_load(train, out), plot_acceptance(distill, out)) if p is not None]
+    plots += [p for p in (plot_expert_load(train, out), plot_imbalance(train, out), plot_acceptance(distill, out))
+              if p is not None]
     (out / "summary.md").write_text(summary(run_dir, train, evals, plots, distill))
     log_to_wandb(run_dir, plots)
     return [*plots, out / "summary.md"]

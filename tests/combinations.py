@@ -130,6 +130,27 @@ DILOCO_WORKERS = ["parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync
 # ---- tests/unit/test_compile.py: inductor-compiled training equals eager, in fp32; aot_eager in bf16 ----
 COMPILE_FEATURES = ["moe.every=1", *_MODEL, "train.grad_accum=2"]
 
+# ---- tests/distributed/test_pipeline.py: pipelines against one process reading the same micro-batches ----
+_V2 = ["parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=4"]
+PIPELINE_LAYOUTS = {  # name -> (world, overrides, the reference's grad_accum: micro-batches x data ranks)
+    "pp2": (2, ["parallel.pp=2", "parallel.pp_microbatches=2"], 2),
+    "pp2xep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 4),
+    "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_microbatches=2"], 2),
+    "pp2xdp2xep2": (8, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 8),
+    "pp2-interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", *_V2], 4),
+    "pp2-zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", *_V2], 4),
+    "pp2-dualpipev": (2, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV", *_V2], 4),
+}
+PIPELINE_COMMON = ["model.n_layers=4", "moe.every=1", "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001",
+                   "moe.bias_update_rate=0.01"]
+# the layer's machinery, recomputation and accumulation (the reference has them too, with 2 x the micro-batches)
+PIPELINE_FEATURES = ['parallel.activation_checkpoint="full"', "moe.capacity_factor=1.0", "moe.residual=true",
+                     "moe.shared_experts=1"]
+PIPELINE_COMBINED = {"pp2xep2-ac-capacity-residual-shared-accum": (
+    4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2", "train.grad_accum=2", *PIPELINE_FEATURES],
+    8, PIPELINE_FEATURES)}
+PIPELINE_BF16 = ['train.mixed_precision="bf16"']  # pp2 in bf16 against one process in bf16: losses within 2%
+
 # ---- tests/unit/test_model.py: the MoE layer against a loop over tokens and experts ----
 LAYER_FEATURES = list(_MODEL)
 
@@ -150,6 +171,14 @@ def proofs() -> list[Proof]:
         out.append(Proof(f"combos {name}", world, tuple(run), tuple(ref), tests=frozenset({"accum"})))
     for name, (world, run, ref, ref_world) in DILOCO_COMBINED.items():
         out.append(Proof(f"combos {name}", world, tuple(run), tuple(ref), ref_world))
+    for name, (world, layout, _) in PIPELINE_LAYOUTS.items():
+        out.append(Proof(f"pipeline {name}", world, (*PIPELINE_COMMON, *layout), tuple(PIPELINE_COMMON)))
+    for name, (world, layout, _, extra) in PIPELINE_COMBINED.items():  # and accumulation across schedule runs
+        out.append(Proof(f"pipeline {name}", world, (*PIPELINE_COMMON, *layout), (*PIPELINE_COMMON, *extra),
+                         tests=frozenset({"accum"})))
+    world, layout, _ = PIPELINE_LAYOUTS["pp2"]
+    out.append(Proof("pipeline bf16", world, (*PIPELINE_COMMON, *layout, *PIPELINE_BF16),
+                     (*PIPELINE_COMMON, *PIPELINE_BF16)))
     out.append(Proof("diloco as plain training", 1, (*DILOCO_AS_PLAIN, *DILOCO_PLAIN_FEATURES),
                      tuple(DILOCO_PLAIN_FEATURES)))
     out.append(Proof("diloco compiled", 2, (*DILOCO_WORKERS, *COMPILED), tuple(DILOCO_WORKERS), 2))

@@ -8,6 +8,7 @@ import time
 import torch
 
 from expertmesh.dist.comm_stats import CollectiveTap, Comm
+from expertmesh.metrics import moe_layer_stats
 from expertmesh.parallel.mesh import Mesh
 
 
@@ -107,6 +108,7 @@ class Window:
             "drop_fraction": dropped / routed if routed else 0.0,
             "router_entropy": entropy / n / self.micro,
             "expert_load": expert_load,
+            "moe_layers": moe_layer_stats(expert_load),
             "comm_bytes_per_step": comm_bytes,
             "comm_bytes_per_step_by_op": by_op,
             "comm_peak_bytes_step": self.peak,

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from helpers import ROOT, assert_restart_reproduces, read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -107,7 +108,7 @@ def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_pa
     r = _cli("report", str(tmp_path / "default"))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "default" / "report"
-    for name in ("loss", "throughput", "comm", "expert_load"):
+    for name in ("loss", "throughput", "comm", "expert_load", "imbalance"):
         png = out / f"{name}.png"
         assert png.stat().st_size > 5000, name  # a plot, not an empty canvas
         assert _png_size(png) == (800, 450), name
@@ -117,7 +118,14 @@ def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_pa
     # The plots also went to the run's W&B run (offline here): same id, images in its media folder.
     run_id = (tmp_path / "default" / "wandb_run_id").read_text().strip()
     images = (tmp_path / "default").glob(f"wandb/offline-run-*-{run_id}/files/media/images/report/*.png")
-    assert {p.name.rsplit("_", 2)[0] for p in images} == {"loss", "throughput", "comm", "expert_load"}
+    assert {p.name.rsplit("_", 2)[0] for p in images} == {"loss", "throughput", "comm", "expert_load", "imbalance"}
+    # each layer's imbalance and dead experts, as the record's own tokens per expert give them
+    for rec in read_metrics(tmp_path / "default").values():
+        for load, layer in zip(rec["expert_load"], rec["moe_layers"], strict=True):
+            mean = sum(load) / len(load)
+            assert layer["max_mean"] == pytest.approx(max(load) / mean)
+            assert layer["cv"] == pytest.approx(float(torch.tensor(load, dtype=torch.float64).std(correction=0)) / mean)
+            assert layer["dead"] == load.count(0)
 
 
 def test_torchrun_script_runs_a_job(tiny_overrides, tmp_path):

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from combinations import PIPELINE_BF16, PIPELINE_COMBINED, PIPELINE_COMMON, PIPELINE_LAYOUTS
 from helpers import read_metrics, tiny_overrides
 
 import expertmesh.launch.train as train_mod
@@ -25,24 +26,10 @@ from expertmesh.testing import spawn
 pytestmark = pytest.mark.distributed
 
 STEPS = 5
-V2 = ["parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=4"]
-# name -> (world, overrides, the reference's grad_accum)
-LAYOUTS = {
-    "pp2": (2, ["parallel.pp=2", "parallel.pp_microbatches=2"], 2),
-    "pp2xep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 4),
-    "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_microbatches=2"], 2),
-    "pp2xdp2xep2": (8, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 8),
-    "pp2-interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", *V2], 4),
-    "pp2-zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", *V2], 4),
-    "pp2-dualpipev": (2, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV", *V2], 4),
-}
-
-
 def _common(run_dir):
     return tiny_overrides(run_dir) + [
-        f"train.steps={STEPS}", "metrics.log_every=1", "model.n_layers=4", "moe.every=1", "optim.grad_clip=0.5",
-        "train.threads=1", "train.eval_every=100", "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001",
-        "moe.bias_update_rate=0.01", "checkpoint.every=3", "checkpoint.keep=5"]
+        f"train.steps={STEPS}", "metrics.log_every=1", "optim.grad_clip=0.5",
+        "train.threads=1", "train.eval_every=100", "checkpoint.every=3", "checkpoint.keep=5", *PIPELINE_COMMON]
 
 
 def _train(rank, world, overrides):
@@ -62,12 +49,13 @@ def reference(tmp_path_factory):
     """grad_accum -> (run path, overrides) of the single-process run, trained once per module."""
     root, runs = tmp_path_factory.mktemp("pp_ref"), {}
 
-    def get(accum: int):
-        if accum not in runs:
-            overrides = _common(root) + [f"train.grad_accum={accum}", f"train.name=ref{accum}"]
+    def get(accum: int, extra: tuple = ()):
+        name = "-".join(["ref", str(accum), *(e.split("=")[0] for e in extra)])
+        if name not in runs:
+            overrides = _common(root) + [*extra, f"train.grad_accum={accum}", f"train.name={name}"]
             spawn(_train, 1, args=(overrides,), timeout=300)
-            runs[accum] = (root / f"ref{accum}", overrides)
-        return runs[accum]
+            runs[name] = (root / name, overrides)
+        return runs[name]
 
     return get
 
@@ -86,10 +74,14 @@ def _assert_same_weights(got: dict, want: dict):
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+RUNS = {name: (world, layout, accum, ()) for name, (world, layout, accum) in PIPELINE_LAYOUTS.items()}
+RUNS.update(PIPELINE_COMBINED)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
 def test_pipeline_layout_trains_the_single_process_model(tmp_path, reference, name):
-    world, layout, accum = LAYOUTS[name]
-    ref_path, ref_overrides = reference(accum)
+    world, layout, accum, extra = RUNS[name]
+    ref_path, ref_overrides = reference(accum, tuple(extra))
     overrides = _common(tmp_path) + layout + [f"train.name={name}"]
     spawn(_train, world, args=(overrides,), timeout=300)
     got, want = read_metrics(tmp_path / name), read_metrics(ref_path)
@@ -103,7 +95,7 @@ def test_pipeline_layout_trains_the_single_process_model(tmp_path, reference, na
 def test_checkpoint_resumes_across_a_change_of_pp(tmp_path, reference):
     """pp2 -> pp1: a pp2 run's step-3 checkpoint resumed by one process; pp1 -> pp2: the reference's step-3
     checkpoint resumed by a pp2 pipeline. Both continue as the uninterrupted reference did."""
-    world, layout, accum = LAYOUTS["pp2"]
+    world, layout, accum = PIPELINE_LAYOUTS["pp2"]
     ref_path, ref_overrides = reference(accum)
     want = read_metrics(ref_path)
     ref_weights = _weights(ref_path, ref_overrides)
@@ -120,3 +112,15 @@ def test_checkpoint_resumes_across_a_change_of_pp(tmp_path, reference):
     spawn(_train, world, args=(up,), timeout=300)
     _assert_same_steps(read_metrics(tmp_path / "up"), want, (4, 5))
     _assert_same_weights(_weights(tmp_path / "up", up), ref_weights)
+
+
+def test_pipeline_in_bf16_trains_as_one_process_in_bf16(tmp_path, reference):
+    """bf16 autocast inside the stages, the hidden state crossing them in bf16: losses within 2% of one
+    process in bf16 (the stage boundary rounds the residual stream that one process keeps in fp32)."""
+    world, layout, accum = PIPELINE_LAYOUTS["pp2"]
+    ref_path, _ = reference(accum, tuple(PIPELINE_BF16))
+    spawn(_train, world, args=(_common(tmp_path) + layout + PIPELINE_BF16 + ["train.name=bf16"],), timeout=300)
+    got, want = read_metrics(tmp_path / "bf16"), read_metrics(ref_path)
+    for step in range(1, STEPS + 1):
+        for key in ("loss_avg", "aux_loss"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=2e-2), (step, key)

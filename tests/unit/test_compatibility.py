@@ -14,7 +14,7 @@ from expertmesh.config import ConfigError
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 # a config that turns each feature on (under world size 4 where it matters)
-TURN_ON = {"ep": ["parallel.ep=2"], "tp": ["parallel.tp=2"], "fsdp": ["parallel.ep=2"],
+TURN_ON = {"ep": ["parallel.ep=2"], "tp": ["parallel.tp=2"], "pp": ["parallel.pp=2"], "fsdp": ["parallel.ep=2"],
            "fssdp": ["parallel.ep=2", 'moe.placement="fssdp"', "moe.fssdp.reshard_every=0"],
            "diloco": ["diloco.enabled=true"],
            "ac": ['parallel.activation_checkpoint="full"'], "capacity": ["moe.capacity_factor=1.0"],
