@@ -5,11 +5,16 @@
 
 Per arm: the median step time after warm-up, tokens/s, each rank's parameter + optimizer bytes (its local
 tensors: what pp divides and dp repeats) and peak RSS. Per pipeline arm, the measured bubble: the share of a
-rank's step spent outside its stages' forward and backward chunks (wall time around torch's PipelineStage
-`forward_one_chunk`, `backward_one_chunk`, `backward_weight_one_chunk`), averaged over ranks, beside the
+rank's schedule run (torch's `schedule.step`, the optimizer and clip excluded) spent outside its stages'
+forward and backward chunks (wall time around torch's PipelineStage `forward_one_chunk`,
+`backward_one_chunk`, `backward_weight_one_chunk`), averaged over ranks, beside the
 theoretical bubble (p - 1) / (v M + p - 1) of 1F1B (v = 1) and Interleaved1F1B (v stages per rank). torch's
 ZBV and DualPipeV split the backward into input and weight parts; their bubble depends on those parts'
 times, so no closed form is claimed for them.
+
+Every layer is a MoE layer: the theoretical bubbles assume chunks of equal time, and with dense and MoE
+layers alternating, Interleaved1F1B's one-layer chunks differ by about 2x (its bubble measured 1.67x the
+theory that way on this machine, against 1.00x for 1F1B's two-layer stages).
 
 4 processes share this machine's cores: when every stage computes at once, each computes slower than a
 stage alone does (during warm-up and cool-down), which makes the measured bubble smaller than on one core per
@@ -34,10 +39,11 @@ def _train(rank, world, overrides):
     from torch.distributed.pipelining import stage as stage_mod
 
     import expertmesh.launch.train as train_mod
+    import expertmesh.parallel.pipeline as pipeline_mod
     from expertmesh import config
     from expertmesh.launch.env import DistEnv
 
-    busy, steps, held = [0.0], [], {}
+    busy, scheduled, steps, held = [0.0], [0.0], [], {}
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -52,14 +58,25 @@ def _train(rank, world, overrides):
     for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
         setattr(base, name, timed(getattr(base, name)))
 
+    def schedule_timer(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                scheduled[0] += time.perf_counter() - t0
+        return wrapper
+
     def step_timer(fn):
         def wrapper(*a, **k):
-            busy[0] = 0.0
+            busy[0] = scheduled[0] = 0.0
             t0 = time.perf_counter()
             out = fn(*a, **k)
-            steps.append((time.perf_counter() - t0, busy[0]))
+            steps.append((time.perf_counter() - t0, busy[0], scheduled[0]))
             return out
         return wrapper
+
+    pipeline_mod.run_schedule = schedule_timer(pipeline_mod.run_schedule)
 
     train_mod.train_step = step_timer(train_mod.train_step)
     train_mod.pipeline_step = step_timer(train_mod.pipeline_step)
@@ -115,7 +132,7 @@ def main() -> None:
               "moe.expert_dim=64", "data.seq_len=64"] if args.quick else
              ["model.dim=256", "model.n_layers=8", "model.n_heads=4", "model.ffn_dim=512", "moe.num_experts=8",
               "moe.expert_dim=256", "data.seq_len=128"])
-    common = [*model, "moe.every=2", "moe.top_k=2", "data.batch_size=2", "data.max_bytes=400000",
+    common = [*model, "moe.every=1", "moe.top_k=2", "data.batch_size=2", "data.max_bytes=400000",
               f"train.steps={steps}", "train.eval_every=1000", "train.eval_batches=1", "checkpoint.enabled=false",
               "metrics.log_every=1000", 'metrics.wandb_mode="disabled"', "train.threads=1", "moe.aux_loss_coef=0.01"]
     results, by_arm = [], {}
@@ -126,7 +143,7 @@ def main() -> None:
             per_rank = spawn(_train, WORLD, args=(run,), timeout=1200)
             timed = [r["steps"][warmup:] for r in per_rank]
             step_s = statistics.median(max(r[i][0] for r in timed) for i in range(len(timed[0])))
-            bubble = statistics.mean(1 - sum(b for _, b in r) / sum(s for s, _ in r) for r in timed)
+            bubble = statistics.mean(1 - sum(t[1] for t in r) / max(sum(t[2] for t in r), 1e-9) for r in timed)
             tokens = MICRO * 2 * (64 if args.quick else 128)
             row = {"case": f"{WORLD} ranks, global batch {MICRO * 2} x seq", "impl": arm, "median_s": step_s,
                    "tokens_per_s": tokens / step_s,

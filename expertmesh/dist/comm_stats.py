@@ -354,6 +354,10 @@ class CollectiveTap(TorchDispatchMode):
             me, rows = dist.get_rank(group), args[0].shape[0]
             splits = args[2] or [rows // dist.get_world_size(group)] * dist.get_world_size(group)
             self._record(group_name, (rows - splits[me]) * (_nbytes(args[0]) // max(rows, 1)), name)
+        elif not self.comm.busy and ns == "c10d" and name == "send":  # pipeline stages' p2p (torch's isend)
+            tensors, group = args[0], args[1]
+            group = dist.ProcessGroup.unbox(group) if isinstance(group, torch.ScriptObject) else group
+            self._record(group.group_name, sum(_nbytes(t) for t in tensors), name)
         elif not self.comm.busy and ns == "c10d" and name == "alltoall_base_":
             out, inp, group, _out_splits, in_splits = args[:5]
             group = dist.ProcessGroup.unbox(group) if isinstance(group, torch.ScriptObject) else group
@@ -374,7 +378,7 @@ def _op_kind(name: str) -> str:
     for kind, prefixes in (("all_reduce", ("all_reduce", "allreduce")), ("all_gather", ("all_gather", "allgather",
                                                                                           "_allgather")),
                            ("reduce_scatter", ("reduce_scatter", "_reduce_scatter")), ("broadcast", ("broadcast",)),
-                           ("all_to_all", ("all_to_all", "alltoall"))):
+                           ("all_to_all", ("all_to_all", "alltoall")), ("send", ("send",))):
         if name.startswith(prefixes):
             return kind
     return "other"

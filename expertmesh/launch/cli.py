@@ -114,7 +114,7 @@ def cmd_plan(args) -> int:
 
     cfg = config_mod.load(args.config, args.overrides)
     p = cfg.parallel
-    world = args.nproc or (p.dp_replicate * p.dp * p.ep * p.tp if p.dp > 0 else default_nproc())
+    world = args.nproc or (p.pp * p.dp_replicate * p.dp * p.ep * p.tp if p.dp > 0 else default_nproc())
     measured = None
     if args.measured:
         path = Path(args.measured) / "metrics.jsonl"

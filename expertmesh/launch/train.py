@@ -69,7 +69,7 @@ def evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, a
         loss = _evaluate(model, eval_data, cfg, mesh, comm, device, autocast, pipe)
     # FSDP keeps the root's weights gathered after a forward without backward; under DiLoCo they are the
     # global copies just swapped out again. Freed here, the next forward gathers the local weights.
-    for module in model.modules():
+    for module in [*model.modules(), *(pipe.stages if pipe is not None else ())]:  # stages: FSDP's roots under pp
         if isinstance(module, FSDPModule):
             module.reshard()
     return loss

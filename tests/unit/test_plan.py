@@ -1,5 +1,6 @@
 """`expertmesh plan`: memory per rank read off the sharded model; the CLI's output and errors.
-(Predicted communication is checked against measured runs in tests/distributed/test_parallel_layouts.py.)"""
+(Predicted communication is checked against measured runs in tests/distributed/test_parallel_layouts.py, and
+the pipeline's p2p bytes in tests/distributed/test_pipeline.py.)"""
 
 import subprocess
 import sys
@@ -57,3 +58,27 @@ def test_plan_cli_prints_the_table_and_rejects_a_missing_run(tmp_path):
     assert bad.returncode == 2 and f"--measured {tmp_path}: no metrics.jsonl there" in bad.stderr
     wrong = cli("--nproc", "6", "parallel.ep=4")
     assert wrong.returncode == 2 and "does not divide WORLD_SIZE(6)" in wrong.stderr
+
+
+@pytest.mark.parametrize("schedule, v, sends", [
+    ("1F1B", 1, [1, 2, 2, 1]),  # forward to the next stage, gradients back to the previous
+    ("Interleaved1F1B", 2, [3, 4, 4, 4]),  # rank 0: stages 0 and 4; stage 4's input comes from rank 3
+    ("DualPipeV", 2, [3, 4, 4, 3]),  # rank 0: stages 0 and 7; rank 3: stages 3 and 4, which pass locally
+])
+def test_pipeline_plan_stages_bubbles_and_p2p(schedule, v, sends):
+    cfg = config.load(None, ["parallel.pp=4", "model.n_layers=8", "moe.every=1", f"parallel.pp_schedule={schedule}",
+                             f"parallel.pp_stages_per_rank={v}", "parallel.pp_microbatches=8", "train.grad_accum=2"])
+    pl = plan(cfg, 4)
+    pp = pl.pipeline
+    assert pp["bubble"]["1F1B"] == pytest.approx(3 / 11) and pp["bubble"]["Interleaved1F1B"] == pytest.approx(3 / 19)
+    assert sorted(s for r in pp["ranks"] for s in r["stages"]) == list(range(4 * v))
+    assert sorted(i for r in pp["ranks"] for i in r["layers"]) == list(range(8))
+    assert sum(r["params"] for r in pp["ranks"]) == _counts(cfg)["total"]
+    d = cfg.data
+    boundary = d.batch_size * d.seq_len * cfg.model.dim * 4
+    assert [r["p2p_bytes"] for r in pp["ranks"]] == [2 * 8 * n * boundary for n in sends]
+    assert pl.comm["pp"] == pp["ranks"][0]["p2p_bytes"]
+    if schedule == "1F1B":  # rank r holds p - r micro-batches at the peak
+        assert [r["chunks_in_flight"] for r in pp["ranks"]] == [4, 3, 2, 1]
+    # rank 0's parameters are its stages' only (no FSDP: one rank per stage)
+    assert pl.memory["params"] == 4 * pp["ranks"][0]["params"]
