@@ -88,9 +88,10 @@ def test_pipeline_layout_trains_the_single_process_model(tmp_path, reference, na
     got, want = read_metrics(tmp_path / name), read_metrics(ref_path)
     assert got[1]["aux_loss"] > 0 and got[1]["z_loss"] > 0
     _assert_same_steps(got, want, range(1, STEPS + 1))
-    # the stages' p2p bytes (rank 0's, counted from torch's sends) are what `expertmesh plan` predicts
+    # the stages' p2p bytes (rank 0's, counted from torch's sends) are what `expertmesh plan` predicts (after
+    # the first step, which also carries torch's one-time vote between stages)
     predicted = plan(config.load(None, overrides), world).comm["pp"]
-    assert predicted > 0 and all(got[s]["comm_bytes_per_step"]["pp"] == predicted for s in got)
+    assert predicted > 0 and all(got[s]["comm_bytes_per_step"]["pp"] == predicted for s in range(2, STEPS + 1))
     weights, ref_weights = _weights(tmp_path / name, overrides), _weights(ref_path, ref_overrides)
     assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in ref_weights.items())
     _assert_same_weights(weights, ref_weights)

@@ -62,8 +62,10 @@ def test_plan_cli_prints_the_table_and_rejects_a_missing_run(tmp_path):
 
 @pytest.mark.parametrize("schedule, v, sends", [
     ("1F1B", 1, [1, 2, 2, 1]),  # forward to the next stage, gradients back to the previous
-    ("Interleaved1F1B", 2, [3, 4, 4, 4]),  # rank 0: stages 0 and 4; stage 4's input comes from rank 3
-    ("DualPipeV", 2, [3, 4, 4, 3]),  # rank 0: stages 0 and 7; rank 3: stages 3 and 4, which pass locally
+    # rank r: stages r and r + 4; rank 0 sends 0->1, 4->5 forward and 4->3 back; rank 3 has the last stage
+    ("Interleaved1F1B", 2, [3, 4, 4, 3]),
+    # rank r: stages r and 7 - r; rank 0 sends 0->1 forward and 7->6 back; rank 3's stages 3 and 4 pass locally
+    ("DualPipeV", 2, [2, 4, 4, 2]),
 ])
 def test_pipeline_plan_stages_bubbles_and_p2p(schedule, v, sends):
     cfg = config.load(None, ["parallel.pp=4", "model.n_layers=8", "moe.every=1", f"parallel.pp_schedule={schedule}",
