@@ -678,8 +678,6 @@ FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] 
 REFUSED: dict[frozenset[str], str] = {
     frozenset({"pp", "diloco"}): "DiLoCo's worker groups take dp_replicate as the outermost mesh axis, which pp "
                                  "now is (not built yet)",
-    frozenset({"pp", "fssdp"}): "FSSDP's per-step replica exchange inside pipeline stages is not tested yet",
-    frozenset({"pp", "compile"}): "compiled blocks inside pipeline stages are not tested yet",
 }
 
 

@@ -140,6 +140,11 @@ PIPELINE_LAYOUTS = {  # name -> (world, overrides, the reference's grad_accum: m
     "pp2-interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", *_V2], 4),
     "pp2-zbv": (2, ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", *_V2], 4),
     "pp2-dualpipev": (2, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV", *_V2], 4),
+    # FSSDP inside the stages: replicas from a 2-step window, owners moved every 2 steps
+    "pp2xep2-fssdp": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2", 'moe.placement="fssdp"',
+                          "moe.fssdp.window=2", "moe.fssdp.reshard_every=2"], 4),
+    # the blocks compiled (aot_eager) inside the stages, against the eager process
+    "pp2-compiled": (2, ["parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED], 2),
 }
 PIPELINE_COMMON = ["model.n_layers=4", "moe.every=1", "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001",
                    "moe.bias_update_rate=0.01"]
