@@ -675,10 +675,7 @@ FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] 
 }
 
 # Pairs refused at config time, with the reason (one line names both keys).
-REFUSED: dict[frozenset[str], str] = {
-    frozenset({"pp", "diloco"}): "DiLoCo's worker groups take dp_replicate as the outermost mesh axis, which pp "
-                                 "now is (not built yet)",
-}
+REFUSED: dict[frozenset[str], str] = {}
 
 
 def features_of(cfg: JobConfig, world: int | None = None) -> set[str]:

@@ -151,9 +151,15 @@ PIPELINE_COMMON = ["model.n_layers=4", "moe.every=1", "moe.aux_loss_coef=0.01", 
 # the layer's machinery, recomputation and accumulation (the reference has them too, with 2 x the micro-batches)
 PIPELINE_FEATURES = ['parallel.activation_checkpoint="full"', "moe.capacity_factor=1.0", "moe.residual=true",
                      "moe.shared_experts=1"]
-PIPELINE_COMBINED = {"pp2xep2-ac-capacity-residual-shared-accum": (
-    4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2", "train.grad_accum=2", *PIPELINE_FEATURES],
-    8, PIPELINE_FEATURES)}
+PIPELINE_COMBINED = {  # name -> (world, run, reference's grad_accum, reference's features, reference's world)
+    "pp2xep2-ac-capacity-residual-shared-accum": (
+        4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2", "train.grad_accum=2", *PIPELINE_FEATURES],
+        8, PIPELINE_FEATURES, 1)}
+# two DiLoCo workers of pp2 against two DiLoCo workers of one rank each (they read the same micro-batches)
+_PP_DILOCO = ["diloco.enabled=true", "parallel.dp_replicate=2", "diloco.sync_every=4", "diloco.fragments=2",
+              "diloco.overlap=1"]
+PIPELINE_COMBINED["pp2-diloco"] = (4, ["parallel.pp=2", "parallel.pp_microbatches=2", *_PP_DILOCO], 2,
+                                   [*_PP_DILOCO, "parallel.dp_shard=false"], 2)
 PIPELINE_BF16 = ['train.mixed_precision="bf16"']  # pp2 in bf16 against one process in bf16: losses within 2%
 
 # ---- tests/unit/test_model.py: the MoE layer against a loop over tokens and experts ----
@@ -178,9 +184,9 @@ def proofs() -> list[Proof]:
         out.append(Proof(f"combos {name}", world, tuple(run), tuple(ref), ref_world))
     for name, (world, layout, _) in PIPELINE_LAYOUTS.items():
         out.append(Proof(f"pipeline {name}", world, (*PIPELINE_COMMON, *layout), tuple(PIPELINE_COMMON)))
-    for name, (world, layout, _, extra) in PIPELINE_COMBINED.items():  # and accumulation across schedule runs
+    for name, (world, layout, _, extra, ref_world) in PIPELINE_COMBINED.items():
         out.append(Proof(f"pipeline {name}", world, (*PIPELINE_COMMON, *layout), (*PIPELINE_COMMON, *extra),
-                         tests=frozenset({"accum"})))
+                         ref_world, tests=frozenset({"accum"} if "train.grad_accum=2" in layout else ())))
     world, layout, _ = PIPELINE_LAYOUTS["pp2"]
     out.append(Proof("pipeline bf16", world, (*PIPELINE_COMMON, *layout, *PIPELINE_BF16),
                      (*PIPELINE_COMMON, *PIPELINE_BF16)))

@@ -66,9 +66,11 @@ def replica_group(dims):
 
     if dims.dp_replicate == 1:
         return None
-    per_worker = dims.world_size // dims.dp_replicate  # dp_replicate is the outermost axis
-    groups = [[i + w * per_worker for w in range(dims.dp_replicate)] for i in range(per_worker)]
-    group, _ = dist.new_subgroups_by_enumeration(groups, backend=dist.get_backend())
+    groups: dict[tuple, list[int]] = {}  # ranks alike in every coordinate but dp_replicate (pp is outside it)
+    for rank in range(dims.world_size):
+        coord = dims.coordinate(rank)
+        groups.setdefault(tuple(v for axis, v in coord.items() if axis != "dp_replicate"), []).append(rank)
+    group, _ = dist.new_subgroups_by_enumeration(list(groups.values()), backend=dist.get_backend())
     return group
 
 

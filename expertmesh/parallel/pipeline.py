@@ -197,6 +197,7 @@ class Pipeline:
     moe_index: dict[str, int] = field(default_factory=dict)  # layer key -> index among all MoE layers
     experts: list[int] = field(default_factory=list)  # experts of every MoE layer
     v_shaped: bool = False  # ZBVZeroBubble, DualPipeV
+    rows: int = 1  # sequences per micro-batch (data.batch_size): the stages' shapes
 
     @property
     def first(self) -> bool:  # holds stage 0: feeds the tokens
@@ -245,7 +246,7 @@ def build_pipeline(stages: list[StageModule], cfg: JobConfig, mesh: Mesh, device
     schedule = cls(torch_stages if multi else torch_stages[0], n_microbatches=M, loss_fn=loss, scale_grads=False)
     moe = [i for i in range(m.n_layers) if cfg.moe.is_moe(i)]
     return Pipeline(stages, schedule, group, M, loss, {str(i): n for n, i in enumerate(moe)},
-                    cfg.moe.experts_in_layers(m.n_layers), PP_SCHEDULES[p.pp_schedule][1] == "v")
+                    cfg.moe.experts_in_layers(m.n_layers), PP_SCHEDULES[p.pp_schedule][1] == "v", b)
 
 
 class PipelineLoss:
@@ -341,20 +342,23 @@ def _per_micro(pipe: Pipeline, M: int) -> list[list[MoEStats]]:
 
 @torch.no_grad()
 def pipeline_eval_sums(pipe: Pipeline, batches, device, autocast) -> torch.Tensor:
-    """(loss sum, token count) of the held-out batches through the pipeline, forward only: the batches in
-    groups of M micro-batches, a short last group padded with rows that carry no loss (IGNORE)."""
+    """(loss sum, token count) of the held-out batches through the pipeline, forward only: their rows in
+    runs of M micro-batches of the stages' rows (a DiLoCo worker's evaluation batches are larger), a short
+    last run padded with rows that carry no loss (IGNORE)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = list(batches)
+    if not batches:
+        return total
+    xs, ys = torch.cat([bx for bx, _ in batches]), torch.cat([by for _, by in batches])
+    per_run = pipe.rows * pipe.microbatches
+    short = -len(xs) % per_run
+    if short:  # padding: the first row again, every target ignored
+        xs = torch.cat([xs, xs[:1].expand(short, -1)])
+        ys = torch.cat([ys, torch.full_like(ys[:1], IGNORE).expand(short, -1)])
     pipe.loss.sum = True
     try:
-        batches = list(batches)
-        M = pipe.microbatches
-        for start in range(0, len(batches), M):
-            group = batches[start: start + M]
-            while len(group) < M:  # padding: the first batch again, every target ignored
-                group.append((group[0][0], torch.full_like(group[0][1], IGNORE)))
-            x = torch.cat([bx for bx, _ in group]).to(device)
-            y = torch.cat([by for _, by in group]).to(device)
-            run_schedule(pipe, x, y, autocast)
+        for start in range(0, len(xs), per_run):
+            run_schedule(pipe, xs[start: start + per_run].to(device), ys[start: start + per_run].to(device), autocast)
             if pipe.last:
                 total[0] += torch.stack(pipe.loss.values).sum().double()
                 total[1] += torch.stack(pipe.loss.counts).sum().double()
