@@ -127,7 +127,7 @@ def main() -> None:
     args = benchlib.parse_args(__doc__)
     from expertmesh.testing import spawn
 
-    steps, warmup = (3, 1) if args.quick else (12, 3)
+    steps, warmup = (2, 1) if args.quick else (12, 3)
     model = (["model.dim=64", "model.n_layers=8", "model.n_heads=4", "model.ffn_dim=128", "moe.num_experts=8",
               "moe.expert_dim=64", "data.seq_len=64"] if args.quick else
              ["model.dim=256", "model.n_layers=8", "model.n_heads=4", "model.ffn_dim=512", "moe.num_experts=8",

@@ -134,7 +134,6 @@ COMPILE_FEATURES = ["moe.every=1", *_MODEL, "train.grad_accum=2"]
 _V2 = ["parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=4"]
 PIPELINE_LAYOUTS = {  # name -> (world, overrides, the reference's grad_accum: micro-batches x data ranks)
     "pp2": (2, ["parallel.pp=2", "parallel.pp_microbatches=2"], 2),
-    "pp2xep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 4),
     "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_microbatches=2"], 2),
     "pp2xdp2xep2": (8, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_microbatches=2"], 8),
     "pp2-interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", *_V2], 4),
@@ -148,7 +147,8 @@ PIPELINE_LAYOUTS = {  # name -> (world, overrides, the reference's grad_accum: m
 }
 PIPELINE_COMMON = ["model.n_layers=4", "moe.every=1", "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001",
                    "moe.bias_update_rate=0.01"]
-# the layer's machinery, recomputation and accumulation (the reference has them too, with 2 x the micro-batches)
+# pp2 x ep2 with the layer's machinery, recomputation and accumulation (the reference has them too, with 2 x the
+# micro-batches); pp2 x ep2 alone is the FSSDP layout's and this one's common part
 PIPELINE_FEATURES = ['parallel.activation_checkpoint="full"', "moe.capacity_factor=1.0", "moe.residual=true",
                      "moe.shared_experts=1"]
 PIPELINE_COMBINED = {  # name -> (world, run, reference's grad_accum, reference's features, reference's world)
