@@ -1,4 +1,4 @@
-"""Pipeline parallelism against one process reading the same micro-batches: pp2, pp2 x ep2, pp2 x tp2,
+"""Pipeline parallelism against one process reading the same micro-batches: pp2, pp2 x tp2,
 pp2 x dp2 x ep2 (8 ranks, FSDP inside the stages), the multi-stage schedules (Interleaved1F1B, ZBV,
 DualPipeV: 2 stages per rank), FSSDP and compiled blocks inside the stages, two DiLoCo workers of pp2
 (against two DiLoCo workers of one rank each). Load-balance loss, z-loss and
