@@ -45,27 +45,19 @@ def _train(rank, world, overrides):
 
     busy, scheduled, steps, held = [0.0], [0.0], [], {}
 
-    def timed(fn):
+    def timed(fn, into: list):
+        """`fn`, adding its wall time to into[0]."""
         def wrapper(*a, **k):
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                busy[0] += time.perf_counter() - t0
+                into[0] += time.perf_counter() - t0
         return wrapper
 
     base = stage_mod._PipelineStageBase
     for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
-        setattr(base, name, timed(getattr(base, name)))
-
-    def schedule_timer(fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                scheduled[0] += time.perf_counter() - t0
-        return wrapper
+        setattr(base, name, timed(getattr(base, name), busy))
 
     def step_timer(fn):
         def wrapper(*a, **k):
@@ -76,7 +68,7 @@ def _train(rank, world, overrides):
             return out
         return wrapper
 
-    pipeline_mod.run_schedule = schedule_timer(pipeline_mod.run_schedule)
+    pipeline_mod.run_schedule = timed(pipeline_mod.run_schedule, scheduled)
 
     train_mod.train_step = step_timer(train_mod.train_step)
     train_mod.pipeline_step = step_timer(train_mod.pipeline_step)

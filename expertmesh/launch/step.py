@@ -42,10 +42,17 @@ def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, a
         (loss / cfg.train.grad_accum).backward()
         window.add_micro(ce, aux, z, stats, x.numel())
         step_load.append([s.tokens_per_expert_E.detach() for s in stats])
+    return finish_step(cfg, model, par, optimizer, step_load, mesh, comm, fssdp)
+
+
+def finish_step(cfg, model, par, optimizer, step_load, mesh, comm, fssdp=None, across=None) -> torch.Tensor:
+    """What follows the backward passes, with or without a pipeline: FSSDP's load record, the gradient
+    reductions, the clip (its squares also summed over `across`: the pipeline's group), the optimizer step,
+    and the router biases. `step_load`: per micro-batch, the tokens per expert of this rank's MoE layers."""
     if fssdp is not None:
         fssdp.record(step_load)
     par.grad_sync.average()
-    grad_norm = clip_grad_norm(list(model.parameters()), comm, cfg.optim.grad_clip)
+    grad_norm = clip_grad_norm(list(model.parameters()), comm, cfg.optim.grad_clip, across)
     optimizer.step()
     if cfg.moe.bias_update_rate > 0:
         update_router_bias(model, step_load, mesh, comm)
@@ -53,7 +60,10 @@ def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, a
 
 
 def update_router_bias(model, step_load: list[list[torch.Tensor]], mesh: Mesh, comm: Comm) -> None:
-    """Aux-loss-free balancing: every rank applies the same bias step from the same global counts."""
+    """Aux-loss-free balancing: every rank applies the same bias step from the same global counts. A rank
+    without MoE layers (a dense pipeline stage) has none to move; its stage's ranks all skip alike."""
+    if not step_load or not step_load[0]:
+        return
     per_layer = [torch.stack(layer).sum(0) for layer in zip(*step_load, strict=True)]
     sizes = [t.numel() for t in per_layer]
     packed = torch.cat(per_layer)

@@ -84,17 +84,14 @@ def _evaluate(model, eval_data, cfg: JobConfig, mesh: Mesh, comm: Comm, device, 
     eval_tokens, eval_labels = eval_data
     batches = eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches,
                            d.data_rank(rank) % world, world, d.data_world, eval_labels)
-    if pipe is not None:
-        for st in pipe.stages:
-            st.eval()
+    if pipe is not None:  # the stages share the rank model's blocks: model.eval() covers them
         total = pipeline_eval_sums(pipe, batches, device, autocast)
-        for st in pipe.stages:
-            st.train()
-    for x, y in batches if pipe is None else ():
-        with autocast:
-            logits, _ = model(x.to(device))
-        total[0] += token_loss(logits, y.to(device), "sum")
-        total[1] += (y != IGNORE).sum()
+    else:
+        for x, y in batches:
+            with autocast:
+                logits, _ = model(x.to(device))
+            total[0] += token_loss(logits, y.to(device), "sum")
+            total[1] += (y != IGNORE).sum()
     comm.all_reduce(total, mesh.group("dense_dp"), "metrics")
     if pipe is not None:  # the last stage has the sums
         comm.all_reduce(total, mesh.group("pp"), "metrics")

@@ -37,7 +37,6 @@ from expertmesh.config import PP_SCHEDULES, JobConfig, pp_microbatches
 from expertmesh.data.chat import IGNORE
 from expertmesh.models.transformer import Transformer
 from expertmesh.moe.layer import MoEStats
-from expertmesh.parallel.data_parallel import clip_grad_norm
 from expertmesh.parallel.mesh import Mesh
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,7 +281,7 @@ def pipeline_step(pipe: Pipeline, cfg, model, par, optimizer, loader, window, me
     (every rank reads them, so the loader's position is the same on every stage), then the gradient
     reduction inside the stage, the clip over the whole model (one more all-reduce over pp), the
     optimizer, and the router biases of the layers this rank holds."""
-    from expertmesh.launch.step import update_router_bias
+    from expertmesh.launch.step import finish_step
 
     g, M = cfg.train.grad_accum, pipe.microbatches
     optimizer.zero_grad(set_to_none=True)
@@ -303,14 +302,7 @@ def pipeline_step(pipe: Pipeline, cfg, model, par, optimizer, loader, window, me
             z = sum((s.z_loss for s in stats), zero) / max(len(pipe.moe_index), 1)
             window.add_micro(ce, aux, z, stats, batches[i][0].numel() if pipe.first else 0)
             step_load.append([s.tokens_per_expert_E.detach() for s in stats])
-    if fssdp is not None:
-        fssdp.record(step_load)
-    par.grad_sync.average()
-    grad_norm = clip_grad_norm(list(model.parameters()), comm, cfg.optim.grad_clip, across=pipe.group)
-    optimizer.step()
-    if cfg.moe.bias_update_rate > 0 and step_load and step_load[0]:
-        update_router_bias(model, step_load, mesh, comm)
-    return grad_norm
+    return finish_step(cfg, model, par, optimizer, step_load, mesh, comm, fssdp, across=pipe.group)
 
 
 def run_schedule(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, autocast) -> None:
