@@ -675,7 +675,10 @@ FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] 
 }
 
 # Pairs refused at config time, with the reason (one line names both keys).
-REFUSED: dict[frozenset[str], str] = {}
+REFUSED: dict[frozenset[str], str] = {
+    frozenset({"tp", "compile"}): "a compiled block's backward hands tensor parallelism's redistribution a plain "
+                                  "tensor where it needs a DTensor (torch 2.13); run tp blocks eagerly",
+}
 
 
 def features_of(cfg: JobConfig, world: int | None = None) -> set[str]:

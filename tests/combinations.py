@@ -83,8 +83,8 @@ BF16_LAYOUTS = {
 }
 
 # compiled (aot_eager) against the eager single process
-COMPILE_LAYOUTS = {  # ep2 x tp2: FSDP over the ep ranks for dense weights, recomputation around the graphs
-    "ep2xtp2-ac": (4, [*LAYOUTS["ep2xtp2"][1], 'parallel.activation_checkpoint="full"']),
+COMPILE_LAYOUTS = {  # dp2 x ep2: FSDP over the 4 ranks for dense weights, recomputation around the graphs
+    "dp2xep2-ac": (4, [*LAYOUTS["dp2xep2"][1], 'parallel.activation_checkpoint="full"']),
     "ep4-fssdp": LAYOUTS["ep4-fssdp"],
 }
 COMPILED = ["train.compile=true", 'train.compile_backend="aot_eager"']

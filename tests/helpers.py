@@ -33,6 +33,21 @@ def read_metrics(run_path: Path, kind: str = "train") -> dict[int, dict]:
     return out
 
 
+def assert_compiled(records: dict[int, dict], max_graphs: int, pieces: int | None = 1) -> None:
+    """`train.compile`'s proof by effect, for every metrics window: each block forward (training, the
+    recomputation, evaluation) ran compiled graphs (a frame that Dynamo gave up on runs eagerly: none);
+    `pieces` graphs each where the count is fixed (1 for a block without a graph break; None under expert
+    parallelism, whose exchange runs eagerly between graphs and whose recomputation stops after the last
+    tensor it needs); no more graphs compiled than `max_graphs` (per kind of block, piece and grad mode),
+    so a break that nobody planned shows."""
+    assert records, "no train records"
+    for step, rec in records.items():
+        c = rec["compile"]
+        assert c["forwards"] > 0 and c["compiled_forwards"] == c["forwards"], (step, c)
+        assert pieces is None or c["calls"] == pieces * c["forwards"], (step, c)
+        assert 1 <= c["graphs"] <= max_graphs, (step, c)
+
+
 def expertmesh_run(nproc: int, overrides: list[str], env_extra: dict | None = None, timeout: float = 300,
                    extra_args: tuple = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))

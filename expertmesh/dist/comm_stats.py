@@ -325,6 +325,12 @@ class CollectiveTap(TorchDispatchMode):
     which costs ~15% of a small CPU step, so the training loop turns it on for one step per metrics
     window: what FSDP and DTensor send depends only on shapes, the same every step."""
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """Off while Dynamo traces and compiles, on again while compiled graphs run: a mode that Dynamo
+        cannot see through would make every compiled block run eagerly on the sampled step."""
+        return True
+
     def __init__(self, comm: Comm, labels: dict[str, str]) -> None:
         super().__init__()
         self.comm, self.labels = comm, labels

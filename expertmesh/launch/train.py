@@ -237,6 +237,8 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
                 rec["diloco"] = diloco.stats(step)
             if fssdp is not None:
                 rec["fssdp"] = fssdp.stats()
+            if par.compiled is not None:  # this rank's: block forwards, calls into compiled graphs, graphs
+                rec["compile"] = par.compiled.take()
             metrics.log(rec)
         stop = preemption.agreed(comm)
         if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop):

@@ -79,14 +79,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, sum_sq=None, wid
     return (x.float() * torch.rsqrt(ms + eps)).type_as(x) * weight
 
 
-def _attend(q, k, v, cache: KVCache | None, key: int, scale: float | None = None) -> torch.Tensor:
+def _attend(q, k, v, cache: KVCache | None, layer: int | None, scale: float | None = None) -> torch.Tensor:
     """Causal attention of q [B, H, S, Dh] over k, v (fewer heads under GQA); with a `cache` the chunk
-    attends to the cached keys/values too (decoding), and its own are appended."""
+    attends to the cached keys/values too (decoding), and its own are appended under the layer's index.
+    Callers read their index only when a cache is given: torch.compile guards on every value a block's
+    code reads, and one index (or `id(self)`) read per block would make each block a graph of its own."""
     gqa = q.shape[1] != k.shape[1]
     if cache is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     S = q.shape[2]
-    k, v = cache.append(key, k, v)
+    k, v = cache.append(layer, k, v)
     mask_SL = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SL, scale=scale, enable_gqa=gqa)
 
@@ -96,8 +98,9 @@ class Attention(nn.Module):
     over the whole projection). `tp_sync` is attached by tensor parallelism (parallel/tensor.py): it
     sums the per-head norm weights' gradients and the whole-projection norm's squares over tp."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # the KV cache's key (decoding)
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
         self.head_dim, self.eps = cfg.head_dim or cfg.dim // cfg.n_heads, cfg.norm_eps
         self.qk_norm, self.rope_style, self.clip = cfg.qk_norm, cfg.rope_style, cfg.clip_qkv
@@ -133,7 +136,7 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos_SH, sin_SH, self.rope_style), apply_rope(k, cos_SH, sin_SH, self.rope_style)
-        o_BHSDh = _attend(q, k, v, cache, id(self))
+        o_BHSDh = _attend(q, k, v, cache, None if cache is None else self.layer)
         return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -144,8 +147,9 @@ class LatentAttention(nn.Module):
 
     LATENT_EPS = 1e-6  # the low-rank norms' epsilon, fixed whatever model.norm_eps (as DeepSeek-V3 builds them)
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # the KV cache's key (decoding)
         self.n_heads, self.rope_style = cfg.n_heads, cfg.rope_style
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_rank, qk_dim = cfg.kv_lora_rank, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
@@ -186,7 +190,7 @@ class LatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.reshape(B, 1, S, self.rope), cos_SH, sin_SH, self.rope_style)
         q = torch.cat([q_nope, q_rope], -1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], -1)
-        o_BHSDv = _attend(q, k, v, cache, id(self), self.scale)
+        o_BHSDv = _attend(q, k, v, cache, None if cache is None else self.layer, self.scale)
         return self.wo(o_BHSDv.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -196,14 +200,14 @@ class KVCache:
     (speculative decoding drops the rejected drafts)."""
 
     def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer index -> (keys, values)
         self.length = 0
 
-    def append(self, key: int, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor):
-        if key in self.kv:
-            k0, v0 = self.kv[key]
+    def append(self, layer: int, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor):
+        if layer in self.kv:
+            k0, v0 = self.kv[layer]
             k_BHSDh, v_BHSDh = torch.cat([k0, k_BHSDh], 2), torch.cat([v0, v_BHSDh], 2)
-        self.kv[key] = (k_BHSDh, v_BHSDh)
+        self.kv[layer] = (k_BHSDh, v_BHSDh)
         return k_BHSDh, v_BHSDh
 
     def crop(self, length: int) -> None:
@@ -218,7 +222,7 @@ class Block(nn.Module):
         super().__init__()
         m = cfg.model
         self.attention_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
-        self.attention = LatentAttention(m) if m.attention == "mla" else Attention(m)
+        self.attention = (LatentAttention if m.attention == "mla" else Attention)(m, layer_id)
         self.ffn_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.is_moe = cfg.moe.is_moe(layer_id)
         self.ffn = MoELayer(m.dim, cfg.moe, num_experts) if self.is_moe else SwiGLU(m.dim, m.ffn_dim)

@@ -27,6 +27,13 @@ class MoEStats:
     entropy: torch.Tensor
 
 
+@torch.compiler.disable
+def _placed(placement, x_sorted_ND, tokens_per_expert_E, experts):
+    """The placement's exchange runs eagerly between two compiled graphs: its split sizes are host values
+    and its collectives go through the counting wrapper, which Dynamo would cut into many small graphs."""
+    return placement(x_sorted_ND, tokens_per_expert_E, experts)
+
+
 class MoELayer(nn.Module):
     """`num_experts` may differ per layer (PR-MoE's pyramid). Parallelism is attached from outside by
     `parallelize_model`: `self.placement` (expert parallelism; None runs every expert here) and
@@ -73,7 +80,7 @@ class MoELayer(nn.Module):
         if self.placement is None:
             y_sorted_ND = self.experts(x_sorted_ND, tokens_per_expert_E)
         else:
-            y_sorted_ND = self.placement(x_sorted_ND, tokens_per_expert_E, self.experts)
+            y_sorted_ND = _placed(self.placement, x_sorted_ND, tokens_per_expert_E, self.experts)
         out_TD = ops.combine(y_sorted_ND, row_map_TK, topk_w_TK, self.backend)
         if self.residual_mlp is not None:
             c_T2 = F.linear(xr_TD, local(self.coefficient.weight)).softmax(dim=-1)

@@ -51,6 +51,7 @@ class Parallelized:
     bytes_read: int = 0  # checkpoint bytes this rank read (model.hf_path)
     roots: list = field(default_factory=list)  # pipeline stages (parallel/pipeline.py), else empty
     pipeline: object = None  # their schedule (parallel/pipeline.py: Pipeline), set by the trainer
+    compiled: CompileCounts | None = None  # train.compile: what the compiled blocks really ran
 
 
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
@@ -88,16 +89,64 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[key] = checkpoint_wrapper(block)
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+class CompileCounts:
+    """What compiled blocks really ran: graphs compiled, calls into them, block forwards (counted by a hook
+    outside the compiled code) and how many of those forwards ran at least one compiled graph. A frame
+    that Dynamo gives up on (recompile limit, a mode it will not trace under) runs eagerly: no call.
+    A block whose code breaks the graph runs several graphs per forward (expert parallelism's exchange)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self.calls = 0
+        self.forwards = 0
+        self.compiled_forwards = 0
+        self._open = False  # a forward began and has not called a graph yet (blocks do not nest)
+
+    def backend(self, name: str):
+        """`name`'s Dynamo backend with every graph it compiles counted, and every call into one."""
+        compile_graph = torch._dynamo.lookup_backend(name)
+
+        def counted(gm, example_inputs):
+            self.graphs += 1
+            compiled = compile_graph(gm, example_inputs)
+
+            def call(*args):
+                self.calls += 1
+                self.compiled_forwards += self._open
+                self._open = False
+                return compiled(*args)
+            return call
+
+        return counted
+
+    def count_forward(self, _module, _args) -> None:
+        self.forwards += 1
+        self._open = True
+
+    def take(self) -> dict:
+        """Since the last call: block forwards, those that ran compiled, calls into graphs; graphs in all."""
+        out = {"graphs": self.graphs, "calls": self.calls, "forwards": self.forwards,
+               "compiled_forwards": self.compiled_forwards}
+        self.calls = self.forwards = self.compiled_forwards = 0
+        return out
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> CompileCounts:
     """Regional compilation, as torchtitan does it: each block's forward through torch.compile (the blocks
-    share one code object, so one graph serves them all). Only the forward method is replaced: parameter
-    names, hooks (FSDP's, TP's input plans, FSSDP's prefetch) and checkpoints are those of the eager model.
-    Expert parallelism's split sizes are host values, so the all-to-all runs between two graphs."""
+    share one code object, so one graph serves every block of a kind). Only the forward method is replaced:
+    parameter names, hooks (FSDP's, TP's input plans, FSSDP's prefetch) and checkpoints are those of the
+    eager model. Expert parallelism's exchange (host split sizes, counted collectives) runs eagerly
+    (moe/layer.py: `_placed`): a MoE block then runs as the graphs before and after it (4 in torch 2.13,
+    the resumed MoE layer and block each their own)."""
     # dispatch's output size is data-dependent: its fake gives an unbacked size, traced, not a graph break
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    counts = CompileCounts()
+    compiled_backend = counts.backend(backend)
     for block in model.layers.values():
         inner = getattr(block, "_checkpoint_wrapped_module", block)
-        inner.forward = torch.compile(inner.forward, backend=backend)
+        inner.register_forward_pre_hook(counts.count_forward)
+        inner.forward = torch.compile(inner.forward, backend=compiled_backend)
+    return counts
 
 
 def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False, dtype: torch.dtype | None = None,
@@ -164,9 +213,10 @@ def load_weights(model: nn.Module, cfg: JobConfig) -> int:
 
 
 def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm, dtype: torch.dtype | None = None,
-                make_roots=None) -> tuple[bool, list[nn.Module]]:
-    """Steps 1-4 on a meta-device model; returns whether FSDP manages the dense weights, and the modules
-    `make_roots(model)` built after steps 1-3 (pipeline stages: FSDP's roots; none without it)."""
+                make_roots=None) -> tuple[bool, list[nn.Module], CompileCounts | None]:
+    """Steps 1-4 on a meta-device model; returns whether FSDP manages the dense weights, the modules
+    `make_roots(model)` built after steps 1-3 (pipeline stages: FSDP's roots; none without it), and the
+    compiled blocks' counts (train.compile)."""
     d, p = mesh.dims, cfg.parallel
     if d.tp > 1:
         apply_tensor_parallel(model, mesh.views["tp"], p, comm)
@@ -174,19 +224,18 @@ def shard_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm, dtype:
         place_experts(model, mesh, cfg, comm)
     if p.activation_checkpoint == "full":
         apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        apply_compile(model, cfg.train.compile_backend)
+    counts = apply_compile(model, cfg.train.compile_backend) if cfg.train.compile else None
     roots = make_roots(model) if make_roots is not None else []
     fsdp = p.dp_shard and d.degree("dense_dp") > 1
     if fsdp:
         apply_fsdp(model, mesh, cfg.moe.placement == "fssdp", dtype, roots or None)
-    return fsdp, roots
+    return fsdp, roots, counts
 
 
 def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torch.device, comm: Comm,
                       make_roots=None):
     """`make_roots(model)`: under pp, the stage modules over the placed blocks (see shard_model)."""
-    fsdp, roots = shard_model(model, mesh, cfg, comm, compute_dtype(cfg, device), make_roots)
+    fsdp, roots, counts = shard_model(model, mesh, cfg, comm, compute_dtype(cfg, device), make_roots)
     model.to_empty(device=device)
     for root in roots if fsdp else []:  # FSDP's roots re-point their sharded parameters at the new storage
         root.to_empty(device=device)
@@ -194,4 +243,4 @@ def parallelize_model(model: nn.Module, mesh: Mesh, cfg: JobConfig, device: torc
         model.tie_weights()
     nbytes = load_weights(model, cfg)
     grad_sync = build_grad_sync(model, mesh, fsdp, comm, cfg.moe.placement == "fssdp")
-    return Parallelized(model, grad_sync, fsdp, nbytes, roots)
+    return Parallelized(model, grad_sync, fsdp, nbytes, roots, compiled=counts)

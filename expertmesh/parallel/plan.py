@@ -140,7 +140,7 @@ def plan(cfg: JobConfig, world: int) -> Plan:
         else:
             with torch.device("meta"):
                 model = Transformer(cfg)
-        fsdp, _ = shard_model(model, mesh, cfg, Comm())
+        fsdp, _, _ = shard_model(model, mesh, cfg, Comm())
         param_bytes = sum(_local_numel(p) * p.element_size() for p in model.parameters())
         units = _fsdp_units(model) if fsdp else []
         experts = {id(p) for p in expert_params(model)} if dims.ep > 1 else set()

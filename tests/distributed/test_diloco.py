@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from combinations import COMPILED, DILOCO_AS_PLAIN, DILOCO_PLAIN_FEATURES, DILOCO_WORKERS
-from helpers import read_metrics
+from helpers import assert_compiled, read_metrics
 
 from expertmesh import config
 from expertmesh.launch.env import DistEnv
@@ -139,6 +139,7 @@ def test_diloco_composes_with_compile_and_bf16(run_distributed, tiny_overrides, 
                     timeout=300)
     eager, compiled, bf16 = (read_metrics(tmp_path / name) for name in variants)
     assert eager[6]["diloco"]["outer_steps"] >= 5
+    assert_compiled(compiled, max_graphs=4)  # a dense and a MoE block, with and without grad
     for step in range(1, 7):
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-5), step
         assert bf16[step]["loss"] == pytest.approx(eager[step]["loss"], rel=0.02), step

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 from combinations import BF16_LAYOUTS, COMPILE_LAYOUTS, COMPILED, FEATURE_LAYOUTS, LAYOUTS, VARIANTS
-from helpers import read_metrics, tiny_overrides
+from helpers import assert_compiled, read_metrics, tiny_overrides
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from expertmesh import config
@@ -196,5 +196,5 @@ def test_bf16_tracks_fp32_and_halves_the_bytes(run_distributed, tmp_path, name):
 @pytest.mark.parametrize("name", list(COMPILE_LAYOUTS))
 def test_compiled_layout_trains_the_single_process_model(run_distributed, tmp_path, single, name):
     world, layout = COMPILE_LAYOUTS[name]
-    _train_like_single(run_distributed, tmp_path, single, f"compiled-{name}", world,
-                       [*layout, *COMPILED])
+    got, _ = _train_like_single(run_distributed, tmp_path, single, f"compiled-{name}", world, [*layout, *COMPILED])
+    assert_compiled(got, max_graphs=8, pieces=None)  # MoE blocks of 4 graphs (see apply.py), with and without grad

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 from combinations import PIPELINE_BF16, PIPELINE_COMBINED, PIPELINE_COMMON, PIPELINE_LAYOUTS
-from helpers import read_metrics, tiny_overrides
+from helpers import assert_compiled, read_metrics, tiny_overrides
 
 import expertmesh.launch.train as train_mod
 from expertmesh import config
@@ -88,6 +88,8 @@ def test_pipeline_layout_trains_the_single_process_model(tmp_path, reference, na
     spawn(_train, world, args=(overrides,), timeout=300)
     got, want = read_metrics(tmp_path / name), read_metrics(ref_path)
     assert got[1]["aux_loss"] > 0 and got[1]["z_loss"] > 0
+    if "compiled" in name:  # every block forward inside the stages one compiled graph, with and without grad
+        assert_compiled(got, max_graphs=2)
     if "fssdp" in name:  # hot experts replicated and owners moved, inside each stage
         assert any(sum(got[s]["fssdp"]["replicas"]) for s in got) and got[STEPS]["fssdp"]["reshards"] >= 1
     _assert_same_steps(got, want, range(1, STEPS + 1))

@@ -2,11 +2,13 @@
 compiled training computes what eager training computes: fp32 through inductor's C++ backend, and bf16
 traced (aot_eager: inductor's bf16 C++ kernels round differently from eager's, which is no test)."""
 
+import logging
+
 import pytest
 import torch
 import torch._dynamo
-from combinations import COMPILE_FEATURES
-from helpers import read_metrics
+from combinations import COMPILE_FEATURES, COMPILED
+from helpers import assert_compiled, read_metrics
 from torch._dynamo.utils import counters
 
 from expertmesh import config
@@ -57,7 +59,29 @@ def test_compiled_training_equals_eager(tmp_path, tiny_overrides, precision, bac
                                         f'train.compile_backend="{backend}"']), DistEnv(0, 0, 1, 1, "single"))
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled, one graph per block
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert_compiled(compiled, max_graphs=2)  # every block forward of every step one graph: with and without grad
     for step in range(1, 6):
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-5), step
         assert compiled[step]["grad_norm"] == pytest.approx(eager[step]["grad_norm"], rel=1e-4), step
         assert compiled[step]["dropped_tokens"] == eager[step]["dropped_tokens"], step
+
+
+def test_every_block_of_every_step_runs_a_compiled_graph(tmp_path, tiny_overrides, caplog):
+    """Ten blocks (more than Dynamo's recompile limit of 8), dense and MoE: every block forward of every step
+    is one call into a compiled graph (counted by `CompileCounts`), on the steps the collective tap samples,
+    the first step after an evaluation and after a resume, with one graph per kind of block and grad mode.
+    Any per-block value in the traced code (`id(self)` as the KV-cache key was one) recompiles per block
+    until the limit, then runs eagerly: calls < forwards."""
+    common = tiny_overrides + ["model.n_layers=10", "moe.every=2", "train.grad_accum=2", "metrics.log_every=1",
+                               "train.eval_every=2", "checkpoint.every=3", "train.threads=2", *COMPILED]
+    caplog.set_level(logging.WARNING, logger="torch._dynamo")
+    for steps in (3, 5):  # the second run resumes from the first's step-3 checkpoint
+        torch._dynamo.reset()  # a resumed run is a new process
+        run(config.load(None, common + [f"train.steps={steps}"]), DistEnv(0, 0, 1, 1, "single"))
+    records = read_metrics(tmp_path / "default")
+    assert sorted(records) == [1, 2, 3, 4, 5]
+    assert_compiled(records, max_graphs=4)  # dense and MoE blocks, with and without grad
+    # each record: 10 blocks x 2 micro-batches, and one evaluation of 2 batches (step 0's in step 1's record;
+    # then every 2nd step, and each run's last)
+    assert all(rec["compile"]["forwards"] == 10 * 2 + 10 * 2 for rec in records.values())
+    assert not [r for r in caplog.records if "recompile" in r.getMessage().lower()]
