@@ -48,6 +48,25 @@ def assert_compiled(records: dict[int, dict], max_graphs: int, pieces: int | Non
         assert 1 <= c["graphs"] <= max_graphs, (step, c)
 
 
+def failure(r: subprocess.CompletedProcess) -> str:
+    """What a failed subprocess said, for an assertion message: the exit code, the child's own last
+    traceback (or abort message) from its output, then the last lines. torchrun ends its stderr with its
+    own summary ("ChildFailedError ... root cause"), which alone does not say what failed."""
+    text = (r.stdout or "") + "\n" + (r.stderr or "")
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line
+              or "terminate called" in line or "Fatal Python error" in line]
+    cause = ""
+    if starts:
+        end = starts[-1] + 1
+        while end < len(lines) and end - starts[-1] < 60 and (lines[end].startswith((" ", "\t", "[rank"))
+                                                               or "Error" in lines[end] or not lines[end].strip()):
+            end += 1
+        cause = "\n".join(lines[starts[-1]: end + 1])
+    return f"exit code {r.returncode}\n--- the child's error ---\n{cause or '(no traceback)'}\n" \
+           f"--- last lines ---\n" + "\n".join(lines[-30:])
+
+
 def expertmesh_run(nproc: int, overrides: list[str], env_extra: dict | None = None, timeout: float = 300,
                    extra_args: tuple = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))
@@ -93,10 +112,10 @@ def assert_restart_reproduces(common: list[str], run_dir: Path) -> None:
     """Runs `common` on 2 ranks twice: uninterrupted, and with rank 1 SIGKILLed after step 7 and
     torchrun restarting the job; the restarted run must resume from step 6 with identical losses."""
     ref = expertmesh_run(2, common + ["train.name=ref"])
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert ref.returncode == 0, failure(ref)
     crashed = expertmesh_run(2, common + ["train.name=crash"], env_extra={"EXPERTMESH_KILL_AT": "7:1"},
                              extra_args=("--max-restarts", "1"))
-    assert crashed.returncode == 0, crashed.stderr[-3000:]
+    assert crashed.returncode == 0, failure(crashed)
     assert "resumed from" in crashed.stdout and "step-6" in crashed.stdout
     ref_losses = {s: r["loss"] for s, r in read_metrics(run_dir / "ref").items()}
     assert {s: r["loss"] for s, r in read_metrics(run_dir / "crash").items()} == ref_losses

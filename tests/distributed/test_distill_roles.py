@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, make_run, wandb_records
+from helpers import ROOT, failure, make_run, wandb_records
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +26,7 @@ def test_servers_use_the_trainers_weights_and_answer_each_request_once(tmp_path,
            f"distill.overlap={str(overlap).lower()}", f"distill.trainers={trainers}",
            f"metrics.wandb_mode={'offline' if overlap else 'disabled'}", "train.threads=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     run = tmp_path / "runs" / "default"
     metrics = lines(run / "metrics.jsonl")
     updates = {r["version"]: r["digest"] for r in metrics if r["kind"] == "draft_update"}
@@ -73,7 +73,7 @@ def test_a_resumed_job_with_two_servers_continues_the_stream_and_the_draft(tmp_p
                "distill.max_new_tokens=8", "distill.prompt_len=10", "distill.update_every=2", "distill.batch_size=2",
                "distill.save_every=1", "distill.trainers=1", "metrics.wandb_mode=disabled", "train.threads=1"]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, failure(proc)
 
     run = tmp_path / "runs" / "default"
     distill('["stdlib:6"]')

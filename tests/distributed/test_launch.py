@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, assert_restart_reproduces, read_metrics
+from helpers import ROOT, assert_restart_reproduces, failure, read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -23,7 +23,7 @@ def _cli(*args):
 def test_submit_dry_run_renders_the_sbatch_script(nodes):
     r = _cli("submit", "--config", "configs/default.toml", "--nodes", str(nodes), "--gpus-per-node", "8",
              "--partition", "gpu", "--time", "01:00:00", "--dry-run", "parallel.ep=4", "train.steps=20")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, failure(r)
     lines = r.stdout.splitlines()
     assert lines[0] == "#!/usr/bin/env bash"
     for expected in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
@@ -42,7 +42,7 @@ def test_submit_dry_run_renders_the_sbatch_script(nodes):
 def test_an_elastic_diloco_worker_submits_as_its_own_job():
     r = _cli("submit", "--nodes", "1", "--procs-per-node", "2", "--dry-run", "train.name=el", "diloco.enabled=true",
              "diloco.elastic=true", "diloco.workers=2", "diloco.worker=1", 'diloco.store="h:29600"')
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, failure(r)
     assert "/runs/el/worker1/slurm-%j.out" in r.stdout and "diloco.worker=1" in r.stdout
     r = _cli("diloco-store", "no-port")
     assert r.returncode == 2 and "give host:port" in r.stderr
@@ -106,7 +106,7 @@ def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_pa
                                             "checkpoint.enabled=false", "metrics.wandb_mode=offline"]),
         DistEnv(0, 0, 1, 1, "single"))
     r = _cli("report", str(tmp_path / "default"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, failure(r)
     out = tmp_path / "default" / "report"
     for name in ("loss", "throughput", "comm", "expert_load", "imbalance"):
         png = out / f"{name}.png"
@@ -132,6 +132,6 @@ def test_torchrun_script_runs_a_job(tiny_overrides, tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2")
     r = subprocess.run(["bash", "launch/torchrun.sh", *tiny_overrides, "train.steps=3", "metrics.log_every=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure(r)
     assert sorted(read_metrics(tmp_path / "default")) == [1, 2, 3]
     assert r.stdout.count("step 3/3 | loss") == 1

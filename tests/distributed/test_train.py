@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from helpers import expertmesh_run, read_metrics, wandb_records
+from helpers import expertmesh_run, failure, read_metrics, wandb_records
 
 from expertmesh import config
 from expertmesh.launch.env import DistEnv
@@ -73,7 +73,7 @@ def test_killed_run_resumes_with_identical_losses(tiny_overrides, tmp_path):
     common = tiny_overrides + ["train.steps=12", "metrics.log_every=1", "checkpoint.every=4", "train.eval_every=6",
                                "model.dim=64", "data.batch_size=8"]
     ref = expertmesh_run(2, common + ["train.name=ref"])
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, failure(ref)
 
     resumed = common + ["train.name=cut", "metrics.wandb_mode=offline"]
     killed = expertmesh_run(2, resumed, env_extra={"EXPERTMESH_KILL_AT": "10:1"})
@@ -84,7 +84,7 @@ def test_killed_run_resumes_with_identical_losses(tiny_overrides, tmp_path):
     assert max(before) == 10
 
     again = expertmesh_run(2, resumed)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, failure(again)
     assert "resumed from" in again.stdout and "step-8" in again.stdout
     assert again.stdout.count("step 12/12 | loss") == 1  # only rank 0 prints
 

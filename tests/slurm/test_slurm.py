@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import failure
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def _wait(predicate, timeout, what):
 def _submit(env, run_dir, overrides):
     r = _cli(env, "submit", "--nodes", "1", "--procs-per-node", "2", "--time", "00:10:00",
              f"train.run_dir={run_dir}", *TINY, *overrides)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, failure(r)
     return r.stdout.split()[2].rstrip(";")
 
 

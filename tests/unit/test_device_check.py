@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import failure
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "gpu" / "device_check.sh"
 STEPS = ["nvidia_smi", "torch_cuda", "toolchain", "build", "cuda_ops", "pytest_gpu", "train_compile", "train_eager",
@@ -29,12 +31,12 @@ def _run(script: Path, *args, cwd=ROOT, **env) -> subprocess.CompletedProcess:
 
 def test_script_parses():
     r = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, failure(r)
 
 
 def test_dry_run_finds_everything_and_prints_every_step():
     r = _run(SCRIPT, "--dry")
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, failure(r)
     for step in STEPS:
         assert f"[dry] {step} " in r.stdout
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import failure
 import torch
 
 from expertmesh import config
@@ -50,7 +51,7 @@ def test_plan_cli_prints_the_table_and_rejects_a_missing_run(tmp_path):
                               text=True, cwd=ROOT, timeout=120)
 
     ok = cli("--nproc", "8", "parallel.ep=2", "parallel.tp=2")
-    assert ok.returncode == 0, ok.stderr
+    assert ok.returncode == 0, failure(ok)
     for view in ("dense_dp", "expert_dp", "ep", "tp"):
         assert f"  {view}" in ok.stdout
     assert "dp=2 ep=2 tp=2 (world 8)" in ok.stdout and "optimizer" in ok.stdout
