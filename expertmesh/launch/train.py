@@ -36,7 +36,7 @@ from expertmesh.dist.checkpoint import Checkpointer, latest_intact, rng_state, s
 from expertmesh.dist.comm_stats import CollectiveTap, Comm, view_labels
 from expertmesh.dist.diloco import replica_group
 from expertmesh.dist.fssdp import FSSDP
-from expertmesh.launch.control import Preemption, maybe_inject_fault, requeue_slurm_job
+from expertmesh.launch.control import Preemption, maybe_hold, maybe_inject_fault, requeue_slurm_job
 from expertmesh.launch.env import DistEnv, control_group, init_distributed, pick_device, set_threads
 from expertmesh.launch.rank import rank_main
 from expertmesh.launch.step import token_loss, train_step
@@ -250,6 +250,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
             with fssdp.canonical(optimizer) if fssdp is not None else nullcontext():  # expert order on disk
                 checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()}, per_rank, layout)
         maybe_inject_fault(step, env)
+        maybe_hold(step)
         if stop:
             metrics.close()  # flush W&B before the requeue: Slurm kills the job right after it
             if not cfg.checkpoint.enabled:  # a requeued job would start over: stop, and say so
