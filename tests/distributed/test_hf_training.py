@@ -91,16 +91,18 @@ def test_fine_tune_from_hf_matches_one_process_and_exports(run_distributed, tmp_
 
 def test_capacity_dropping_matches_accumulation(run_distributed, tmp_path, hf_dirs):
     """Capacity is per local batch: ep2 (2 ranks of 4 sequences) drops exactly what one process dropping per
-    micro-batch of 4 with 2 micro-batches per step does, so their mean losses and gradient norms agree. (Two
-    steps: a drop is a discrete choice, so after a few updates a 1e-7 difference can flip a tie.)"""
-    common = _overrides(tmp_path, hf_dirs["qwen3_moe"], 2) + ["moe.capacity_factor=1.0", "data.batch_size=4"]
+    micro-batch of 4 with 2 micro-batches per step does, so their mean losses and gradient norms agree.
+    Compared at step 1, where both start from the same weights: a drop is a discrete choice, and after one
+    update the two runs' weights differ by rounding (up to ~1e-6, benchmarks/results/noise_floor.json), which
+    flipped a capacity tie at step 2 on AVX-512 and AVX2 kernels (loss 5.84640 against 5.84680)."""
+    common = _overrides(tmp_path, hf_dirs["qwen3_moe"], 1) + ["moe.capacity_factor=1.0", "data.batch_size=4"]
     run_distributed(_train, 1, common + ["train.name=single", "train.grad_accum=2"], timeout=300)
     run_distributed(_train, 2, common + ["train.name=ep2", "parallel.ep=2"], timeout=300)
     ref, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ep2")
     assert got[1]["dropped_tokens"] > 0 and got[1]["dropped_tokens"] == ref[1]["dropped_tokens"]
-    for step in (1, 2):
-        assert got[step]["loss_avg"] == pytest.approx(ref[step]["loss_avg"], rel=1e-5), step
-        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+    assert got[1]["expert_load"] == ref[1]["expert_load"]
+    assert got[1]["loss_avg"] == pytest.approx(ref[1]["loss_avg"], rel=1e-5)
+    assert got[1]["grad_norm"] == pytest.approx(ref[1]["grad_norm"], rel=1e-4)
 
 
 def _load(rank, world, overrides):

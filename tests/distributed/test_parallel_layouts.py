@@ -64,8 +64,9 @@ def _train_like_single(run_distributed, tmp_path, single, name, world, layout):
         assert got[step]["grad_norm"] == pytest.approx(ref_metrics[step]["grad_norm"], rel=1e-4), step
     weights = _final_weights(tmp_path / name, tmp_path)
     assert sorted(weights) == sorted(ref_weights)
-    for key, ref in ref_weights.items():
-        torch.testing.assert_close(weights[key], ref, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    for key, ref in ref_weights.items():  # atol: the measured rounding floor of the final weights is 2.1e-6
+        # (benchmarks/results/noise_floor.json: one process under other kernel levels and thread counts)
+        torch.testing.assert_close(weights[key], ref, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
     return got, overrides
 
 

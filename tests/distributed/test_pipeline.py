@@ -71,9 +71,12 @@ def _assert_same_steps(got, want, steps):
 
 
 def _assert_same_weights(got: dict, want: dict):
+    """atol 1e-5: this very reference run under other kernel levels and thread counts (summation order only)
+    ends up to 2.1e-6 apart (benchmarks/noise_floor.py, results/noise_floor.json: Adam turns rounding in a
+    near-zero gradient into a whole step); a lost or doubled gradient term moves weights by 1e-4 and more."""
     assert got.keys() == want.keys()
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 RUNS = {name: (world, layout, accum, (), 1) for name, (world, layout, accum) in PIPELINE_LAYOUTS.items()}
