@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NPROC ?= 4
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup train test test-isa bench lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,19 @@ train: setup
 
 test: setup
 	$(VPY) -m pytest -q --durations=25 tests
+
+# The suite under each CPU kernel level this machine has (ISA="default avx2 avx512" by default, as the CPU
+# allows; e.g. `make test-isa ISA=default`): ATen's, MKL's and oneDNN's kernels lowered alike, so the rounding
+# differs from the widest kernels' that `make test` uses.
+ISA ?= default $(shell grep -qw avx2 /proc/cpuinfo && echo avx2) $(shell grep -qw avx512f /proc/cpuinfo && echo avx512)
+
+test-isa: setup
+	@for level in $(ISA); do \
+	  case $$level in default) mkl=SSE4_2; dnnl=SSE41;; avx2) mkl=AVX2; dnnl=AVX2;; avx512) mkl=AVX512; dnnl=AVX512_CORE;; \
+	  *) echo "ISA=$$level: not one of default avx2 avx512"; exit 2;; esac; \
+	  echo "== ATEN_CPU_CAPABILITY=$$level MKL_ENABLE_INSTRUCTIONS=$$mkl DNNL_MAX_CPU_ISA=$$dnnl"; \
+	  ATEN_CPU_CAPABILITY=$$level MKL_ENABLE_INSTRUCTIONS=$$mkl DNNL_MAX_CPU_ISA=$$dnnl \
+	    $(VPY) -m pytest -q --durations=25 tests || exit 1; done
 
 bench: setup
 	DS_BUILD_OPS=0 $(VPY) -m pip install --quiet --no-build-isolation -e '.[bench]'
