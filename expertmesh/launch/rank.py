@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import logging
 import signal
 import sys
@@ -34,22 +36,40 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def shutdown(finished: bool, timeout_s: float = 120.0) -> None:
+    """Ends the process group in order. A rank that finished waits for its peers first (a bounded barrier):
+    tearing down its gloo connections while a peer is still inside a collective with it fails the peer.
+    Then every group is destroyed and collected while the interpreter is whole, so no process group's
+    worker threads are left for interpreter teardown to destroy while still joinable (which aborts the
+    process: "terminate called without an active exception", exit code 1 after a finished run)."""
+    if not dist.is_initialized():
+        return
+    if finished and dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as err:  # a peer failed or hung: its own error is the one that matters
+            logging.getLogger("expertmesh").warning("a peer did not reach the end of the run: %s",
+                                                    str(err).splitlines()[0][:200])
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def rank_main(run_fn, argv=None, **parser) -> int:
     """One rank of a job: parse, detect torchrun/Slurm/single, run; config errors said once, exit 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv, **parser)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    env = None
+    env, finished = None, False
     try:
         env = detect()
         setup_logging(env)
         cfg = config_mod.load(args.config, args.overrides)
         run_fn(cfg, env)
+        finished = True
     except (ConfigError, CheckpointError) as e:
         # The same deterministic problem on every rank: say it once.
         if env is None or env.is_rank0:
             print(f"expertmesh: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(finished)
     return 0
