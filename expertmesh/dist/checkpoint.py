@@ -54,6 +54,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason."""
 
 
+import torch.distributed.checkpoint.metadata as _DCP_METADATA  # noqa: E402
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's `.metadata` is a pickle: only the types DCP writes into it are let through."""
 
@@ -62,9 +65,14 @@ class _MetadataUnpickler(pickle.Unpickler):
                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED or module == "torch.distributed.checkpoint.metadata":
+        # Names only, never dotted paths: pickle resolves "os.system" under any module that imports os.
+        if "." not in name and (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        if "." not in name and module == _DCP_METADATA.__name__:  # the classes DCP defines there, nothing else
+            obj = getattr(_DCP_METADATA, name, None)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise CheckpointError(f"refusing to unpickle {module}.{name}: not a type DCP writes into .metadata "
                               "(the checkpoint may carry code)")

@@ -40,6 +40,27 @@ def test_planted_metadata_pickle_is_refused(tmp_path):
     assert not flag.exists()
 
 
+def _short(text: str) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+@pytest.mark.parametrize("module, name", [("torch.distributed.checkpoint.metadata", "os.system"),
+                                          ("torch.distributed.checkpoint.metadata", "os"),
+                                          ("torch", "os.system"), ("collections", "OrderedDict.__init__")])
+def test_a_dotted_or_imported_name_under_an_allowed_module_is_refused(tmp_path, module, name):
+    """Pickle protocol 4 resolves a dotted name through the module's attributes: ("...metadata", "os.system")
+    is os.system, since that module imports os. A planted `.metadata` naming it must not run."""
+    model = torch.nn.Linear(4, 3)
+    path = save_model(tmp_path / "run", 5, model)
+    flag = tmp_path / "ran"
+    call = b"\x93" + _short(f"touch {flag}") + b"\x85R." if name.endswith("system") else b"\x93."
+    (path / ".metadata").write_bytes(b"\x80\x04" + _short(module) + _short(name) + call)
+    _reseal(path)
+    with pytest.raises(CheckpointError, match=f"refusing to unpickle {module}.{name}"):
+        load_model(path, torch.nn.Linear(4, 3))
+    assert not flag.exists()
+
+
 def test_planted_item_and_per_rank_pickles_are_refused(tmp_path):
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters())
