@@ -1,7 +1,9 @@
 """Where the serving ranks' requests come from: a JSONL file, stdin, or the built-in synthetic stream.
 
 A JSONL line (or a stdin line) is {"prompt": text} or {"tokens": [ids]}, with optional "id" and
-"domain" (metrics are kept per domain); a stdin line that is not JSON is a plain-text prompt.
+"domain" (metrics are kept per domain); a stdin line that is not JSON is a plain-text prompt. A line that
+is none of these is still a request, one that carries its `error`: the server answers it with an error
+line, as it does a prompt too long for the models, and goes on (one bad request never stops the service).
 The synthetic stream cuts `prompt_len`-token prompts from the held-out end (the last tenth) of a
 built-in text domain, `domain:count` entries in order (e.g. 400 from stdlib, then 400 from headers).
 Every serving rank reads the same stream and answers the requests whose index i has
@@ -29,9 +31,12 @@ class Request:
     id: str
     domain: str
     tokens: list[int]
+    error: str | None = None  # a malformed line: answered with this error, never decoded
 
 
-def _parse(line: str, lineno: int, where: str, tokenizer, plain_ok: bool) -> tuple[str, str, list[int]] | None:
+def _parse(line: str, lineno: int, where: str, tokenizer,
+           plain_ok: bool) -> tuple[str, str, list[int], str | None] | None:
+    """(id, domain, tokens, error) of one line; None for a blank line."""
     line = line.strip()
     if not line:
         return None
@@ -39,22 +44,25 @@ def _parse(line: str, lineno: int, where: str, tokenizer, plain_ok: bool) -> tup
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         if plain_ok:
-            return str(lineno), "default", tokenizer.encode(line).tolist()
-        raise ConfigError(f"{where}:{lineno} is not valid JSON: {e.msg}") from None
+            return str(lineno), "default", tokenizer.encode(line).tolist(), None
+        return str(lineno), "default", [], f"{where}:{lineno} is not valid JSON: {e.msg}"
     if not isinstance(rec, dict) or ("prompt" in rec) == ("tokens" in rec):
-        raise ConfigError(f"{where}:{lineno} needs exactly one of 'prompt' (text) or 'tokens' (ids)")
+        rid = str(rec.get("id", lineno)) if isinstance(rec, dict) else str(lineno)
+        return rid, "default", [], f"{where}:{lineno} needs exactly one of 'prompt' (text) or 'tokens' (ids)"
+    rid, domain = str(rec.get("id", lineno)), str(rec.get("domain", "default"))
     if "tokens" in rec:
         tokens = rec["tokens"]
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
-            raise ConfigError(f"{where}:{lineno} 'tokens' must be a non-empty list of token ids")
+        if not isinstance(tokens, list) or not tokens or \
+                not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+            return rid, domain, [], f"{where}:{lineno} 'tokens' must be a non-empty list of token ids (ints >= 0)"
     else:
         tokens = tokenizer.encode(str(rec["prompt"])).tolist()
     if not tokens:
-        raise ConfigError(f"{where}:{lineno} has an empty prompt")
-    return str(rec.get("id", lineno)), str(rec.get("domain", "default")), tokens
+        return rid, domain, [], f"{where}:{lineno} has an empty prompt"
+    return rid, domain, tokens, None
 
 
-def _lines(source: str, tokenizer) -> Iterator[tuple[str, str, list[int]]]:
+def _lines(source: str, tokenizer) -> Iterator[tuple[str, str, list[int], str | None]]:
     if source == "stdin":
         for lineno, line in enumerate(sys.stdin, 1):
             if (item := _parse(line, lineno, "stdin", tokenizer, plain_ok=True)) is not None:
@@ -69,7 +77,7 @@ def _lines(source: str, tokenizer) -> Iterator[tuple[str, str, list[int]]]:
                 yield item
 
 
-def synthetic(entries: list[str], prompt_len: int, tokenizer, seed: int) -> Iterator[tuple[str, str, list[int]]]:
+def synthetic(entries: list[str], prompt_len: int, tokenizer, seed: int) -> Iterator[tuple[str, str, list[int], None]]:
     from expertmesh.data.corpus import domain_text
 
     rng = random.Random(seed)
@@ -83,7 +91,7 @@ def synthetic(entries: list[str], prompt_len: int, tokenizer, seed: int) -> Iter
                               f"distill.prompt_len={prompt_len}")
         for _ in range(int(count)):
             start = rng.randrange(len(tokens) - prompt_len)
-            yield f"{domain}-{n}", domain, tokens[start:start + prompt_len]
+            yield f"{domain}-{n}", domain, tokens[start:start + prompt_len], None
             n += 1
 
 
@@ -93,6 +101,6 @@ def requests(cfg: DistillConfig, tokenizer, seed: int, server: int = 0, servers:
         raise ConfigError(f"distill.prompts='stdin' feeds one serving rank, not {servers}; use a JSONL file")
     items = synthetic(cfg.synthetic, cfg.prompt_len, tokenizer, seed) if cfg.prompts == "synthetic" \
         else _lines(cfg.prompts, tokenizer)
-    for i, (rid, domain, tokens) in enumerate(items):
+    for i, (rid, domain, tokens, error) in enumerate(items):
         if i % servers == server:
-            yield Request(i, rid, domain, tokens)
+            yield Request(i, rid, domain, tokens, error)

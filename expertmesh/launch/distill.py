@@ -120,17 +120,28 @@ class Server:
             self.pending = None
             if req is None:
                 break
+            if (reason := self.invalid(req)) is not None:  # answered with an error, as a server would: raising
+                self.refuse(req, reason)  # here would stop this rank and leave the others waiting
+                continue
             if batch and len(req.tokens) != len(batch[0].tokens):
                 self.pending = req
                 break
-            g = self.cfg.distill
-            need = len(req.tokens) + g.max_new_tokens + (g.gamma_max if g.adaptive_gamma else g.gamma) + 1
-            if need > self.limit:  # answered with an error, as a server would: raising here would leave the
-                self.refuse(req, f"{len(req.tokens)} prompt tokens + distill.max_new_tokens={g.max_new_tokens} + "
-                                 f"drafts exceed the models' {self.limit} positions")  # other ranks waiting
-                continue
             batch.append(req)
         return batch
+
+    def invalid(self, req: Request) -> str | None:
+        """Why a request cannot be decoded (a malformed line, a token past the vocabulary, too long), or None."""
+        if req.error is not None:
+            return req.error
+        vocab = min(self.target.vocab_size, self.draft.vocab_size)
+        if max(req.tokens) >= vocab:
+            return f"token id {max(req.tokens)} is outside the models' vocabulary of {vocab}"
+        g = self.cfg.distill
+        need = len(req.tokens) + g.max_new_tokens + (g.gamma_max if g.adaptive_gamma else g.gamma) + 1
+        if need > self.limit:
+            return (f"{len(req.tokens)} prompt tokens + distill.max_new_tokens={g.max_new_tokens} + drafts exceed "
+                    f"the models' {self.limit} positions")
+        return None
 
     def refuse(self, req: Request, reason: str) -> None:
         log.warning("request %s refused: %s", req.id, reason)

@@ -32,5 +32,6 @@ def test_a_failed_child_is_reported_by_its_own_error():
               "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\nroot cause (first observed)")
     text = failure(subprocess.CompletedProcess(["torchrun"], 1, "", stderr))
     assert "exit code 1" in text and "ValueError: token id 300 >= vocab_size 256" in text
-    abort = failure(subprocess.CompletedProcess(["x"], -6, "step 5\n", "terminate called without an active exception\n"))
+    abort = failure(subprocess.CompletedProcess(["x"], -6, "step 5\n",
+                                                "terminate called without an active exception\n"))
     assert "terminate called without an active exception" in abort.split("--- last lines ---")[0]

@@ -86,17 +86,22 @@ def test_jsonl_prompts_domains_and_errors(tmp_path):
     assert summary["domains"]["py"]["requests"] == 2 and summary["domains"]["c"]["requests"] == 1
     assert summary["draft_updates"] == 0 and not (cfg.run_path / "draft").exists()  # the static arm
     # a prompt longer than the models' positions is answered with an error; the rest are served
-    prompts.write_text("\n".join(json.dumps(r) for r in [{"id": "long", "tokens": [65] * 200},
-                                                        {"id": "short", "prompt": "import os\n"}]) + "\n")
+    # every bad request is answered with an error line and the service goes on: too long for the models,
+    # a token id past the vocabulary (256), a line that is not JSON, one with neither prompt nor tokens
+    prompts.write_text("\n".join([json.dumps({"id": "long", "tokens": [65] * 200}),
+                                  json.dumps({"id": "vocab", "tokens": [65, 300]}), "{not json",
+                                  json.dumps({"id": "neither"}),
+                                  json.dumps({"id": "short", "prompt": "import os\n"})]) + "\n")
     fresh = distill_cfg(tmp_path, target, draft, f"distill.prompts={str(prompts)!r}".replace("'", '"'),
                         "distill.online=false", "train.name=long")
     summary = distill.run(fresh, SINGLE)
-    long, short = (json.loads(line) for line in (fresh.run_path / "responses-rank0.jsonl").read_text().splitlines())
+    lines = [json.loads(line) for line in (fresh.run_path / "responses-rank0.jsonl").read_text().splitlines()]
+    long, vocab, bad_json, neither, short = lines
     assert long["id"] == "long" and "200 prompt tokens" in long["error"] and "128 positions" in long["error"]
-    assert short["id"] == "short" and short["tokens"] and summary["requests"] == 1
-    prompts.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
-    with pytest.raises(ConfigError, match=r"prompts.jsonl:2 needs exactly one of 'prompt'"):
-        distill.run(cfg, SINGLE)
+    assert vocab["id"] == "vocab" and "token id 300 is outside the models' vocabulary of 256" in vocab["error"]
+    assert "prompts.jsonl:3 is not valid JSON" in bad_json["error"]
+    assert neither["id"] == "neither" and "prompts.jsonl:4 needs exactly one of 'prompt'" in neither["error"]
+    assert short["id"] == "short" and short["tokens"] and "error" not in short and summary["requests"] == 1
     cfg512 = config.load(None, ["model.vocab_size=512"])
     export_run(cfg512, Transformer(cfg512), tmp_path / "other")
     with pytest.raises(ConfigError, match="vocabulary 256 != draft vocabulary 512"):

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import failure
 import torch
+from helpers import failure
 
 from expertmesh import config
 from expertmesh.models.transformer import Transformer, count_params
