@@ -413,7 +413,12 @@ class FSSDP:
 
     def record(self, step_load: list[list[torch.Tensor]]) -> None:
         """After a step: this step's tokens per expert (per micro-batch, per layer), summed over the
-        load group, join the history; the rows each rank computed are kept for the metrics."""
+        load group, join the history; the rows each rank computed are kept for the metrics. A pipeline
+        stage without MoE layers has nothing to record (its load group is the stage's own: no peer waits)."""
+        if not self.placements:
+            self.history.append([])
+            self._rows_window.append([])
+            return
         per_layer = [torch.stack(layer).sum(0) for layer in zip(*step_load, strict=True)]
         sizes = [t.numel() for t in per_layer]
         packed = self.comm.all_reduce_ints(torch.cat(per_layer).to(torch.int64), self.load_group, "fssdp")
@@ -425,6 +430,9 @@ class FSSDP:
 
     def stats(self) -> dict:
         """Rows computed per rank in the window, per layer: max/mean over the expert group, and the plan."""
+        if not self.placements:  # a pipeline stage without MoE layers
+            self._rows_window = []
+            return {"load_max_over_mean": [], "replicas": [], "reshards": self.reshards}
         rows = torch.tensor(self._rows_window, dtype=torch.float64).sum(0)  # [layers]
         self._rows_window = []
         group = self.placements[0].group
