@@ -86,9 +86,12 @@ def export_hf(cfg: JobConfig, shapes: dict[str, tuple[int, ...]], get, out_dir: 
     shutil.rmtree(partial, ignore_errors=True)
     write_sharded(items, produce, partial, max_shard_bytes)
     copy_source_files(source, partial)
-    if dtype is not None:
-        hf_out = json.loads((partial / "config.json").read_text())
-        hf_out["dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
+    hf_out = json.loads((partial / "config.json").read_text())
+    if dtype is not None or "quantization_config" in hf_out:
+        # an fp8 source is written dequantized (bf16, or `dtype`): its quantization_config no longer holds
+        hf_out.pop("quantization_config", None)
+        if dtype is not None:
+            hf_out["dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
         (partial / "config.json").write_text(json.dumps(hf_out, indent=2) + "\n")
     if out.exists():
         out.rmdir()
