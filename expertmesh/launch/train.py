@@ -270,8 +270,9 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
     return rec
 
 def fast_forward(step: int, loader: TokenLoader, scheduler, cfg: JobConfig) -> None:
-    """Puts the data order and the learning-rate schedule at `step` (a DiLoCo worker that joined late)."""
-    loader.load_state_dict({"batches_served": step * cfg.train.grad_accum})
+    """Puts the data order and the learning-rate schedule at `step` (a DiLoCo worker that joined late). The
+    loader counts micro-batches: grad_accum per step, times the pipeline's micro-batches under pp."""
+    loader.load_state_dict({"batches_served": step * loader.accum})
     scheduler.last_epoch = step
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
                                    strict=True):

@@ -85,3 +85,22 @@ def test_eval_batches_are_fixed_and_too_little_data_is_an_error():
     assert torch.equal(torch.sort(torch.cat(other)[:, 0]).values, torch.sort(whole[:, 0]).values)
     with pytest.raises(ConfigError, match="fewer than one sequence"):
         list(eval_batches(torch.arange(40), 32, 4, 3, 0, 2))
+
+
+def test_fast_forward_puts_the_loader_where_an_uninterrupted_run_is_under_pp():
+    """A DiLoCo joiner taking a peer's step: the loader reads on as a run that trained those steps does,
+    with the pipeline's micro-batches counted (pp2 x 2 micro-batches x grad_accum 2: 4 per step)."""
+    from expertmesh.config import pp_microbatches
+    from expertmesh.launch.train import fast_forward
+
+    cfg = config.load(None, ["train.grad_accum=2", "parallel.pp=2", "parallel.pp_microbatches=2"])
+    micro = cfg.train.grad_accum * pp_microbatches(cfg.parallel)
+    tokens = torch.arange(5000) % 256
+    ran, jumped = (TokenLoader(tokens, 16, 2, 0, 1, 0, micro) for _ in range(2))
+    for _ in range(3 * micro):  # three steps trained
+        ran.next_batch()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    fast_forward(3, jumped, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)), cfg)
+    for _ in range(micro + 1):
+        assert torch.equal(ran.next_batch()[0], jumped.next_batch()[0])
+    assert opt.param_groups[0]["lr"] == 1.0 / 4
