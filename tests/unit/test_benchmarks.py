@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["train_throughput", "moe_ops", "moe_layer", "parallel_layer", "diloco", "fssdp",
-                                  "online_distill", "hf_load", "pipeline"])
+                                  "online_distill", "hf_load", "pipeline", "noise_floor"])
 def test_quick_benchmark_writes_the_documented_json(name, tmp_path):
     out = tmp_path / f"{name}.json"
     r = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--quick", "--out", str(out)], cwd=ROOT,
