@@ -41,15 +41,20 @@ def _child(fn, rank, world_size, port, threads, args, results):
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    from expertmesh.launch.rank import shutdown
+
+    finished = False
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
+        finished = True
         results.put((rank, "ok", out))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # as a job's ranks end: a rank done early must not close its connections while a peer still makes
+        # a group with it ("Connection reset by peer" in a peer's new_group)
+        shutdown(finished)
 
 
 def spawn(fn, world_size: int, args: tuple = (), timeout: float = 180.0, threads: int = 1) -> list:

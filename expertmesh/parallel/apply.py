@@ -17,6 +17,7 @@ generator, so the same seed gives the same full weights whatever the layout.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +141,11 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> CompileCounts:
     the resumed MoE layer and block each their own)."""
     # dispatch's output size is data-dependent: its fake gives an unbacked size, traced, not a graph break
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    if backend == "inductor" and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        # ATen's scalar kernels asked for: inductor's vectorized C++ then fails to compile (at::vec undeclared)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.simdlen = 1
     counts = CompileCounts()
     compiled_backend = counts.backend(backend)
     for block in model.layers.values():
