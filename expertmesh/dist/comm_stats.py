@@ -232,6 +232,17 @@ class Comm:
         """Host values as a tensor on the device `group` needs (CPU for a group of one)."""
         return torch.tensor(values, dtype=dtype, device=group_device(group) or "cpu")
 
+    def bounded_barrier(self, timeout_s: float) -> None:
+        """The whole job has arrived, or RuntimeError after `timeout_s` (gloo's monitored barrier, which
+        names the missing ranks; NCCL has none: its barrier, bounded by the group's own timeout)."""
+        if not dist.is_initialized():
+            return
+        with self.own():
+            if str(dist.get_backend()) == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+
     def barrier(self, group=None) -> None:
         """Everyone in `group` (default: the whole job) has arrived; nothing when no group exists."""
         if not dist.is_initialized():

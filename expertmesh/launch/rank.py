@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import logging
 import signal
@@ -15,6 +14,7 @@ import torch.distributed as dist
 from expertmesh import config as config_mod
 from expertmesh.config import ConfigError
 from expertmesh.dist.checkpoint import CheckpointError
+from expertmesh.dist.comm_stats import Comm
 from expertmesh.launch.env import DistEnv, detect
 
 
@@ -46,7 +46,7 @@ def shutdown(finished: bool, timeout_s: float = 120.0) -> None:
         return
     if finished and dist.get_world_size() > 1:
         try:
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            Comm().bounded_barrier(timeout_s)
         except RuntimeError as err:  # a peer failed or hung: its own error is the one that matters
             logging.getLogger("expertmesh").warning("a peer did not reach the end of the run: %s",
                                                     str(err).splitlines()[0][:200])
