@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -54,9 +55,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason."""
 
 
-import torch.distributed.checkpoint.metadata as _DCP_METADATA  # noqa: E402
-
-
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's `.metadata` is a pickle: only the types DCP writes into it are let through."""
 
@@ -68,8 +66,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         # Names only, never dotted paths: pickle resolves "os.system" under any module that imports os.
         if "." not in name and (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        if "." not in name and module == _DCP_METADATA.__name__:  # the classes DCP defines there, nothing else
-            obj = getattr(_DCP_METADATA, name, None)
+        if "." not in name and module == dcp_metadata.__name__:  # the classes DCP defines there, nothing else
+            obj = getattr(dcp_metadata, name, None)
             if isinstance(obj, type) and obj.__module__ == module:
                 return obj
         if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):

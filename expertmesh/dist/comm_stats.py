@@ -232,23 +232,17 @@ class Comm:
         """Host values as a tensor on the device `group` needs (CPU for a group of one)."""
         return torch.tensor(values, dtype=dtype, device=group_device(group) or "cpu")
 
-    def bounded_barrier(self, timeout_s: float) -> None:
-        """The whole job has arrived, or RuntimeError after `timeout_s` (gloo's monitored barrier, which
-        names the missing ranks; NCCL has none: its barrier, bounded by the group's own timeout)."""
-        if not dist.is_initialized():
-            return
-        with self.own():
-            if str(dist.get_backend()) == "gloo":
-                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
-            else:
-                dist.barrier(device_ids=[torch.cuda.current_device()])
-
-    def barrier(self, group=None) -> None:
-        """Everyone in `group` (default: the whole job) has arrived; nothing when no group exists."""
+    def barrier(self, group=None, timeout_s: float | None = None) -> None:
+        """Everyone in `group` (default: the whole job) has arrived; nothing when no group exists. With
+        `timeout_s` under gloo: its monitored barrier, which raises RuntimeError naming the missing ranks
+        (NCCL has none: its barrier is bounded by the group's own timeout)."""
         if not dist.is_initialized():
             return
         group = dist.group.WORLD if group is None else group
         with self.own():
+            if timeout_s is not None and str(dist.get_backend(group)) == "gloo":
+                dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s))
+                return
             kw = {"device_ids": [torch.cuda.current_device()]} if str(dist.get_backend(group)) == "nccl" else {}
             dist.barrier(group=group, **kw)
 

@@ -46,7 +46,7 @@ def shutdown(finished: bool, timeout_s: float = 120.0) -> None:
         return
     if finished and dist.get_world_size() > 1:
         try:
-            Comm().bounded_barrier(timeout_s)
+            Comm().barrier(timeout_s=timeout_s)
         except RuntimeError as err:  # a peer failed or hung: its own error is the one that matters
             logging.getLogger("expertmesh").warning("a peer did not reach the end of the run: %s",
                                                     str(err).splitlines()[0][:200])
