@@ -207,6 +207,9 @@ class DiLoCoConfig:
     store: str = ""  # host:port of the store
     timeout_s: float = 60.0  # a peer silent this long on the outer group is dropped; a joiner waits this long
     settle_s: float = 5.0  # a re-forming group waits this long for the workers still missing
+    # A file holding a secret shared by the workers (>= 16 bytes): store records and leader elections are signed
+    # with it (HMAC-SHA256) and a worker without it cannot join. Empty: the store and its network are trusted.
+    secret_file: str = ""
 
 
 @dataclass(kw_only=True)
@@ -640,6 +643,9 @@ def check_diloco(cfg: JobConfig) -> None:
                           f"{g.outer_momentum} in [0, 1)")
     if g.elastic:
         check_elastic(cfg)
+    elif g.secret_file:
+        raise ConfigError(f"diloco.secret_file={g.secret_file!r} signs the elastic outer group's records; it needs "
+                          "diloco.elastic=true")
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ Elastic workers (`diloco.elastic`, elastic.py): the outer group is re-formed whe
 (a worker left: its fragment's outer step is skipped, the pseudo-gradient keeps accumulating for the
 next one) or when a worker asks to join; then the member furthest along sends its global copies,
 outer momentum, step and sync times to every member whose state differs, and those take them as
-their local weights too. A joiner never leads (the store has no authentication: a worker that claims
-to be further along is not believed), and its state counts only once its digest equals the leader's. `after_step` returns the step the loop is at, which a joiner changes.
+their local weights too. Only a worker that the store lists as a member of the last connected group
+may lead (a joiner that claims to be a member further along is not believed; elastic.py states the
+trust boundary and the optional HMAC secret), and a joiner's state counts only once its digest equals
+the leader's. `after_step` returns the step the loop is at, which a joiner changes.
 
 Communicators per thread (NCCL forbids two threads on one communicator; gloo interleaves them):
 the exchange thread issues collectives only on the outer group, which is a process group of its own
@@ -88,11 +90,13 @@ def assign_fragments(names: list[str], n_layers: int, fragments: int, pattern: s
     return out
 
 
-def choose_lead(rows: torch.Tensor) -> int:
-    """rows[i] = (step, outer steps, digest, was a member before): the member whose state all take. Only
-    a worker that was in the group before may lead (a joiner, whoever it claims to be, takes the state
-    and never gives it); among those, the furthest along (outer steps, then step, then the lowest index)."""
-    eligible = [i for i in range(rows.shape[0]) if rows[i, 3] > 0] or list(range(rows.shape[0]))
+def choose_lead(rows: torch.Tensor, previous: list[int]) -> int:
+    """rows[i] = (step, outer steps, digest, says it was a member) of the i-th worker of the group;
+    `previous`: the indices of the workers that the store lists as members of the last connected group.
+    Only those may lead (a joiner, whatever its row claims, takes the state and never gives it); among
+    them the ones still running since (a restarted member says it was not), then the furthest along
+    (outer steps, then step, then the lowest index). With no previous group (the first forming) anyone may."""
+    eligible = [i for i in previous if rows[i, 3] > 0] or list(previous) or list(range(rows.shape[0]))
     return max(eligible, key=lambda i: (rows[i, 1].item(), rows[i, 0].item(), -i))
 
 
@@ -251,6 +255,24 @@ class DiLoCo:
         return float(sum(g.double().sum() + 0.5 * m.double().sum() + 0.25 * b.double().sum()
                          for g, m, b in zip(self.global_copy, self.momentum, self.global_bias, strict=True)))
 
+    def _rows(self, step: int, group) -> torch.Tensor:
+        """Every worker's (step, outer steps, digest, was a member), each row written by its own worker
+        (an all-gather, no sum a peer could skew) and, with a secret, signed: a row that does not verify
+        raises StateMismatch (someone inside the outer group without the secret)."""
+        m = self.membership
+        mine = [float(step), float(self.outer_steps), self._digest(), float(self.was_member)]
+        texts = [f"{m.run}/e{m.epoch}/row/w{w}" for w in m.members]
+        row = torch.tensor(mine + m.signer.row_mac(f"{texts[group.rank]}:{mine!r}"), dtype=torch.float64)
+        out = torch.zeros(group.size * row.numel(), dtype=torch.float64)
+        self.comm.all_gather_into_tensor(out, row, group, "diloco_join")
+        out = out.view(group.size, row.numel())
+        for i, text in enumerate(texts):
+            values = out[i, :4].tolist()
+            if out[i, 4:].tolist() != [float(b) for b in m.signer.row_mac(f"{text}:{values!r}")]:
+                raise StateMismatch(f"DiLoCo: the election row of worker {m.members[i]} in epoch {m.epoch} does "
+                                    f"not verify under diloco.secret_file; not agreeing with it")
+        return out[:, :4]
+
     def _agree(self, step: int) -> int:
         """After a (re)form: the leader (`choose_lead`: a worker that was a member before, furthest along)
         sends its state to every member whose (step, outer steps, digest) differ from its own; a receiver
@@ -259,12 +281,10 @@ class DiLoCo:
         if group is None:
             self.was_member = True
             return step
-        rows = torch.zeros(group.size, 4, dtype=torch.float64)
-        rows[group.rank] = torch.tensor([step, self.outer_steps, self._digest(), self.was_member],
-                                        dtype=torch.float64)
-        self.comm.all_reduce(rows, group, "diloco_join")
+        rows = self._rows(step, group)
         self.was_member = True
-        lead = choose_lead(rows)
+        m = self.membership
+        lead = choose_lead(rows, [m.members.index(w) for w in m.previous])
         differs = (rows[:, :3] != rows[lead, :3]).any(dim=1)
         if not differs.any():
             return step
@@ -281,7 +301,8 @@ class DiLoCo:
         self.momentum = [p.clone() for p in parts[n:2 * n]]
         self.global_bias = [p.clone() for p in parts[2 * n:]]
         self.outer_steps, self.last_sync = int(meta[1]), [int(v) for v in meta[2:]]
-        if self._digest() != rows[lead, 2].item():  # what arrived is not what the leader holds
+        if self._digest() != rows[lead, 2].item() or meta[:2].tolist() != rows[lead, :2].long().tolist():
+            # what arrived is not what the leader holds
             raise StateMismatch(f"DiLoCo: worker {self.membership.worker}'s state digest {self._digest()!r} differs "
                                 f"from the leader's {rows[lead, 2].item()!r} after the hand-over; not joining")
         self.pending = []

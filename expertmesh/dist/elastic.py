@@ -18,14 +18,30 @@ next epoch to let it in. Members re-form too when a collective on the outer grou
 left). After every re-form the members compare (step, outer steps, state digest) and the one furthest
 along sends its global state to those that differ (diloco.py), so a joiner contributes only once it
 holds the global copies.
+
+Who may lead comes from the store, not from the workers' own claims: the freezer of epoch E writes,
+beside its member list, the members of the last epoch that connected (`last`, set by the members once
+their group is up); only those may hand their state over (`previous`).
+
+Trust boundary. Without a secret the store is trusted: any process that reaches it and follows the
+protocol may join (and takes the members' state; it never leads a group it was not in). With
+`diloco.secret_file` every record a worker writes (registration, join request, member lists) and every
+row of the leader election carries an HMAC-SHA256 under the shared secret; records that do not verify
+are ignored, and a worker whose secret differs from the group's is refused in one line. The secret
+authenticates membership, leadership and the state hand-over; it neither encrypts nor authenticates
+the pseudo-gradient traffic, and a process that can write to the store can still stall the group
+(deleting keys, raising the epoch): run the store and the outer group on a network you control.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -49,13 +65,69 @@ def serve_store(address: str) -> None:
         time.sleep(3600)
 
 
+def read_secret(path: str) -> bytes | None:
+    """The shared secret of `diloco.secret_file` (surrounding whitespace dropped); None without one."""
+    if not path:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as err:
+        raise ValueError(f"diloco.secret_file={path!r} cannot be read: {err.strerror}") from None
+    if len(secret) < 16:
+        raise ValueError(f"diloco.secret_file={path!r} holds {len(secret)} bytes; a secret needs at least 16")
+    return secret
+
+
+class Refused(RuntimeError):
+    """This worker cannot join: its secret is not the group's."""
+
+
+class Signer:
+    """HMAC-SHA256 of store records and election rows under the shared secret; without a secret every
+    record reads "1" and verifies."""
+
+    def __init__(self, secret: bytes | None) -> None:
+        self.secret = secret
+
+    def mac(self, text: str) -> str:
+        if self.secret is None:
+            return "1"
+        return hmac.new(self.secret, text.encode(), hashlib.sha256).hexdigest()
+
+    def verifies(self, value: str | bytes, text: str) -> bool:
+        value = value.decode() if isinstance(value, bytes) else value
+        return hmac.compare_digest(value, self.mac(text))
+
+    def row_mac(self, text: str) -> list[int]:
+        """32 MAC bytes for an election row (zeros without a secret)."""
+        if self.secret is None:
+            return [0] * 32
+        return list(hmac.new(self.secret, text.encode(), hashlib.sha256).digest())
+
+    def record(self, key: str, payload) -> str:
+        """`payload` as JSON with its MAC bound to the store key it is written under."""
+        body = json.dumps(payload, sort_keys=True)
+        return json.dumps({"body": body, "mac": self.mac(f"{key}\n{body}")})
+
+    def read(self, key: str, value: bytes):
+        """The payload of a `record`, or None when it does not verify."""
+        try:
+            outer = json.loads(value)
+            body, mac = outer["body"], outer["mac"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return json.loads(body) if isinstance(mac, str) and self.verifies(mac, f"{key}\n{body}") else None
+
+
 class Membership:
     """One worker's view of the outer group. Rank 0 of the worker registers it; every rank builds its
-    own outer group (`group`: None while the worker is alone)."""
+    own outer group (`group`: None while the worker is alone). `previous`: the workers of this epoch
+    that were members of the last connected group (those that may lead)."""
 
     def __init__(self, address: str, run: str, worker: int, workers: int, rank: int, timeout_s: float,
-                 settle_s: float, worker_group=None, comm: Comm | None = None) -> None:
+                 settle_s: float, worker_group=None, comm: Comm | None = None, secret: bytes | None = None) -> None:
         self.run, self.worker, self.workers, self.rank = run, worker, workers, rank
+        self.signer = Signer(secret)
         self.comm = comm or Comm()
         self.timeout_s, self.settle_s = timeout_s, settle_s
         self.worker_group = worker_group  # this worker's own ranks (None: one rank)
@@ -63,6 +135,7 @@ class Membership:
         self.store = connect_store(address, max(timeout_s, 60.0) * 10)
         self.epoch = -1
         self.members: list[int] = []
+        self.previous: list[int] = []
         self.group: StoreGroup | None = None
 
     def _key(self, *parts) -> str:
@@ -70,8 +143,11 @@ class Membership:
 
     def someone_waiting(self) -> bool:
         """A worker outside the group has asked to join."""
-        return any(self.store.check([self._key("want", f"w{w}")]) for w in range(self.workers)
-                   if w not in self.members)
+        for w in range(self.workers):
+            key = self._key("want", f"w{w}")
+            if w not in self.members and self.store.check([key]) and self.signer.verifies(self.store.get(key), key):
+                return True
+        return False
 
     def form(self, member: bool) -> tuple[list[int], list[int]]:
         """Joins the next epoch that takes this worker; `member`: re-forming a group this worker was in
@@ -80,13 +156,18 @@ class Membership:
         old = self.members
         self.close()  # at once: peers still blocked on the old group fail now, not at their timeout
         while True:
-            info = [0, []]
+            info = [0, [], [], None]
             if self.rank == 0:
-                info = self._register(member)
+                try:
+                    info = self._register(member)
+                except Refused as err:
+                    info = [0, [], [], str(err)]
             if self.worker_group is not None:  # every rank of this worker takes the same epoch
                 info = self.comm.broadcast_object(info, dist.get_global_rank(self.worker_group, 0),
                                                   self.worker_group)
-            self.epoch, self.members = info
+            if info[3] is not None:
+                raise Refused(info[3])
+            self.epoch, self.members, self.previous = info[:3]
             me = self.members.index(self.worker)
             self.group = None
             if len(self.members) == 1:
@@ -101,6 +182,8 @@ class Membership:
                 member = True
         if self.rank == 0:
             self.store.delete_key(self._key("want", f"w{self.worker}"))
+            # the members of the group now connected: those of the next epoch that may lead
+            self.store.set(self._key("last"), self.signer.record(self._key("last"), [self.epoch, self.members]))
         left = [w for w in old if w not in self.members]
         joined = [w for w in self.members if w not in old and w != self.worker] if old else []
         return left, joined
@@ -113,31 +196,58 @@ class Membership:
                 pass
             self.group = None
 
+    def _want(self) -> None:
+        key = self._key("want", f"w{self.worker}")
+        self.store.set(key, self.signer.mac(key))
+
     def _register(self, member: bool) -> list:
         if not member:
-            self.store.set(self._key("want", f"w{self.worker}"), "1")
+            last = self._key("last")
+            if self.store.check([last]) and self.signer.read(last, self.store.get(last)) is None:
+                why = ("differs from the group's" if self.signer.secret else
+                       "is not set, and the group signs its records")
+                raise Refused(f"DiLoCo: the outer group's records do not verify under this worker's secret "
+                              f"(diloco.secret_file {why}); worker {self.worker} does not join")
+            self._want()
         e = self.epoch + 1
         if not member and self.store.check([self._key("epoch")]):
             e = max(e, int(self.store.get(self._key("epoch"))) + 1)
         while True:
-            members = self._register_in(e, self.settle_s if member else self.timeout_s)
-            if self.worker in members:
+            frozen = self._register_in(e, self.settle_s if member else self.timeout_s)
+            if frozen is not None and self.worker in frozen["members"]:
                 self.store.set(self._key("epoch"), str(e))
-                return [e, members]
-            # Frozen without this worker (it came late): the members will see want/ and re-form.
-            self.store.set(self._key("want", f"w{self.worker}"), "1")
+                return [e, frozen["members"], frozen["previous"], None]
+            if frozen is None:
+                log.warning("DiLoCo: the member list of epoch %d does not verify; ignoring that epoch", e)
+            else:  # frozen without this worker (it came late): the members will see want/ and re-form
+                self._want()
             e += 1
 
-    def _register_in(self, e: int, wait_s: float) -> list[int]:
+    def _register_in(self, e: int, wait_s: float) -> dict | None:
+        """Registers for epoch `e` and returns its frozen record ({"members", "previous"}), None when the
+        record does not verify."""
         prefix = self._key(f"e{e}")
-        self.store.set(f"{prefix}/w{self.worker}", "1")
+        self.store.set(f"{prefix}/w{self.worker}", self.signer.mac(f"{prefix}/w{self.worker}"))
         self.store.add(f"{prefix}/count", 1)
         deadline = time.monotonic() + wait_s
         frozen = f"{prefix}/frozen"
         while not self.store.check([frozen]):
             if self.store.add(f"{prefix}/count", 0) >= self.workers or time.monotonic() >= deadline:
-                present = [w for w in range(self.workers) if self.store.check([f"{prefix}/w{w}"])]
-                self.store.compare_set(frozen, "", json.dumps(present))
+                present = [w for w in range(self.workers) if self.store.check([f"{prefix}/w{w}"])
+                           and self.signer.verifies(self.store.get(f"{prefix}/w{w}"), f"{prefix}/w{w}")]
+                self.store.compare_set(frozen, "", self.signer.record(frozen, {
+                    "members": present, "previous": [w for w in self._last() if w in present]}))
                 break
             time.sleep(0.05)
-        return json.loads(self.store.get(frozen))
+        return self.signer.read(frozen, self.store.get(frozen))
+
+    def _last(self) -> list[int]:
+        """The members of the last group that connected, as its members recorded them ([] if none did)."""
+        key = self._key("last")
+        if not self.store.check([key]):
+            return []
+        last = self.signer.read(key, self.store.get(key))
+        if last is None:
+            log.warning("DiLoCo: the store's record of the last members does not verify; nobody counts as one")
+            return []
+        return last[1]

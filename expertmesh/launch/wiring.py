@@ -20,7 +20,7 @@ from expertmesh.data.corpus import glob_files, load_text
 from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.comm_stats import Comm
 from expertmesh.dist.diloco import DiLoCo
-from expertmesh.dist.elastic import Membership
+from expertmesh.dist.elastic import Membership, read_secret
 from expertmesh.launch.env import DistEnv
 from expertmesh.moe import ops as moe_ops
 from expertmesh.parallel.apply import compute_dtype
@@ -107,7 +107,7 @@ def make_diloco(model, cfg: JobConfig, group, comm: Comm, env: DistEnv) -> DiLoC
     if g.elastic:
         worker_group = dist.group.WORLD if env.world_size > 1 else None
         membership = Membership(g.store, cfg.train.name, g.worker, g.workers, env.rank, g.timeout_s, g.settle_s,
-                                worker_group, comm)
+                                worker_group, comm, secret=read_secret(g.secret_file))
     return DiLoCo(model, cfg.model.n_layers, g, group, comm, membership, worker_group)
 
 

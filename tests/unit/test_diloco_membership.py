@@ -75,3 +75,83 @@ def test_late_worker_asks_and_is_let_in_then_a_lost_one_is_dropped(address):
     assert changes == [([1], []), ([1], [])]
     assert ms[0].members == ms[2].members == [0, 2] and ms[0].epoch == 2
     assert _sum_over([ms[0], ms[2]]) == [2.0, 2.0]
+
+
+def _model(cfg, seed):
+    from expertmesh.models.transformer import Transformer
+
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def _workers(address, n, secret=None, timeout_s=3.0):
+    """n elastic DiLoCo workers of one tiny model (the same initial weights), one rank each, in this process."""
+    from expertmesh import config
+    from expertmesh.dist.diloco import DiLoCo
+
+    cfg = config.load(None, ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64",
+                             "moe.num_experts=4", "moe.expert_dim=32", "diloco.enabled=true"])
+    out = []
+    for w in range(n):
+        m = Membership(address, "run", w, n + 1, 0, timeout_s=timeout_s, settle_s=2.0, secret=secret)
+        out.append(DiLoCo(_model(cfg, seed=0), cfg.model.n_layers, cfg.diloco, None, Comm(), m))
+    return out, cfg
+
+
+def _forger(address, cfg, secret):
+    """A fourth process that says it was a member, 500 outer steps and 9,999 inner steps along, with other weights."""
+    from expertmesh.dist.diloco import DiLoCo
+
+    m = Membership(address, "run", 3, 4, 0, timeout_s=20.0, settle_s=2.0, secret=secret)
+    d = DiLoCo(_model(cfg, seed=1), cfg.model.n_layers, cfg.diloco, None, Comm(), m)
+    d.was_member, d.outer_steps = True, 500
+    return d
+
+
+def _after_first_outer_steps(members):
+    """The members' global state moves off the initial one, as outer steps do, identically in each."""
+    for d in members:
+        d.outer_steps = 3
+        d.global_copy = [g + 0.5 for g in d.global_copy]
+    return [torch.cat(d.global_copy).clone() for d in members]
+
+
+def test_a_process_claiming_to_be_a_member_neither_leads_nor_changes_the_members(address):
+    members, cfg = _workers(address, 3)
+    assert _in_threads([lambda d=d: d.start(0) for d in members]) == [0, 0, 0]
+    assert [d.membership.members for d in members] == [[0, 1, 2]] * 3
+    before = _after_first_outer_steps(members)
+
+    forger = _forger(address, cfg, None)
+    joining = threading.Thread(target=lambda: setattr(forger, "took", forger.start(9999)))
+    joining.start()
+    for _ in range(200):
+        if members[0].membership.someone_waiting():
+            break
+        threading.Event().wait(0.05)
+    assert _in_threads([lambda d=d: d._reform(40, failed=False) for d in members]) == [40, 40, 40]
+    joining.join(30)
+    assert forger.membership.members == [0, 1, 2, 3] and forger.membership.previous == [0, 1, 2]
+    for d, b in zip(members, before, strict=True):
+        assert torch.equal(torch.cat(d.global_copy), b)  # nobody took the forger's state
+    assert forger.took == 40 and forger.outer_steps == 3  # it took the members' step and state instead
+    assert torch.equal(torch.cat(forger.global_copy), before[0])
+
+
+@pytest.mark.parametrize("secret", [None, b"another secret of 24 bytes"], ids=["without", "another"])
+def test_with_a_secret_a_process_without_it_is_refused(address, secret):
+    from expertmesh.dist.elastic import Refused
+
+    members, cfg = _workers(address, 3, secret=b"the group's secret, 28 bytes")
+    assert _in_threads([lambda d=d: d.start(0) for d in members]) == [0, 0, 0]
+    before = _after_first_outer_steps(members)
+    forger = _forger(address, cfg, secret)
+    with pytest.raises(Refused, match="diloco.secret_file (is not set|differs from the group's)"):
+        forger.start(9999)
+    store = members[0].membership.store
+    assert store.check(["run/want/w3"]) is False or not members[0].membership.someone_waiting()
+    store.set("run/want/w3", "1")  # a join request written by hand, unsigned: the members do not see it
+    assert not members[0].membership.someone_waiting()
+    for d, b in zip(members, before, strict=True):
+        assert torch.equal(torch.cat(d.global_copy), b)

@@ -47,6 +47,8 @@ def test_schedule_staggers_fragments_h_over_p_apart():
     (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=0", "diloco.store=\"h:1\"", "diloco.settle_s=0"],
      "diloco.settle_s=0.0 must be > 0"),
     (["parallel.ep=2", 'moe.placement="fssdp"'], "moe.fssdp.reshard_every=100 with diloco.enabled=true is refused"),
+    (['diloco.secret_file="s"'], "diloco.secret_file='s' signs the elastic outer group's records; it needs "
+                                 "diloco.elastic=true"),
 ])
 def test_diloco_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -101,14 +103,30 @@ def test_an_exchange_error_reaches_the_training_loop_as_itself(tmp_path, monkeyp
         run(cfg, DistEnv(0, 0, 1, 1, "single"))
 
 
-def test_a_joiner_never_leads_whatever_it_claims():
-    """The store has no authentication: a newcomer claiming more outer steps is not the one whose state all take."""
+def test_only_a_member_of_the_last_group_leads_whatever_the_others_claim():
+    """Who may lead comes from the store's list of the last group's members, not from the rows."""
     from expertmesh.dist.diloco import choose_lead
 
-    # (step, outer steps, digest, was a member before)
-    members_and_a_joiner = torch.tensor([[40, 10, 1.5, 1], [40, 10, 1.5, 1], [999, 500, 7.0, 0]], dtype=torch.float64)
-    assert choose_lead(members_and_a_joiner) == 0
+    # (step, outer steps, digest, says it was a member)
+    members_and_a_liar = torch.tensor([[40, 10, 1.5, 1], [40, 10, 1.5, 1], [999, 500, 7.0, 1]], dtype=torch.float64)
+    assert choose_lead(members_and_a_liar, previous=[0, 1]) == 0
     behind = torch.tensor([[12, 3, 1.0, 1], [40, 10, 2.0, 1], [8, 2, 0.5, 0]], dtype=torch.float64)
-    assert choose_lead(behind) == 1  # among members: the furthest along
+    assert choose_lead(behind, previous=[0, 1]) == 1  # among members: the furthest along
+    restarted = torch.tensor([[40, 10, 1.0, 0], [30, 9, 2.0, 1], [999, 500, 7.0, 1]], dtype=torch.float64)
+    assert choose_lead(restarted, previous=[0, 1]) == 1  # a member still running before one that restarted
+    all_restarted = torch.tensor([[30, 9, 1.0, 0], [40, 10, 2.0, 0], [999, 500, 7.0, 1]], dtype=torch.float64)
+    assert choose_lead(all_restarted, previous=[0, 1]) == 1
     first_forming = torch.tensor([[4, 1, 1.0, 0], [8, 2, 2.0, 0]], dtype=torch.float64)
-    assert choose_lead(first_forming) == 1  # nobody was a member yet: the furthest along
+    assert choose_lead(first_forming, previous=[]) == 1  # no group before: the furthest along
+
+
+def test_a_secret_file_that_is_missing_or_short_is_refused(tmp_path):
+    from expertmesh.dist.elastic import read_secret
+
+    with pytest.raises(ValueError, match=r"diloco.secret_file='.*nothing' cannot be read: No such file"):
+        read_secret(str(tmp_path / "nothing"))
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(ValueError, match="holds 3 bytes; a secret needs at least 16"):
+        read_secret(str(tmp_path / "short"))
+    (tmp_path / "ok").write_text("0123456789abcdef0123\n")
+    assert read_secret(str(tmp_path / "ok")) == b"0123456789abcdef0123" and read_secret("") is None
