@@ -18,9 +18,10 @@ INCLUDE_DIRS = [CSRC]
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++20"]
 LINK_FLAGS = ["-fopenmp"]
-# Used when TORCH_CUDA_ARCH_LIST is unset: A100 and H100/H200. Never probed from a visible GPU,
+# Used when TORCH_CUDA_ARCH_LIST is unset: A100 and H100/H200, plus PTX of the newest so that a newer
+# GPU (Blackwell) JIT-compiles it instead of finding no kernel image. Never probed from a visible GPU,
 # so a build on a GPU-less machine gives the same library as one on a GPU machine.
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def sources(pattern: str) -> list[str]:

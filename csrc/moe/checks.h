@@ -48,8 +48,9 @@ inline void check_combine(const at::Tensor& y, const at::Tensor& row_map, const 
   check_same_device(y, "y_sorted", row_map, "row_map");
   check_same_device(y, "y_sorted", w, "weights");
   TORCH_CHECK(w.sizes() == row_map.sizes(), "weights shape ", w.sizes(), " != row_map shape ", row_map.sizes());
-  TORCH_CHECK(w.scalar_type() == y.scalar_type(), "weights dtype ", w.scalar_type(), " != y_sorted dtype ",
-              y.scalar_type());
+  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(w.scalar_type() == acc, "weights must be ", acc, " (the accumulation type of y_sorted's ",
+              y.scalar_type(), "), got ", w.scalar_type());
 }
 
 inline void check_grad_rows(const at::Tensor& grad, const char* name, int64_t rows, int64_t width,

@@ -79,8 +79,10 @@ EM_HD void copy_row(const T* src, T* dst, int64_t D, int64_t lane, int64_t strid
 // `acc` (d1 - d0 accumulators; registers or shared memory on GPU, a buffer on CPU). A null `w`
 // means weight 1 (the gradient of dispatch). Rows outside [0, N) are skipped: callers check them.
 // The inner loop is a plain axpy over contiguous columns, so the CPU compiler vectorizes it.
+// The weights are in the accumulation type (fp32, fp64 for fp64 rows): routing computes them in fp32.
 template <typename T>
-EM_HD void combine_tile(const T* y, int64_t N, const int64_t* row_map_t, const T* w_t, int64_t K, int64_t D,
+EM_HD void combine_tile(const T* y, int64_t N, const int64_t* row_map_t, const typename Acc<T>::type* w_t, int64_t K,
+                        int64_t D,
                         int64_t d0, int64_t d1, typename Acc<T>::type* acc, T* out_t, int64_t lane,
                         int64_t stride) {
   using A = typename Acc<T>::type;
@@ -88,7 +90,7 @@ EM_HD void combine_tile(const T* y, int64_t N, const int64_t* row_map_t, const T
   for (int64_t k = 0; k < K; ++k) {
     const int64_t r = row_map_t[k];
     if (r < 0 || r >= N) continue;
-    const A w = w_t == nullptr ? A(1) : static_cast<A>(w_t[k]);
+    const A w = w_t == nullptr ? A(1) : w_t[k];
     const T* y_r = y + r * D;
     for (int64_t d = d0 + lane; d < d1; d += stride) acc[d - d0] += w * static_cast<A>(y_r[d]);
   }
@@ -97,10 +99,10 @@ EM_HD void combine_tile(const T* y, int64_t N, const int64_t* row_map_t, const T
 
 // Backward of combine for one slot (t, k) routed to row r: grad_y[r, :] = w * grad_out[t, :].
 template <typename T>
-EM_HD void scale_row(const T* grad_out_t, T w, int64_t D, T* grad_y_r, int64_t lane, int64_t stride) {
+EM_HD void scale_row(const T* grad_out_t, typename Acc<T>::type w, int64_t D, T* grad_y_r, int64_t lane,
+                     int64_t stride) {
   using A = typename Acc<T>::type;
-  const A wa = static_cast<A>(w);
-  for (int64_t d = lane; d < D; d += stride) grad_y_r[d] = static_cast<T>(wa * static_cast<A>(grad_out_t[d]));
+  for (int64_t d = lane; d < D; d += stride) grad_y_r[d] = static_cast<T>(w * static_cast<A>(grad_out_t[d]));
 }
 
 // This lane's share of <a, b>, with eight independent partial sums (vectorizable on CPU, eight

@@ -11,6 +11,12 @@ Three implementations behind one API: the pure-torch reference below (kept for t
 `moe.backend = "reference"` fallback), and the fused ops of `expertmesh._C` registered as
 `expertmesh::moe_dispatch` / `expertmesh::moe_combine` (C++ on CPU, CUDA on GPU), given fake
 tensors and autograd here.
+
+Combine weights are fp32 (fp64 for fp64 rows) whatever the rows' dtype: the router computes them in
+fp32, as Hugging Face's DeepSeek-V3 and Qwen MoE do, and every backend multiplies and accumulates in
+fp32, rounding only the output row to the rows' dtype. The CUDA kernels check row maps on the device
+only with EXPERTMESH_MOE_CHECKS=1 (reading the flag back is a host sync; our row maps are in range by
+construction).
 """
 
 from __future__ import annotations
@@ -58,15 +64,21 @@ def combine_reference(y_sorted_ND: torch.Tensor, row_map_TK: torch.Tensor, w_TK:
     if row_map_TK.shape != w_TK.shape:
         raise ValueError(f"row_map {tuple(row_map_TK.shape)} and weights {tuple(w_TK.shape)} must match")
     T, K = row_map_TK.shape
+    acc = accumulation_dtype(y_sorted_ND.dtype)
     valid_TK = row_map_TK >= 0
-    out_TD = y_sorted_ND.new_zeros(T, y_sorted_ND.shape[1])
+    out_TD = y_sorted_ND.new_zeros(T, y_sorted_ND.shape[1], dtype=acc)
     if y_sorted_ND.shape[0] == 0:  # every slot dropped: nothing to gather (and nothing to index)
-        return out_TD + 0 * w_TK.sum().to(out_TD.dtype)
+        return (out_TD + 0 * w_TK.sum()).to(y_sorted_ND.dtype)
     for k in range(K):  # fixed k order: the same sum on every backend
-        rows = y_sorted_ND[row_map_TK[:, k].clamp_min(0)]
-        w = (w_TK[:, k] * valid_TK[:, k]).to(rows.dtype)
+        rows = y_sorted_ND[row_map_TK[:, k].clamp_min(0)].to(acc)
+        w = (w_TK[:, k] * valid_TK[:, k]).to(acc)
         out_TD = out_TD + w[:, None] * rows
-    return out_TD
+    return out_TD.to(y_sorted_ND.dtype)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What combine multiplies and sums in, and the dtype of its weights: fp64 for fp64 rows, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 
@@ -118,9 +130,24 @@ if HAVE_EXTENSION:
 
 @functools.cache
 def cuda_ops_available() -> bool:
+    """The CUDA kernels are registered and one of them runs on this GPU (a build without a kernel image or
+    PTX for its architecture registers them all the same, and fails at the first launch)."""
     if not (HAVE_EXTENSION and torch.cuda.is_available()):
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("expertmesh::moe_dispatch", "CUDA")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("expertmesh::moe_dispatch", "CUDA"):
+        return False
+    try:
+        x = torch.ones(2, 4, device="cuda")
+        xs, _, row_map = torch.ops.expertmesh.moe_dispatch(x, torch.zeros(2, 1, dtype=torch.int64, device="cuda"), 1)
+        torch.ops.expertmesh.moe_combine(xs, row_map, torch.ones(2, 1, device="cuda"))
+        torch.cuda.synchronize()
+    except RuntimeError as err:  # "no kernel image is available for execution on the device"
+        import logging
+
+        logging.getLogger(__name__).warning("expertmesh._C's CUDA kernels do not run on %s: %s",
+                                            torch.cuda.get_device_name(), str(err).splitlines()[0])
+        return False
+    return True
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -150,4 +177,4 @@ def combine(y_sorted_ND, row_map_TK, w_TK, backend: str = "auto"):
     """-> out_TD = sum_k w_TK[t, k] * y_sorted_ND[row_map_TK[t, k]]."""
     if resolve_backend(backend, y_sorted_ND.device) == "reference":
         return combine_reference(y_sorted_ND, row_map_TK, w_TK)
-    return torch.ops.expertmesh.moe_combine(y_sorted_ND, row_map_TK, w_TK.to(y_sorted_ND.dtype))
+    return torch.ops.expertmesh.moe_combine(y_sorted_ND, row_map_TK, w_TK.to(accumulation_dtype(y_sorted_ND.dtype)))

@@ -18,7 +18,7 @@ from expertmesh.models.mlp import local
 @dataclass
 class RouterOutput:
     topk_idx_TK: torch.Tensor  # int64 expert ids; -1 marks a slot dropped by capacity
-    topk_w_TK: torch.Tensor  # combine weights (0 where dropped)
+    topk_w_TK: torch.Tensor  # combine weights, fp32 (0 where dropped)
     aux_loss: torch.Tensor  # Switch/GShard load-balance loss, E * sum_e f_e * P_e
     z_loss: torch.Tensor  # mean(logsumexp(logits)^2)
     tokens_per_expert_E: torch.Tensor  # int64 counts after dropping
@@ -75,7 +75,10 @@ class TopKRouter(nn.Module):
         return grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = F.linear(x_TD, local(self.gate.weight)).float()
+        """Logits, scores and combine weights in fp32 whatever the compute dtype (autocast, bf16 weights):
+        near-ties must pick the experts that Hugging Face's fp32 routing picks."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), local(self.gate.weight).float())
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
@@ -103,7 +106,7 @@ class TopKRouter(nn.Module):
             topk_w_TK = topk_w_TK * (topk_idx_TK >= 0)
         tokens_per_expert_E = count_per_expert(topk_idx_TK, self.num_experts)
         return RouterOutput(
-            topk_idx_TK, topk_w_TK.to(x_TD.dtype), aux_loss, z_loss, tokens_per_expert_E, dropped, entropy
+            topk_idx_TK, topk_w_TK, aux_loss, z_loss, tokens_per_expert_E, dropped, entropy
         )
 
     def _load_balance_loss(self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:

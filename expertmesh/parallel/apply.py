@@ -161,15 +161,16 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False, dtype: torch.d
     different tokens, so they are data-parallel for dense weights), experts over expert_dp only.
     Under FSSDP the experts are already sharded (over ep, by owner) and FSDP leaves them alone.
     Mixed precision as torchtitan has it: `dtype` (bf16) parameters gathered for compute, gradients
-    reduced in fp32, fp32 master weights and optimizer state. `roots` (pipeline stages) are the root units
-    in place of the model: each holds its stage's embedding or head."""
+    reduced in fp32, fp32 master weights and optimizer state; each router is a unit of its own that keeps
+    fp32 parameters (routing is computed in fp32: moe/router.py). `roots` (pipeline stages) are the root
+    units in place of the model: each holds its stage's embedding or head."""
     d = mesh.dims
     n_dense = d.degree("dense_dp")
     sum_only = dist.get_backend() == "gloo"  # gloo has no AVG / PREMUL_SUM: sum, then FSDP divides
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
 
-    def shard(module, dp_mesh, **kw):
-        fully_shard(module, mesh=dp_mesh, mp_policy=policy, **kw)
+    def shard(module, dp_mesh, mp_policy=policy, **kw):
+        fully_shard(module, mesh=dp_mesh, mp_policy=mp_policy, **kw)
         module.set_force_sum_reduction_for_comms(sum_only)
         return module
 
@@ -179,6 +180,10 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, fssdp: bool = False, dtype: torch.d
             shard(layer.experts, mesh.views["expert_dp"]).set_gradient_divide_factor(float(n_dense))
     elif d.ep > 1:  # ep = dense_dp, or FSSDP: build_grad_sync reduces and scales the experts
         ignored = set(expert_params(model))
+    if dtype is not None:
+        for layer in moe_layers(model):
+            shard(layer.router, mesh.views["dense_dp"], MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                              reduce_dtype=torch.float32))
     for block in model.layers.values():
         shard(block, mesh.views["dense_dp"], ignored_params=ignored)
     for root in roots or [model]:

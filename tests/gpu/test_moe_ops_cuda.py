@@ -25,7 +25,7 @@ def test_cuda_matches_cpu(T, E, K, dtype):
     D = 96
     x = torch.randn(T, D).to(dtype)
     idx = _routing(T, E, K, 0.05, T + E)
-    w = torch.rand(T, K).to(dtype)
+    w = torch.rand(T, K)  # combine weights are fp32 whatever the rows' dtype (routing computes them in fp32)
     cpu = torch.ops.expertmesh.moe_dispatch(x, idx, E)
     gpu = torch.ops.expertmesh.moe_dispatch(x.cuda(), idx.cuda(), E)
     for c, g in zip(cpu, gpu, strict=True):
@@ -61,5 +61,35 @@ def test_cuda_opcheck_and_errors():
     bad[5, 1] = E
     with pytest.raises(RuntimeError, match=rf"topk_idx\[5, 1\] = {E} is outside"):
         torch.ops.expertmesh.moe_dispatch(x.detach(), bad, E)
-    with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.expertmesh.moe_combine(xs, row_map + xs.shape[0], w.detach())
+    with pytest.raises(RuntimeError, match="weights must be Float"):
+        torch.ops.expertmesh.moe_combine(xs.bfloat16(), row_map, w.detach().bfloat16())
+
+
+def test_cuda_combine_and_its_backward_never_wait_for_the_device():
+    """No host sync in combine or its backward (a bounds flag read back with .item() was 2 per MoE layer)."""
+    T, D, E, K = 256, 64, 8, 2
+    x = torch.randn(T, D, device="cuda")
+    idx = _routing(T, E, K, 0.1, 4).cuda()
+    xs, _, row_map = torch.ops.expertmesh.moe_dispatch(x, idx, E)
+    y = xs.clone().requires_grad_()
+    w = torch.rand(T, K, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = torch.ops.expertmesh.moe_combine(y, row_map, w)
+        torch.autograd.grad(out, (y, w), torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_row_map_out_of_range_is_caught_in_debug_mode():
+    import subprocess
+    import sys
+
+    code = ("import torch, expertmesh.moe.ops\n"
+            "y = torch.randn(4, 8, device='cuda'); w = torch.rand(4, 1, device='cuda')\n"
+            "rm = torch.tensor([[0], [1], [2], [9]], device='cuda')\n"
+            "torch.ops.expertmesh.moe_combine(y, rm, w)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "EXPERTMESH_MOE_CHECKS": "1"})
+    assert r.returncode != 0 and "row_map has entries outside [-1, 3]" in r.stderr, r.stderr[-2000:]

@@ -32,7 +32,7 @@ def test_matches_reference(T, E, K, dtype):
     D = 24
     x = torch.randn(T, D).to(dtype)
     idx = routing(T, E, K, seed=T + E + K, drop=0.1, int32=(K == 2))
-    w = torch.rand(T, K).to(dtype)
+    w = torch.rand(T, K)  # fp32 whatever the rows' dtype
     ref = ops.dispatch_reference(x, idx, E)
     got = OPS.moe_dispatch(x, idx, E)
     for r, g in zip(ref, got, strict=True):
@@ -136,8 +136,11 @@ def test_combine_rejects_bad_input():
         OPS.moe_combine(y, torch.tensor([[0, 1], [3, 2]]), torch.rand(2, 1))
     with pytest.raises(RuntimeError, match="row_map must be int64"):
         OPS.moe_combine(y, torch.tensor([[0, 1], [3, 2]], dtype=torch.int32), torch.rand(2, 2))
-    with pytest.raises(RuntimeError, match="weights dtype"):
+    fp32_only = r"weights must be Float \(the accumulation type of y_sorted's "
+    with pytest.raises(RuntimeError, match=fp32_only + r"Float\), got Double"):
         OPS.moe_combine(y, torch.tensor([[0, 1], [3, 2]]), torch.rand(2, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=fp32_only + r"BFloat16\)"):
+        OPS.moe_combine(y.bfloat16(), torch.tensor([[0, 1], [3, 2]]), torch.rand(2, 2).bfloat16())
 
 
 @settings(max_examples=150, deadline=None)

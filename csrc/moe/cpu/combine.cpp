@@ -39,19 +39,20 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y_sorted.scalar_type(), "moe_combine_backward", [&] {
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* y = y_sorted.data_ptr<scalar_t>();
-    const scalar_t* w = weights.data_ptr<scalar_t>();
+    using A = typename Acc<scalar_t>::type;
+    const A* w = weights.data_ptr<A>();
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
-    scalar_t* gw = grad_w.data_ptr<scalar_t>();
+    A* gw = grad_w.data_ptr<A>();
     at::parallel_for(0, T * K, 64, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t r = rm[s];
         if (r < 0) {
-          gw[s] = scalar_t(0);
+          gw[s] = A(0);
           continue;
         }
         const int64_t t = s / K;
         scale_row<scalar_t>(g + t * D, w[s], D, gy + r * D, 0, 1);
-        gw[s] = static_cast<scalar_t>(dot_row<scalar_t>(g + t * D, y + r * D, D, 0, 1));
+        gw[s] = dot_row<scalar_t>(g + t * D, y + r * D, D, 0, 1);
       }
     });
     at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {

@@ -88,10 +88,11 @@ at::Tensor gather_sum(const at::Tensor& y, const at::Tensor& row_map, const at::
   auto out = at::empty({T, D}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_gather_sum", [&] {
     const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* wp = w == nullptr ? nullptr : w->data_ptr<scalar_t>();
+    using A = typename Acc<scalar_t>::type;
+    const A* wp = w == nullptr ? nullptr : w->data_ptr<A>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-      std::vector<typename Acc<scalar_t>::type> acc(D);
+      std::vector<A> acc(D);
       for (int64_t t = t0; t < t1; ++t) {
         combine_tile<scalar_t>(yp, N, rm + t * K, wp == nullptr ? nullptr : wp + t * K, K, D, 0, D, acc.data(),
                                op + t * D, 0, 1);
