@@ -166,8 +166,9 @@ def _verify_together(path: Path, comm: Comm | None) -> str | None:
     problem = None
     try:
         verify(path, (dist.get_rank(), dist.get_world_size()) if together else (0, 1))
+        SafeReader(str(path)).read_metadata()  # a `.metadata` that would run code: an older one is used instead
     except CheckpointError as e:
-        problem = str(e)
+        problem = f"{path}: {e}" if str(path) not in str(e) else str(e)
     if not together:
         return problem
     if not comm.all_reduce_ints([problem is not None], dist.group.WORLD, "checkpoint", op=dist.ReduceOp.MAX)[0]:
@@ -176,7 +177,8 @@ def _verify_together(path: Path, comm: Comm | None) -> str | None:
 
 
 def latest_intact(run_path: Path, comm: Comm | None = None) -> Path | None:
-    """Newest intact checkpoint; damaged newer ones are skipped with a warning. Raises if some exist
+    """Newest intact checkpoint; damaged newer ones (and ones whose `.metadata` the safe unpickler refuses)
+    are skipped with a warning. Raises if some exist
     but none is intact, so a run never silently restarts from step 0 over its own checkpoints. With
     `comm`, every rank of the job calls it and the files are hashed once, spread over the ranks."""
     candidates = step_dirs(run_path)

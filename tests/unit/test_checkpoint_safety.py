@@ -46,7 +46,11 @@ def _short(text: str) -> bytes:
 
 @pytest.mark.parametrize("module, name", [("torch.distributed.checkpoint.metadata", "os.system"),
                                           ("torch.distributed.checkpoint.metadata", "os"),
-                                          ("torch", "os.system"), ("collections", "OrderedDict.__init__")])
+                                          ("torch", "os.system"), ("torch", "os"),
+                                          ("collections", "OrderedDict.__init__"), ("pathlib", "os.system"),
+                                          ("torch.distributed.checkpoint.filesystem", "os.system"),
+                                          ("torch.serialization", "os.system"), ("builtins", "eval"),
+                                          ("subprocess", "call"), ("posix", "system")])
 def test_a_dotted_or_imported_name_under_an_allowed_module_is_refused(tmp_path, module, name):
     """Pickle protocol 4 resolves a dotted name through the module's attributes: ("...metadata", "os.system")
     is os.system, since that module imports os. A planted `.metadata` naming it must not run."""
@@ -81,4 +85,17 @@ def test_planted_item_and_per_rank_pickles_are_refused(tmp_path):
                      layout="single")
     with pytest.raises(CheckpointError, match="item .shared.loader.global_batch. is not plain data"):
         ckpt.load(path, model, opt, sched, {"loader": {"global_batch": 0}}, "single")
+    assert not flag.exists()
+
+
+def test_resume_falls_back_to_the_older_checkpoint_when_the_newest_carries_code(tmp_path, caplog):
+    run = tmp_path / "run"
+    save_model(run, 2, torch.nn.Linear(4, 3))
+    newest = save_model(run, 4, torch.nn.Linear(4, 3))
+    flag = tmp_path / "ran"
+    (newest / ".metadata").write_bytes(pickle.dumps(Payload(flag)))
+    _reseal(newest)
+    assert checkpoint.latest_intact(run) == run / "step-2"
+    assert "refusing to unpickle posix.system" in caplog.text and "step-4" in caplog.text
+    assert load_model(checkpoint.latest_intact(run), torch.nn.Linear(4, 3)) == 2
     assert not flag.exists()
