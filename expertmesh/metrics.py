@@ -108,9 +108,10 @@ class Metrics:
                              **{f"diloco/staleness_{i}": v for i, v in enumerate(d["staleness"])}})
             if "fssdp" in rec:
                 f = rec["fssdp"]
-                flat.update({"fssdp/reshards": f["reshards"],
-                             **{f"fssdp/load_max_over_mean_{i}": v for i, v in enumerate(f["load_max_over_mean"])},
-                             **{f"fssdp/replicas_{i}": v for i, v in enumerate(f["replicas"])}})
+                flat.update({"fssdp/reshards": f["reshards"],  # per MoE layer, named by its layer index
+                             **{f"fssdp/load_max_over_mean_{i}": v for i, v in zip(f["layers"], f["load_max_over_mean"],
+                                                                                   strict=True)},
+                             **{f"fssdp/replicas_{i}": v for i, v in zip(f["layers"], f["replicas"], strict=True)}})
             self.wandb_run.log(flat, step=rec["step"])
 
     def write(self, rec: dict) -> None:

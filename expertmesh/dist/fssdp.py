@@ -384,8 +384,9 @@ class FSSDP:
     `load_group` spans every rank that shares the experts' ownership (dense_dp: the ep group and its
     data-parallel copies), so all of them hold the same history and move owners identically."""
 
-    def __init__(self, layers, cfg: FSSDPConfig, load_group, comm: Comm) -> None:
+    def __init__(self, layers, cfg: FSSDPConfig, load_group, comm: Comm, layer_ids: list[int] | None = None) -> None:
         self.layers = list(layers)
+        self.layer_ids = list(range(len(self.layers))) if layer_ids is None else list(layer_ids)  # model indices
         self.placements: list[ExpertPlacement] = [layer.placement for layer in self.layers]
         self.cfg, self.load_group, self.comm = cfg, load_group, comm
         self.history: deque[list[list[int]]] = deque(maxlen=cfg.window)
@@ -432,7 +433,7 @@ class FSSDP:
         """Rows computed per rank in the window, per layer: max/mean over the expert group, and the plan."""
         if not self.placements:  # a pipeline stage without MoE layers
             self._rows_window = []
-            return {"load_max_over_mean": [], "replicas": [], "reshards": self.reshards}
+            return {"layers": [], "load_max_over_mean": [], "replicas": [], "reshards": self.reshards}
         rows = torch.tensor(self._rows_window, dtype=torch.float64).sum(0)  # [layers]
         self._rows_window = []
         group = self.placements[0].group
@@ -443,8 +444,18 @@ class FSSDP:
         self.comm.all_reduce(gathered, group, "metrics")
         mean = gathered.mean(0)
         ratio = [float(m) / float(a) if a > 0 else 1.0 for m, a in zip(gathered.max(0).values, mean, strict=True)]
-        return {"load_max_over_mean": ratio, "replicas": [p.plan.replicas for p in self.placements],
-                "reshards": self.reshards}
+        return {"layers": self.layer_ids, "load_max_over_mean": ratio,
+                "replicas": [p.plan.replicas for p in self.placements], "reshards": self.reshards}
+
+    @staticmethod
+    def merge_stages(per_stage: list[dict]) -> dict:
+        """`stats` of the ranks of a pipeline (one per pp rank, each holding one or more stages) as one
+        record: per-layer lists in the model's layer order (a stage without MoE layers adds none), reshards
+        summed over the ranks."""
+        rows = sorted((layer, s["load_max_over_mean"][i], s["replicas"][i])
+                      for s in per_stage for i, layer in enumerate(s["layers"]))
+        return {"layers": [r[0] for r in rows], "load_max_over_mean": [r[1] for r in rows],
+                "replicas": [r[2] for r in rows], "reshards": sum(s["reshards"] for s in per_stage)}
 
     # -- ownership moves ---------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from expertmesh.launch.window import Window
 from expertmesh.launch.wiring import build_optimizer, check_device_support, layout_name, load_data, make_diloco
 from expertmesh.metrics import Metrics
 from expertmesh.models.hf.export import SOURCE_COPY, copy_source_files, export_run
-from expertmesh.models.transformer import Transformer, count_params, moe_layers
+from expertmesh.models.transformer import Transformer, count_params, moe_layer_ids, moe_layers
 from expertmesh.parallel.apply import compute_dtype, parallelize_model
 from expertmesh.parallel.mesh import Mesh, ParallelDims
 from expertmesh.parallel.pipeline import (
@@ -144,7 +144,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
 
     fssdp = None
     if cfg.moe.placement == "fssdp":  # the config check guarantees ep >= 2
-        fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm)
+        fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm, moe_layer_ids(model))
     diloco_group = replica_group(dims) if cfg.diloco.enabled else None
     diloco = make_diloco(model, cfg, diloco_group, comm, env)
     checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank, comm)
@@ -235,8 +235,10 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
             rec = window.record(step, scheduler.get_last_lr()[0], grad_norm, eval_loss)
             if diloco is not None:
                 rec["diloco"] = diloco.stats(step)
-            if fssdp is not None:
+            if fssdp is not None:  # under pp, every stage's MoE layers (rank 0's stage may have none)
                 rec["fssdp"] = fssdp.stats()
+                if mesh.dims.pp > 1:
+                    rec["fssdp"] = FSSDP.merge_stages(comm.all_gather_object(rec["fssdp"], mesh.group("pp")))
             if par.compiled is not None:  # this rank's: block forwards, calls into compiled graphs, graphs
                 rec["compile"] = par.compiled.take()
             metrics.log(rec)

@@ -11,6 +11,7 @@ Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -313,6 +314,12 @@ class Transformer(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def moe_layer_ids(model: nn.Module) -> list[int]:
+    """The model's layer index of each of `moe_layers(model)` (a pipeline stage holds some of the layers)."""
+    return [int(re.search(r"(?:^|\.)layers\.(\d+)\.", name).group(1)) for name, m in model.named_modules()
+            if isinstance(m, MoELayer)]
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

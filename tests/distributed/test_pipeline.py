@@ -145,13 +145,20 @@ def test_pipeline_in_bf16_trains_as_one_process_in_bf16(tmp_path, reference):
             assert got[step][key] == pytest.approx(want[step][key], rel=2e-2), (step, key)
 
 
-def test_fssdp_with_a_stage_that_holds_no_moe_layer(tmp_path, reference):
-    """A dense first layer alone on stage 0 (DeepSeek-V3's layout, `pp_layout=[1,3]`) under pp2 x ep2 FSSDP:
-    that stage has no MoE layer to record or plan (it crashed at step 1); it trains as one process does."""
-    ref_path, _ = reference(4, ("moe.first_k_dense=1",))
+@pytest.mark.parametrize("model, stages, moe_layers", [
+    (("moe.first_k_dense=1",), "[1,3]", [1, 2, 3]),  # DeepSeek-V3's dense first layer, alone on stage 0
+    (("model.n_layers=2", "moe.every=2"), "[1,1]", [1]),  # every other layer MoE, one layer per stage
+], ids=["first-dense", "every-2"])
+def test_fssdp_with_a_stage_that_holds_no_moe_layer(tmp_path, reference, model, stages, moe_layers):
+    """Under pp2 x ep2 FSSDP, stage 0 has no MoE layer to record or plan (it crashed at step 1); the run trains
+    as one process does, and its metrics hold the FSSDP figures of every MoE layer, whichever stage holds it."""
+    ref_path, _ = reference(4, model)
     layout = ["parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2", 'moe.placement="fssdp"',
-              "moe.fssdp.window=2", "moe.fssdp.reshard_every=2", "moe.first_k_dense=1", "parallel.pp_layout=[1,3]"]
+              "moe.fssdp.window=2", "moe.fssdp.reshard_every=2", *model, f"parallel.pp_layout={stages}"]
     spawn(_train, 4, args=(_common(tmp_path) + layout + ["train.name=dense-stage"],), timeout=300)
     got = read_metrics(tmp_path / "dense-stage")
-    assert got[STEPS]["fssdp"]["replicas"] == []  # rank 0's stage: no MoE layer
+    for step in range(1, STEPS + 1):
+        assert got[step]["fssdp"]["layers"] == moe_layers
+        assert len(got[step]["fssdp"]["replicas"]) == len(got[step]["fssdp"]["load_max_over_mean"]) == len(moe_layers)
+    assert len(got[STEPS]["expert_load"]) == len(moe_layers)
     _assert_same_steps(got, read_metrics(ref_path), range(1, STEPS + 1))
