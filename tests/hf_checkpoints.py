@@ -69,3 +69,67 @@ def hf_model(path: Path, **kw):
     out = T.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", experts_implementation="eager",
                                                  **kw)
     return (out[0].eval(), out[1]) if kw.get("output_loading_info") else out.eval()
+
+
+BLOCK = (8, 8)
+
+
+def _quantize(w):
+    """(fp8 weight, per-block factors, the dequantized weight) with blocks of BLOCK, edge blocks partial."""
+    import torch
+
+    bm, bn = BLOCK
+    rows, cols = w.shape
+    nr, nc = -(-rows // bm), -(-cols // bn)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    scale, deq = torch.empty(nr, nc), torch.empty(rows, cols)
+    for i in range(nr):
+        for j in range(nc):
+            block = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
+            s = block.abs().max().clamp(min=1e-12) / 448.0
+            qb = (block / s).to(torch.float8_e4m3fn)
+            q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = qb
+            scale[i, j] = s
+            deq[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = qb.double().mul(float(s)).float()
+    return q, scale, deq
+
+
+def make_fp8_checkpoint(root: Path):
+    """DeepSeek-V3's FP8 format, tiny: (fp8 directory, a directory of the same weights dequantized in float32,
+    those dequantized weights by key). Block sizes BLOCK that do not divide every shape."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = make_checkpoint("deepseek_v3", root / "src")
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    fp8, deq = {}, {}
+    quantized = 0
+    for key, t in tensors.items():
+        # DeepSeek-V3 quantizes every linear weight except the router's, the embedding and the head
+        if t.ndim == 2 and key.endswith("proj.weight"):
+            q, s, d = _quantize(t)
+            fp8[key], fp8[key + "_scale_inv"], deq[key] = q, s, d
+            quantized += 1
+        else:
+            fp8[key] = deq[key] = t.float()
+    assert quantized >= 10
+    out = {}
+    for name, weights, quant in (("fp8", fp8, True), ("deq", deq, False)):
+        d = root / name
+        d.mkdir()
+        for extra in src.iterdir():
+            if extra.suffix != ".safetensors" and extra.name != "model.safetensors.index.json":
+                shutil.copy(extra, d / extra.name)
+        save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+        hf = json.loads((d / "config.json").read_text())
+        hf["dtype"] = "float32"
+        if quant:
+            hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": list(BLOCK)}
+        (d / "config.json").write_text(json.dumps(hf))
+        out[name] = d
+    return out["fp8"], out["deq"], deq

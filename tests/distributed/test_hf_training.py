@@ -156,3 +156,18 @@ def test_diloco_workers_each_load_the_checkpoint(run_distributed, tmp_path, hf_d
     overrides = _overrides(tmp_path, hf_dirs["qwen2_moe"], 1) + ["parallel.dp_replicate=2", "parallel.ep=2",
                                                                  "diloco.enabled=true", "diloco.sync_every=2"]
     assert [diff for _, diff in run_distributed(_load, 4, overrides)] == [0.0] * 4
+
+
+def test_an_fp8_checkpoint_under_ep2xtp2_computes_the_dequantized_models_loss(run_distributed, tmp_path):
+    """DeepSeek-V3 in FP8 (e4m3 weights, 8x8 block factors that do not divide every shape) loaded under ep2 x tp2,
+    each rank reading its slices' blocks: the first step's loss is transformers' on the weights dequantized by
+    hand (float32), to the same 1e-5 as an unquantized checkpoint's."""
+    from hf_checkpoints import make_fp8_checkpoint
+
+    fp8, deq_dir, _ = make_fp8_checkpoint(tmp_path / "ckpt")
+    common = _overrides(tmp_path, fp8, 1)
+    run_distributed(_train, 4, common + ["train.name=fp8", "parallel.ep=2", "parallel.tp=2", "data.batch_size=4"],
+                    timeout=300)
+    got = read_metrics(tmp_path / "fp8")
+    single = config.load(None, common + ["data.batch_size=8"])
+    assert got[1]["loss"] == pytest.approx(_first_batch_loss_in_transformers(single, deq_dir), rel=1e-5)

@@ -2,76 +2,26 @@
 block (`*_scale_inv`, `quantization_config.weight_block_size`). expertmesh reads them dequantized: the same
 model as from a directory holding the dequantized weights in float32 (computed here block by block, apart
 from the reader), any slice of a weight too; other quantization methods are refused by name; an export
-writes the weights dequantized and drops the quantization_config."""
+writes the weights dequantized and drops the quantization_config. DeepSeek-V3's multi-token-prediction layers
+(`num_nextn_predict_layers`, stored as one layer past the last) are skipped with one warning."""
 
 import json
 import shutil
 
 import pytest
 import torch
-from hf_checkpoints import make_checkpoint
+from hf_checkpoints import BLOCK, make_fp8_checkpoint
 from safetensors.torch import load_file, save_file
 
 from expertmesh.config import ConfigError
-from expertmesh.models.hf import load_pretrained
+from expertmesh.models.hf import config_for, load_pretrained, tensor_shapes
+from expertmesh.models.hf.export import export_hf
 from expertmesh.models.hf.safetensors_dir import SafetensorsDir
-
-BLOCK = (8, 8)
-
-
-def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fp8 weight, per-block factors, the dequantized weight) with blocks of BLOCK, edge blocks partial."""
-    bm, bn = BLOCK
-    rows, cols = w.shape
-    nr, nc = -(-rows // bm), -(-cols // bn)
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    scale, deq = torch.empty(nr, nc), torch.empty(rows, cols)
-    for i in range(nr):
-        for j in range(nc):
-            block = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
-            s = block.abs().max().clamp(min=1e-12) / 448.0
-            qb = (block / s).to(torch.float8_e4m3fn)
-            q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = qb
-            scale[i, j] = s
-            deq[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = qb.double().mul(float(s)).float()
-    return q, scale, deq
-
 
 @pytest.fixture(scope="module")
 def fp8_dirs(tmp_path_factory):
-    """(fp8 directory, the same weights dequantized in float32), from a tiny DeepSeek-V3 checkpoint."""
-    root = tmp_path_factory.mktemp("fp8")
-    src = make_checkpoint("deepseek_v3", root / "src")
-    tensors = {}
-    for f in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    fp8, deq = {}, {}
-    quantized = 0
-    for key, t in tensors.items():
-        # DeepSeek-V3 quantizes every linear weight except the router's, the embedding and the head
-        if t.ndim == 2 and key.endswith("proj.weight"):
-            q, s, d = _quantize(t)
-            fp8[key], fp8[key + "_scale_inv"], deq[key] = q, s, d
-            quantized += 1
-        else:
-            fp8[key] = deq[key] = t.float()
-    assert quantized >= 10
-    out = {}
-    for name, weights, quant in (("fp8", fp8, True), ("deq", deq, False)):
-        d = root / name
-        d.mkdir()
-        for extra in src.iterdir():
-            if extra.suffix != ".safetensors" and extra.name != "model.safetensors.index.json":
-                shutil.copy(extra, d / extra.name)
-        save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
-        hf = json.loads((d / "config.json").read_text())
-        hf["dtype"] = "float32"
-        if quant:
-            hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                         "weight_block_size": list(BLOCK)}
-        (d / "config.json").write_text(json.dumps(hf))
-        out[name] = d
-    return out["fp8"], out["deq"], deq
+    """(fp8 directory, the same weights dequantized in float32, those weights), of a tiny DeepSeek-V3."""
+    return make_fp8_checkpoint(tmp_path_factory.mktemp("fp8"))
 
 
 def test_an_fp8_checkpoint_loads_as_its_dequantized_weights(fp8_dirs):
@@ -111,3 +61,50 @@ def test_other_quantizations_and_missing_factors_are_refused(fp8_dirs, tmp_path)
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConfigError, match=f"{key} is missing"):
         load_pretrained(bad)
+
+
+def _export(path, out, dtype=None):
+    cfg = config_for(path)
+    state = {k: v.detach() for k, v in load_pretrained(path).state_dict().items()}
+    return export_hf(cfg, tensor_shapes(cfg), state.__getitem__, out, path, dtype)
+
+
+def test_an_fp8_checkpoint_exports_dequantized_in_bf16_without_its_quantization_config(fp8_dirs, tmp_path):
+    fp8, _, deq = fp8_dirs
+    out = _export(fp8, tmp_path / "out")
+    hf = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in hf
+    written = {}
+    for f in out.glob("*.safetensors"):
+        written.update(load_file(f))
+    assert not any(k.endswith("_scale_inv") for k in written)
+    for key, want in deq.items():
+        if key.endswith("proj.weight") and want.ndim == 2:  # a quantized weight: bf16 of its dequantized value
+            assert written[key].dtype == torch.bfloat16 and torch.equal(written[key], want.bfloat16()), key
+    got = load_pretrained(out).state_dict()  # and it loads back as a plain checkpoint
+    assert got.keys() == load_pretrained(fp8).state_dict().keys()
+
+
+def test_multi_token_prediction_layers_are_skipped_with_one_warning(fp8_dirs, tmp_path, caplog):
+    _, deq_dir, deq = fp8_dirs
+    mtp = tmp_path / "mtp"
+    shutil.copytree(deq_dir, mtp)
+    hf = json.loads((mtp / "config.json").read_text())
+    n = hf["num_hidden_layers"]
+    hf["num_nextn_predict_layers"] = 1
+    (mtp / "config.json").write_text(json.dumps(hf))
+    weights = load_file(mtp / "model.safetensors")
+    last = f"model.layers.{n - 1}."
+    extra = {k.replace(last, f"model.layers.{n}."): v.clone() for k, v in weights.items() if k.startswith(last)}
+    extra |= {f"model.layers.{n}.enorm.weight": torch.ones(hf["hidden_size"]),
+              f"model.layers.{n}.eh_proj.weight": torch.randn(hf["hidden_size"], 2 * hf["hidden_size"])}
+    save_file(weights | extra, str(mtp / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        got = load_pretrained(mtp).state_dict()
+        load_pretrained(mtp)
+    warned = [r for r in caplog.records if "multi-token-prediction" in r.getMessage()]
+    assert len(warned) == 1 and f"model.layers.{n}" in warned[0].getMessage()
+    want = load_pretrained(deq_dir).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    out = _export(mtp, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0

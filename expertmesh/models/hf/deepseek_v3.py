@@ -1,8 +1,13 @@
 """DeepSeek-V3: multi-head latent attention, YaRN, the first k layers dense, sigmoid routing inside the
 best groups with a selection bias (`e_score_correction_bias`), scaled weights, shared experts."""
 
+import logging
+
 from expertmesh.config import ConfigError
 from expertmesh.models.hf.adapter import Adapter, base_model_config, need
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # checkpoints whose multi-token-prediction layers were reported skipped
 
 
 class DeepSeekV3(Adapter):
@@ -13,6 +18,13 @@ class DeepSeekV3(Adapter):
 
     def model_config(self, hf: dict, path: str = "") -> dict[str, dict]:
         model = base_model_config(hf, path, self.default_theta)
+        nextn = hf.get("num_nextn_predict_layers") or 0
+        if nextn and path not in _WARNED:
+            _WARNED.add(path)
+            first = model["n_layers"]
+            log.warning("%s: its %d multi-token-prediction layer(s) (model.layers.%s) are not imported: the model "
+                        "trains next-token prediction only, and an export writes num_nextn_predict_layers=0", path,
+                        nextn, first if nextn == 1 else f"{first}-{first + nextn - 1}")
         if model["n_kv_heads"] != model["n_heads"]:
             raise ConfigError(f"{path}/config.json: deepseek_v3 needs num_key_value_heads == num_attention_heads")
         model |= {"attention": "mla", "head_dim": 0, "n_kv_heads": 0,

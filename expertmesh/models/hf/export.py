@@ -87,9 +87,12 @@ def export_hf(cfg: JobConfig, shapes: dict[str, tuple[int, ...]], get, out_dir: 
     write_sharded(items, produce, partial, max_shard_bytes)
     copy_source_files(source, partial)
     hf_out = json.loads((partial / "config.json").read_text())
-    if dtype is not None or "quantization_config" in hf_out:
-        # an fp8 source is written dequantized (bf16, or `dtype`): its quantization_config no longer holds
+    if dtype is not None or "quantization_config" in hf_out or hf_out.get("num_nextn_predict_layers"):
+        # an fp8 source is written dequantized (bf16, or `dtype`): its quantization_config no longer holds;
+        # DeepSeek-V3's multi-token-prediction layers were not imported, so none are written
         hf_out.pop("quantization_config", None)
+        if hf_out.get("num_nextn_predict_layers"):
+            hf_out["num_nextn_predict_layers"] = 0
         if dtype is not None:
             hf_out["dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
         (partial / "config.json").write_text(json.dumps(hf_out, indent=2) + "\n")
