@@ -18,6 +18,7 @@ from expertmesh.models.hf import config_for, load_pretrained, tensor_shapes
 from expertmesh.models.hf.export import export_hf
 from expertmesh.models.hf.safetensors_dir import SafetensorsDir
 
+
 @pytest.fixture(scope="module")
 def fp8_dirs(tmp_path_factory):
     """(fp8 directory, the same weights dequantized in float32, those weights), of a tiny DeepSeek-V3."""
