@@ -115,6 +115,7 @@ class _Pending:
     failed: bool = False  # elastic: the outer group broke during the exchange (a worker left)
     want: bool = False  # elastic: some member saw a worker asking to join
     error: BaseException | None = None  # not elastic: what broke the exchange, re-raised by the main thread
+    done: object = None  # on a GPU: the exchange stream's event after the last collective (the main stream waits)
 
 
 class DiLoCo:
@@ -219,6 +220,26 @@ class DiLoCo:
         for key, n in counter.take_by_op().items():
             label, op = key.rsplit(".", 1)
             self.comm.count(label, n, op)
+
+    def _exchange_on_stream(self, deltas: list[torch.Tensor], pend: _Pending) -> None:
+        """The exchange thread on a GPU: the thread's device set to the training's, the collectives issued
+        on a stream of its own after the deltas are ready (`pend.done` holds that event on entry), and
+        `pend.done` then the event after the last of them. Memory crossing the two streams is recorded on
+        both, so the caching allocator reuses none of it early."""
+        torch.cuda.set_device(self.device)
+        if not hasattr(self, "_stream"):
+            self._stream = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_event(pend.done)
+        for d in deltas:
+            d.record_stream(self._stream)
+        with torch.cuda.stream(self._stream):
+            self._exchange(deltas, pend)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        for t in [*pend.result, *pend.bias_mean]:
+            t.record_stream(main)
+        pend.done = done
 
     def start(self, step: int) -> int:
         """Elastic: joins the outer group (once every expected worker is there, or after timeout_s)
@@ -330,7 +351,13 @@ class DiLoCo:
         if self.cfg.overlap == 0:
             self._exchange(deltas, pend)
             return self._apply(pend, step)
-        pend.thread = threading.Thread(target=self._exchange, args=(deltas, pend), daemon=True)
+        target = self._exchange
+        if self.device.type == "cuda":  # its own stream: the training stream waits only where the result is applied
+            target = self._exchange_on_stream
+            ready = torch.cuda.Event()
+            ready.record()
+            pend.done = ready
+        pend.thread = threading.Thread(target=target, args=(deltas, pend), daemon=True)
         pend.thread.start()
         self.pending.append(pend)
         return step
@@ -361,6 +388,8 @@ class DiLoCo:
         if pend.thread is not None:
             pend.thread.join()
             pend.thread = None
+        if pend.done is not None:  # a GPU exchange: the training stream waits for it here, not before
+            torch.cuda.current_stream(self.device).wait_event(pend.done)
         if pend.error is not None:
             raise RuntimeError(f"DiLoCo: the exchange of fragments {pend.fragments} failed: {pend.error}") \
                 from pend.error

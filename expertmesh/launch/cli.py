@@ -125,7 +125,12 @@ def cmd_plan(args) -> int:
         if not train:
             raise ConfigError(f"{path} has no training records yet")
         measured = train[-1]["comm_bytes_per_step"]
-    print(render(plan(cfg, world), measured))
+    gpu = args.gpu_gib
+    if gpu is None and cfg.train.device != "cpu":
+        import torch
+
+        gpu = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    print(render(plan(cfg, world), measured, gpu))
     return 0
 
 
@@ -198,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--nproc", type=int, default=0, help="world size (default: the product of the degrees if "
                     "parallel.dp is set, else as for run)")
     pl.add_argument("--measured", default="", help="a run directory: print its last measured bytes per step beside")
+    pl.add_argument("--gpu-gib", type=float, default=None,
+                    help="say whether rank 0's memory fits a GPU of this many GiB (default: the visible GPU's, "
+                         "else 80; not said for train.device=\"cpu\")")
     pl.set_defaults(func=cmd_plan)
 
     s = with_config("submit", "render the sbatch script for a config and submit it to Slurm")

@@ -233,7 +233,22 @@ def _fmt(nbytes: float) -> str:
     return f"{nbytes:.0f} B"
 
 
-def render(pl: Plan, measured: dict[str, float] | None = None) -> str:
+def fits(pl: Plan, gpu_gib: float, reserve_gib: float = 4.0) -> str:
+    """One line: whether rank 0's memory fits a GPU of `gpu_gib` GiB, leaving `reserve_gib` for the CUDA
+    context, NCCL buffers and the allocator's fragmentation; if not, what usually brings it down."""
+    need, have = pl.memory["total"] / 2**30, gpu_gib - reserve_gib
+    if need <= have:
+        return f"fits a {gpu_gib:g} GiB GPU: {need:.1f} GiB of {have:.1f} GiB usable ({reserve_gib:g} GiB kept back)"
+    hints = []
+    if pl.memory.get("activations (estimate)", 0) > 0.25 * pl.memory["total"]:
+        hints.append('parallel.activation_checkpoint="full"')
+    hints += ["a larger parallel.ep or parallel.dp (more ranks share the weights and optimizer state)",
+              "a shorter data.seq_len or smaller data.batch_size (activations)"]
+    return (f"does NOT fit a {gpu_gib:g} GiB GPU: {need:.1f} GiB > {have:.1f} GiB usable ({reserve_gib:g} GiB kept "
+            f"back); try {'; '.join(hints)}")
+
+
+def render(pl: Plan, measured: dict[str, float] | None = None, gpu_gib: float | None = None) -> str:
     d = pl.dims
     lines = [f"layout: pp={d.pp} dp_replicate={d.dp_replicate} dp={d.dp} ep={d.ep} tp={d.tp} (world {d.world_size})",
              "", "communication per step, bytes sent by rank 0:"]
@@ -249,6 +264,8 @@ def render(pl: Plan, measured: dict[str, float] | None = None) -> str:
         lines.append("  (none: one rank holds everything)")
     lines += ["", "memory per rank (rank 0):"]
     lines += [f"  {k:24s} {_fmt(v):>12s}" for k, v in pl.memory.items()]
+    if gpu_gib is not None:
+        lines.append("  " + fits(pl, gpu_gib))
     if pl.pipeline is not None:
         pp = pl.pipeline
         lines += ["", f"pipeline: {pp['schedule']}, {pp['microbatches']} micro-batches, {pp['stages_per_rank']} "

@@ -85,3 +85,31 @@ def test_pipeline_plan_stages_bubbles_and_p2p(schedule, v, sends):
         assert [r["chunks_in_flight"] for r in pp["ranks"]] == [4, 3, 2, 1]
     # rank 0's parameters are its stages' only (no FSDP: one rank per stage)
     assert pl.memory["params"] == 4 * pp["ranks"][0]["params"]
+
+
+QWEN3_30B_A3B = {  # Qwen3-30B-A3B's config.json (architecture keys): the model configs/finetune_hf.toml names
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936, "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0, "rope_scaling": None, "rms_norm_eps": 1e-06, "hidden_act": "silu",
+    "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+    "torch_dtype": "bfloat16"}
+
+
+def test_the_fine_tune_recipe_fits_an_80_gib_gpu_per_rank(tmp_path):
+    """configs/finetune_hf.toml on Qwen3-30B-A3B, 8 ranks: rank 0 needs less than an 80 GiB GPU holds (4 GiB kept
+    back) with its recomputation, and far more without it; `fits` says which."""
+    import json
+
+    from expertmesh.parallel.plan import fits
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    base = [f'model.hf_path="{tmp_path}"', f'data.paths=["{tmp_path}/sft.jsonl"]']
+    recipe = plan(config.load(ROOT / "configs" / "finetune_hf.toml", base), 8)
+    eager = plan(config.load(ROOT / "configs" / "finetune_hf.toml", [*base, 'parallel.activation_checkpoint="none"']), 8)
+    # fp32 weights, grads and two AdamW moments of 1/8 of the experts and 1/8 of the dense weights: ~57 GiB
+    assert 50 < (recipe.memory["params"] + recipe.memory["grads"] + recipe.memory["optimizer"]) / 2**30 < 60
+    assert recipe.memory["total"] / 2**30 < 76 < eager.memory["total"] / 2**30
+    assert fits(recipe, 80).startswith("fits a 80 GiB GPU")
+    assert fits(eager, 80).startswith("does NOT fit") and 'activation_checkpoint="full"' in fits(eager, 80)
