@@ -33,8 +33,8 @@ SYNC_LABELS = ("dense_dp", "expert_dp", "diloco")
 
 def _train(rank, world, overrides):
     from expertmesh import config
-    from expertmesh.launch.env import DistEnv
-    from expertmesh.launch.train import run
+    from expertmesh.dist.env import DistEnv
+    from expertmesh.train.loop import run
 
     run(config.load(None, overrides), DistEnv(rank, rank, world, world, "torchrun"))
     return rank

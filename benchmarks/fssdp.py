@@ -71,11 +71,11 @@ class Arm:
     def __init__(self, shape: dict, placement: str, remat: bool = False, world: int = WORLD) -> None:
         from expertmesh import config
         from expertmesh.dist.comm_stats import Comm
-        from expertmesh.dist.fssdp import FSSDP
-        from expertmesh.launch.wiring import build_optimizer
         from expertmesh.models.transformer import Transformer, moe_layers
         from expertmesh.parallel.apply import parallelize_model
+        from expertmesh.parallel.fssdp import FSSDP
         from expertmesh.parallel.mesh import ParallelDims
+        from expertmesh.train.wiring import build_optimizer
 
         self.cfg = config.load(None, overrides(shape, placement, remat, world))
         dims = ParallelDims.from_config(self.cfg.parallel, world)

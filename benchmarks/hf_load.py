@@ -141,15 +141,15 @@ def child_export(path: str, out: str) -> dict:
 def _ep_rank(rank: int, world: int, path: str) -> dict:
     import time
 
-    from expertmesh import config
     from expertmesh.dist.comm_stats import Comm
-    from expertmesh.launch.env import DistEnv, init_distributed
+    from expertmesh.dist.env import DistEnv, init_distributed
+    from expertmesh.models.hf import load_config
     from expertmesh.models.transformer import Transformer
     from expertmesh.parallel.apply import parallelize_model
     from expertmesh.parallel.mesh import ParallelDims
 
     torch.set_num_threads(1)
-    cfg = config.load(None, [f'model.hf_path="{path}"', f"parallel.ep={world}", "data.seq_len=128"])
+    cfg = load_config(None, [f'model.hf_path="{path}"', f"parallel.ep={world}", "data.seq_len=128"])
     env = DistEnv(rank, rank, world, world, "torchrun")
     dims = ParallelDims.from_config(cfg.parallel, world)
     init_distributed(env, torch.device("cpu"))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh import config
-from expertmesh.models.mlp import SwiGLU
+from expertmesh.layers.mlp import SwiGLU
 from expertmesh.moe.layer import MoELayer
 from expertmesh.parallel.apply import CompileCounts
 

@@ -53,8 +53,8 @@ def train_variant(run_dir: Path, name: str, level: str, threads: int, steps: int
     mkl, dnnl = LEVELS[level]
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level, MKL_ENABLE_INSTRUCTIONS=mkl, DNNL_MAX_CPU_ISA=dnnl,
                OMP_NUM_THREADS=str(threads))
-    code = ("import sys; from expertmesh import config; from expertmesh.launch.env import DistEnv; "
-            "from expertmesh.launch.train import run; "
+    code = ("import sys; from expertmesh import config; from expertmesh.dist.env import DistEnv; "
+            "from expertmesh.train.loop import run; "
             "run(config.load(None, sys.argv[1:]), DistEnv(0, 0, 1, 1, 'single'))")
     r = subprocess.run([sys.executable, "-c", code, *overrides(run_dir, name, threads, steps)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)

@@ -166,8 +166,8 @@ def build_models(p: dict, root: Path) -> dict:
 def run_arm(job) -> tuple[str, str, list[dict], float]:
     """One arm through the real `expertmesh distill` path, in its own process with one thread."""
     arm, greedy, p, models, run_dir = job
+    from expertmesh.dist.env import DistEnv
     from expertmesh.launch import distill
-    from expertmesh.launch.env import DistEnv
 
     draft = models["oracle_B"] if arm.startswith("oracle") else models["draft_A"]
     name = arm.replace(" ", "_").replace("(", "").replace(")", "") + ("_greedy" if greedy else "_T1")

@@ -79,8 +79,8 @@ def _patch_megatron_for_cpu() -> None:
 
 def build_expertmesh(shape, comm):
     from expertmesh import config
-    from expertmesh.dist.fssdp import ExpertPlacement
     from expertmesh.moe.layer import MoELayer
+    from expertmesh.parallel.fssdp import ExpertPlacement
 
     T, D, Fh, E, K = (shape[k] for k in ("T", "D", "F", "E", "K"))
     cfg = config.load(None, [f"moe.num_experts={E}", f"moe.top_k={K}", f"moe.expert_dim={Fh}"])
@@ -100,7 +100,7 @@ def build_deepspeed(shape):
     from deepspeed.moe.layer import MoE
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # wraps the existing group
-    from expertmesh.models.mlp import SwiGLU
+    from expertmesh.layers.mlp import SwiGLU
 
     T, D, Fh, E, K = (shape[k] for k in ("T", "D", "F", "E", "K"))
     torch.manual_seed(0)

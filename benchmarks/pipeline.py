@@ -38,10 +38,10 @@ def _train(rank, world, overrides):
     import torch
     from torch.distributed.pipelining import stage as stage_mod
 
-    import expertmesh.launch.train as train_mod
     import expertmesh.parallel.pipeline as pipeline_mod
+    import expertmesh.train.loop as train_mod
     from expertmesh import config
-    from expertmesh.launch.env import DistEnv
+    from expertmesh.dist.env import DistEnv
 
     busy, scheduled, steps, held = [0.0], [0.0], [], {}
 

@@ -55,7 +55,7 @@ from expertmesh.config import DiLoCoConfig
 from expertmesh.dist.comm_stats import Comm, group_size
 from expertmesh.dist.compress import quantized_all_reduce_mean
 from expertmesh.dist.elastic import Membership
-from expertmesh.parallel.data_parallel import local_part
+from expertmesh.dist.shards import local_part
 
 log = logging.getLogger(__name__)
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")

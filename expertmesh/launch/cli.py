@@ -25,8 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from expertmesh import config as config_mod
 from expertmesh.config import ConfigError
+from expertmesh.models.hf import load_config
 from expertmesh.parallel.mesh import ParallelDims
 
 
@@ -37,8 +37,12 @@ def default_nproc() -> int:
 
 
 def _preflight(args, nproc: int):
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     ParallelDims.from_config(cfg.parallel, nproc)
+    if cfg.parallel.pp > 1:
+        from expertmesh.parallel.pipeline import schedule_class
+
+        schedule_class(cfg)
     if cfg.data.source == "files":
         from expertmesh.data.corpus import glob_files
 
@@ -72,7 +76,7 @@ def _torchrun(module: str, cfg, args, nproc: int) -> int:
 
 
 def cmd_distill(args) -> int:
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be >= 1")
     if args.nproc > 1 and args.nproc <= cfg.distill.trainers:
@@ -91,7 +95,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_config(args) -> int:
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
@@ -112,7 +116,7 @@ def cmd_diloco_store(args) -> int:
 def cmd_plan(args) -> int:
     from expertmesh.parallel.plan import plan, render
 
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     p = cfg.parallel
     world = args.nproc or (p.pp * p.dp_replicate * p.dp * p.ep * p.tp if p.dp > 0 else default_nproc())
     measured = None
@@ -137,7 +141,7 @@ def cmd_plan(args) -> int:
 def cmd_submit(args) -> int:
     from expertmesh.launch import slurm
 
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     req = slurm.SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
                              partition=args.partition, time=args.time)
     req.check()

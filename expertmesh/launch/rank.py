@@ -11,11 +11,11 @@ import sys
 
 import torch.distributed as dist
 
-from expertmesh import config as config_mod
 from expertmesh.config import ConfigError
 from expertmesh.dist.checkpoint import CheckpointError
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.launch.env import DistEnv, detect
+from expertmesh.dist.env import DistEnv, detect
+from expertmesh.models.hf import load_config
 
 
 def parse_args(argv, prog: str = "expertmesh.launch.train", description: str = "One training rank."):
@@ -62,7 +62,7 @@ def rank_main(run_fn, argv=None, **parser) -> int:
     try:
         env = detect()
         setup_logging(env)
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
         run_fn(cfg, env)
         finished = True
     except (ConfigError, CheckpointError) as e:

@@ -2,7 +2,7 @@
 of any tensor from the seed alone.
 
 A sharded model never builds the full model: each rank asks `SeededInit` for the slices it holds
-(parallel/shards.py). A tensor is drawn in blocks of rows (dim 0), each from its own generator seeded
+(dist/shards.py). A tensor is drawn in blocks of rows (dim 0), each from its own generator seeded
 from the run's seed, the tensor's name and the block: one expert per block for stacked expert tensors,
 about a million values per block otherwise. A rank draws only the blocks its rows fall in, and the
 full weights are the same whatever the layout.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from expertmesh.config import ModelConfig
-from expertmesh.parallel.shards import fill
+from expertmesh.dist.shards import fill
 
 _OUT_PROJECTIONS = ("wo.weight", "w2.weight", "experts.w2")  # scaled down with depth
 _STACKED_EXPERTS = ("experts.w1", "experts.w2", "experts.w3")

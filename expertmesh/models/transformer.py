@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.config import JobConfig, ModelConfig
-from expertmesh.models.mlp import SwiGLU, local
+from expertmesh.layers.mlp import SwiGLU, local
 from expertmesh.moe.layer import MoELayer, MoEStats
 
 

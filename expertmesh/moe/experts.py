@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.models.mlp import local
+from expertmesh.layers.mlp import local
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.config import MoEConfig
-from expertmesh.models.mlp import SwiGLU, local
+from expertmesh.layers.mlp import SwiGLU, local
 from expertmesh.moe import ops
 from expertmesh.moe.experts import GroupedExperts
 from expertmesh.moe.router import TopKRouter

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.models.mlp import local
+from expertmesh.layers.mlp import local
 
 
 @dataclass

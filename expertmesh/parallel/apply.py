@@ -7,7 +7,7 @@ Order (each step is a function below, applied from outside the model):
      + compile               each block's forward compiled on its own (`train.compile`, regional)
   4. data parallelism        FSDP2 over `dense_dp` for dense weights and over `expert_dp` for experts
                              (`parallel.dp_shard`), or replicated weights with bucketed all-reduce
-  5. materialize + load      each rank reads or draws only its own slices (parallel/shards.py)
+  5. materialize + load      each rank reads or draws only its own slices (dist/shards.py)
 
 After step 4 every sharded weight is a DTensor that knows its global shape and its placement, so a
 DCP checkpoint is layout-free and loads under any other layout. Step 5 fills each rank's slices from an
@@ -29,12 +29,12 @@ from torch.distributed.tensor import DTensor, Shard
 
 from expertmesh.config import JobConfig
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.dist.fssdp import ExpertPlacement
+from expertmesh.dist.shards import load_shards
 from expertmesh.models.init import SeededInit
 from expertmesh.models.transformer import moe_layers
 from expertmesh.parallel.data_parallel import GradAverager, GradGroup
+from expertmesh.parallel.fssdp import ExpertPlacement
 from expertmesh.parallel.mesh import Mesh
-from expertmesh.parallel.shards import load_shards
 from expertmesh.parallel.tensor import apply_tensor_parallel
 
 
@@ -62,7 +62,7 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
 def place_experts(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> None:
     """Keeps this rank's experts of every MoE layer (a global Shard(0) DTensor over `ep`, composed with
     the tp split of F if any) and attaches the placement: the all-to-all of expert parallelism, or
-    FSSDP (the same owner shards at the start; replicas and owner moves per step, dist/fssdp.py)."""
+    FSSDP (the same owner shards at the start; replicas and owner moves per step, parallel/fssdp.py)."""
     group = mesh.group("ep")
     for layer in moe_layers(model):
         if cfg.moe.placement == "fssdp":

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from expertmesh.dist.comm_stats import Comm
+from expertmesh.dist.shards import local_part
 
 
 @dataclass
@@ -73,11 +74,6 @@ class GradAverager:
                 else:
                     x.copy_(flat[offset: offset + x.numel()].view_as(x))
                 offset += x.numel()
-
-
-def local_part(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (possibly DTensor) tensor, without autograd: for in-place updates."""
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

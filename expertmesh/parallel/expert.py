@@ -1,6 +1,6 @@
 """Expert parallelism's token exchange pieces: experts split evenly over the mesh's `ep` dim, tokens
 moved by all-to-all. The placement that uses them, for expert parallelism and FSSDP alike, is
-dist/fssdp.py's `ExpertPlacement` (expert parallelism is its plan without replicas).
+parallel/fssdp.py's `ExpertPlacement` (expert parallelism is its plan without replicas).
 
 Legend: N rows routed by this rank (grouped by global expert), E experts, L = E / ep local experts,
 R rows this rank receives, D model dim.

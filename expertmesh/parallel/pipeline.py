@@ -1,4 +1,5 @@
-"""Pipeline parallelism on `torch.distributed.pipelining`: the stages, their layout, and the pipelined step.
+"""Pipeline parallelism on `torch.distributed.pipelining`: the stages, their layout, and a schedule run
+(the pipelined training step and evaluation are train/pipelined.py's).
 
 The model stays whole and free of parallelism. Each rank builds it on meta and keeps only the blocks of
 its stages (a *rank model*: the same Transformer with the other layers deleted, and the embedding or
@@ -33,8 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from expertmesh.config import PP_SCHEDULES, JobConfig, pp_microbatches
+from expertmesh.config import PP_SCHEDULES, ConfigError, JobConfig, pp_microbatches
 from expertmesh.data.chat import IGNORE
+from expertmesh.layers.loss import token_loss
 from expertmesh.models.transformer import Transformer
 from expertmesh.moe.layer import MoEStats
 from expertmesh.parallel.mesh import Mesh
@@ -221,6 +223,19 @@ def stage_modules(model: Transformer, cfg: JobConfig, mesh: Mesh, boundary_dtype
             for s in sorted(rank_stages(cfg, pp_rank))]
 
 
+def schedule_class(cfg: JobConfig):
+    """The installed torch's class for `parallel.pp_schedule` (config files outlive installs: a name this torch
+    lacks is refused in one line, by the launcher before any rank starts and again where the pipeline is built)."""
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
+    name = cfg.parallel.pp_schedule
+    try:
+        return get_schedule_class(name)
+    except ValueError as e:
+        raise ConfigError(f"parallel.pp_schedule={name!r} is not a schedule of the installed torch "
+                          f"{torch.__version__}: {e}") from e
+
+
 def build_pipeline(stages: list[StageModule], cfg: JobConfig, mesh: Mesh, device: torch.device) -> Pipeline:
     """torch's PipelineStage per StageModule, with the shapes given (no inference pass), and the schedule."""
     from torch.distributed.pipelining import PipelineStage
@@ -237,9 +252,7 @@ def build_pipeline(stages: list[StageModule], cfg: JobConfig, mesh: Mesh, device
         outputs = torch.empty(b, S, m.vocab_size, device="meta") if st.output is not None else hidden
         torch_stages.append(PipelineStage(st, st.index, n_stages, device, input_args=inputs, output_args=outputs,
                                           group=group))
-    from torch.distributed.pipelining.schedules import get_schedule_class
-
-    cls = get_schedule_class(p.pp_schedule)  # the config check refused a name this torch lacks
+    cls = schedule_class(cfg)
     loss = PipelineLoss()
     multi = PP_SCHEDULES[p.pp_schedule][0] != 1
     schedule = cls(torch_stages if multi else torch_stages[0], n_microbatches=M, loss_fn=loss, scale_grads=False)
@@ -258,8 +271,6 @@ class PipelineLoss:
         self.counts: list[torch.Tensor] = []
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from expertmesh.launch.step import token_loss
-
         total = token_loss(logits, y, "sum")
         count = (y != IGNORE).sum()
         self.counts.append(count)
@@ -269,40 +280,6 @@ class PipelineLoss:
         mean = total / count.clamp_min(1)
         self.values.append(mean.detach())
         return mean * self.scale
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The step
-
-
-def pipeline_step(pipe: Pipeline, cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast,
-                  fssdp=None) -> torch.Tensor:
-    """`launch/step.py: train_step` under pp: per accumulation step one schedule run over M micro-batches
-    (every rank reads them, so the loader's position is the same on every stage), then the gradient
-    reduction inside the stage, the clip over the whole model (one more all-reduce over pp), the
-    optimizer, and the router biases of the layers this rank holds."""
-    from expertmesh.launch.step import finish_step
-
-    g, M = cfg.train.grad_accum, pipe.microbatches
-    optimizer.zero_grad(set_to_none=True)
-    pipe.loss.scale = 1.0 / (M * g)
-    for st in pipe.stages:
-        st.loss_scale = 1.0 / (M * g)
-    step_load = []
-    zero = torch.zeros((), device=device)
-    for _ in range(g):
-        batches = [loader.next_batch() for _ in range(M)]
-        x = torch.cat([bx for bx, _ in batches]).to(device)
-        y = torch.cat([by for _, by in batches]).to(device)
-        run_schedule(pipe, x, y, autocast)
-        micro_stats = _per_micro(pipe, M)
-        for i, stats in enumerate(micro_stats):
-            ce = pipe.loss.values[i] if pipe.last else zero
-            aux = sum((s.aux_loss for s in stats), zero) / max(len(pipe.moe_index), 1)
-            z = sum((s.z_loss for s in stats), zero) / max(len(pipe.moe_index), 1)
-            window.add_micro(ce, aux, z, stats, batches[i][0].numel() if pipe.first else 0)
-            step_load.append([s.tokens_per_expert_E.detach() for s in stats])
-    return finish_step(cfg, model, par, optimizer, step_load, mesh, comm, fssdp, across=pipe.group)
 
 
 def run_schedule(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, autocast) -> None:
@@ -324,38 +301,9 @@ def run_schedule(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, autocast) -> 
             pipe.schedule.eval(*args, **kwargs)
 
 
-def _per_micro(pipe: Pipeline, M: int) -> list[list[MoEStats]]:
+def per_micro(pipe: Pipeline, M: int) -> list[list[MoEStats]]:
     """Per micro-batch, the MoE statistics of every layer this rank holds, in layer order."""
     for st in pipe.stages:
         if len(st.stats) != M:
             raise RuntimeError(f"stage {st.index} ran {len(st.stats)} forwards for {M} micro-batches")
     return [[s for st in pipe.stages for s in st.stats[i]] for i in range(M)]
-
-
-@torch.no_grad()
-def pipeline_eval_sums(pipe: Pipeline, batches, device, autocast) -> torch.Tensor:
-    """(loss sum, token count) of the held-out batches through the pipeline, forward only: their rows in
-    runs of M micro-batches of the stages' rows (a DiLoCo worker's evaluation batches are larger), a short
-    last run padded with rows that carry no loss (IGNORE)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    batches = list(batches)
-    if not batches:
-        return total
-    xs, ys = torch.cat([bx for bx, _ in batches]), torch.cat([by for _, by in batches])
-    per_run = pipe.rows * pipe.microbatches
-    short = -len(xs) % per_run
-    if short:  # padding: the first row again, every target ignored
-        xs = torch.cat([xs, xs[:1].expand(short, -1)])
-        ys = torch.cat([ys, torch.full_like(ys[:1], IGNORE).expand(short, -1)])
-    pipe.loss.sum = True
-    try:
-        for start in range(0, len(xs), per_run):
-            run_schedule(pipe, xs[start: start + per_run].to(device), ys[start: start + per_run].to(device), autocast)
-            if pipe.last:
-                total[0] += torch.stack(pipe.loss.values).sum().double()
-                total[1] += torch.stack(pipe.loss.counts).sum().double()
-    finally:
-        pipe.loss.sum = False
-        for st in pipe.stages:
-            st.stats = []
-    return total

@@ -22,9 +22,9 @@ from helpers import make_run, tiny_overrides
 
 import expertmesh.dist.comm_stats as comm_stats
 from expertmesh import config
+from expertmesh.dist.env import DistEnv
 from expertmesh.launch import distill
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import run
+from expertmesh.train.loop import run
 
 pytestmark = pytest.mark.distributed
 

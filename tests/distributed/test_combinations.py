@@ -9,10 +9,10 @@ import torch
 from combinations import COMBINED, DILOCO_COMBINED
 from helpers import read_metrics, tiny_overrides
 
-import expertmesh.launch.step as step_mod
-import expertmesh.launch.train as train_mod
+import expertmesh.train.loop as train_mod
+import expertmesh.train.step as step_mod
 from expertmesh import config
-from expertmesh.launch.env import DistEnv
+from expertmesh.dist.env import DistEnv
 
 pytestmark = pytest.mark.distributed
 

@@ -9,8 +9,8 @@ from combinations import COMPILED, DILOCO_AS_PLAIN, DILOCO_PLAIN_FEATURES, DILOC
 from helpers import assert_compiled, read_metrics
 
 from expertmesh import config
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import run
+from expertmesh.dist.env import DistEnv
+from expertmesh.train.loop import run
 
 pytestmark = pytest.mark.distributed
 

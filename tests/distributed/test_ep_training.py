@@ -6,8 +6,8 @@ import pytest
 from helpers import read_metrics
 
 from expertmesh import config
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import run
+from expertmesh.dist.env import DistEnv
+from expertmesh.train.loop import run
 
 pytestmark = pytest.mark.distributed
 

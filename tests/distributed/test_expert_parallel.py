@@ -7,9 +7,9 @@ from helpers import assert_rank_matches_reference, moe_reference
 
 from expertmesh import config
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.dist.fssdp import ExpertPlacement
 from expertmesh.moe.layer import MoELayer
 from expertmesh.parallel.expert import source_to_expert_major
+from expertmesh.parallel.fssdp import ExpertPlacement
 
 pytestmark = pytest.mark.distributed
 D, T, E = 16, 24, 8

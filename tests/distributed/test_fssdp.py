@@ -13,8 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 from expertmesh import config
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.dist.fssdp import ExpertPlacement, Plan, move_slots, plan_replicas
 from expertmesh.moe.layer import MoELayer
+from expertmesh.parallel.fssdp import ExpertPlacement, Plan, move_slots, plan_replicas
 
 pytestmark = pytest.mark.distributed
 D, T, E = 16, 24, 8

@@ -9,22 +9,21 @@ from helpers import read_metrics
 from hf_checkpoints import hf_model
 from torch.distributed.tensor import DTensor
 
-from expertmesh import config
 from expertmesh.data.corpus import load_text
 from expertmesh.data.loader import TokenLoader, split_tokens
 from expertmesh.data.tokenizer import ByteTokenizer
 from expertmesh.dist.checkpoint import load_model
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import run
-from expertmesh.models.hf import load_pretrained
+from expertmesh.dist.env import DistEnv
+from expertmesh.dist.shards import local_index, model_tensors
+from expertmesh.models.hf import load_config, load_pretrained
 from expertmesh.models.transformer import Transformer
-from expertmesh.parallel.shards import local_index, model_tensors
+from expertmesh.train.loop import run
 
 pytestmark = pytest.mark.distributed
 
 
 def _train(rank, world, overrides):
-    run(config.load(None, overrides), DistEnv(rank, rank, world, world, "torchrun"))
+    run(load_config(None, overrides), DistEnv(rank, rank, world, world, "torchrun"))
     return rank
 
 
@@ -63,7 +62,7 @@ def test_fine_tune_from_hf_matches_one_process_and_exports(run_distributed, tmp_
     family, layout, world, steps, options = CASES[name]
     path = hf_dirs[family]
     common = _overrides(tmp_path, path, steps) + options
-    single_cfg = config.load(None, common + ["data.batch_size=8", "train.name=single"])
+    single_cfg = load_config(None, common + ["data.batch_size=8", "train.name=single"])
     run_distributed(_train, 1, common + ["data.batch_size=8", "train.name=single"], timeout=300)
     export = steps == 10
     run_distributed(_train, world, common + [f"train.name={name}", f"checkpoint.export_hf={str(export).lower()}",
@@ -109,11 +108,11 @@ def _load(rank, world, overrides):
     """Loads under the layout; returns (bytes read, largest difference of any local slice from the same
     slice of the single-process model)."""
     from expertmesh.dist.comm_stats import Comm
-    from expertmesh.launch.env import init_distributed
+    from expertmesh.dist.env import init_distributed
     from expertmesh.parallel.apply import parallelize_model
     from expertmesh.parallel.mesh import ParallelDims
 
-    cfg = config.load(None, overrides)
+    cfg = load_config(None, overrides)
     env = DistEnv(rank, rank, world, world, "torchrun")
     dims = ParallelDims.from_config(cfg.parallel, world)
     init_distributed(env, torch.device("cpu"))
@@ -169,5 +168,5 @@ def test_an_fp8_checkpoint_under_ep2xtp2_computes_the_dequantized_models_loss(ru
     run_distributed(_train, 4, common + ["train.name=fp8", "parallel.ep=2", "parallel.tp=2", "data.batch_size=4"],
                     timeout=300)
     got = read_metrics(tmp_path / "fp8")
-    single = config.load(None, common + ["data.batch_size=8"])
+    single = load_config(None, common + ["data.batch_size=8"])
     assert got[1]["loss"] == pytest.approx(_first_batch_loss_in_transformers(single, deq_dir), rel=1e-5)

@@ -21,9 +21,9 @@ from helpers import tiny_overrides
 from torch.overrides import TorchFunctionMode
 
 import expertmesh
-import expertmesh.launch.train as train_mod
+import expertmesh.train.loop as train_mod
 from expertmesh import config
-from expertmesh.launch.env import DistEnv
+from expertmesh.dist.env import DistEnv
 
 pytestmark = pytest.mark.distributed
 

@@ -99,8 +99,8 @@ def _png_size(path):
 
 def test_report_writes_plots_and_summary(run_distributed, tiny_overrides, tmp_path):
     from expertmesh import config
-    from expertmesh.launch.env import DistEnv
-    from expertmesh.launch.train import run
+    from expertmesh.dist.env import DistEnv
+    from expertmesh.train.loop import run
 
     run(config.load(None, tiny_overrides + ["train.steps=8", "metrics.log_every=2", "train.eval_every=4",
                                             "checkpoint.enabled=false", "metrics.wandb_mode=offline"]),

@@ -17,10 +17,10 @@ from helpers import assert_compiled, read_metrics, tiny_overrides
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from expertmesh import config
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import run
+from expertmesh.dist.env import DistEnv
 from expertmesh.parallel.mesh import ParallelDims
 from expertmesh.parallel.plan import plan
+from expertmesh.train.loop import run
 
 pytestmark = pytest.mark.distributed
 

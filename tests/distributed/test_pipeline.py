@@ -17,10 +17,10 @@ import torch
 from combinations import PIPELINE_BF16, PIPELINE_COMBINED, PIPELINE_COMMON, PIPELINE_LAYOUTS
 from helpers import assert_compiled, read_metrics, tiny_overrides
 
-import expertmesh.launch.train as train_mod
+import expertmesh.train.loop as train_mod
 from expertmesh import config
 from expertmesh.dist.checkpoint import load_model
-from expertmesh.launch.env import DistEnv
+from expertmesh.dist.env import DistEnv
 from expertmesh.models.transformer import Transformer
 from expertmesh.parallel.plan import plan
 from expertmesh.testing import spawn

@@ -8,8 +8,8 @@ import torch
 from helpers import expertmesh_run, failure, read_metrics, wandb_records
 
 from expertmesh import config
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import run
+from expertmesh.dist.env import DistEnv
+from expertmesh.train.loop import run
 
 pytestmark = pytest.mark.distributed
 

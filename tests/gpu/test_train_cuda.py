@@ -14,7 +14,7 @@ import torch.distributed as dist
 from expertmesh import config
 from expertmesh.dist.checkpoint import rng_state, set_rng_state
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.launch.env import DistEnv
+from expertmesh.dist.env import DistEnv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
@@ -61,7 +61,7 @@ def test_cuda_rng_state_is_saved_and_restored():
 
 @pytest.mark.parametrize("compile_", [False, True])
 def test_bf16_training_on_nccl_and_its_host_syncs(nccl_world, tmp_path, compile_):
-    import expertmesh.launch.train as train_mod
+    import expertmesh.train.loop as train_mod
 
     step, syncs = train_mod.train_step, []
 

@@ -12,6 +12,7 @@ from expertmesh.config import ConfigError
 from expertmesh.data.chat import IGNORE, ChatRenderer, chat_stream, find_template
 from expertmesh.data.loader import TokenLoader, split_tokens
 from expertmesh.data.tokenizer import BPETokenizer
+from expertmesh.models.hf import load_config
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -69,16 +70,16 @@ def test_chat_needs_a_template_and_messages(tmp_path, hf_dirs):
 def test_training_on_chat_counts_only_the_assistant(tmp_path, hf_dirs):
     """The first logged loss is the cross-entropy over the first batch's assistant tokens alone, computed
     here from the same checkpoint."""
-    from expertmesh.launch.env import DistEnv
-    from expertmesh.launch.train import run
+    from expertmesh.dist.env import DistEnv
     from expertmesh.models.hf import load_pretrained
+    from expertmesh.train.loop import run
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(hf_dirs["qwen3_moe"], ckpt)
     add_tokenizer(ckpt)
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps({"messages": TALK[: 3 + i % 3]}) for i in range(60)) + "\n")
-    cfg = config.load(None, [f'model.hf_path="{ckpt}"', 'data.source="files"', f'data.paths=["{data}"]',
+    cfg = load_config(None, [f'model.hf_path="{ckpt}"', 'data.source="files"', f'data.paths=["{data}"]',
                              'data.format="chat"', 'data.loss_on="assistant"', 'data.tokenizer="hf"',
                              "data.seq_len=32", "data.batch_size=4", "train.steps=2", "train.eval_batches=1",
                              f'train.run_dir="{tmp_path}"', 'metrics.wandb_mode="disabled"', "metrics.log_every=1",

@@ -12,10 +12,10 @@ from helpers import assert_compiled, read_metrics
 from torch._dynamo.utils import counters
 
 from expertmesh import config
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.train import run
+from expertmesh.dist.env import DistEnv
 from expertmesh.moe.layer import MoELayer
 from expertmesh.moe.ops import HAVE_EXTENSION
+from expertmesh.train.loop import run
 
 
 @pytest.mark.skipif(not HAVE_EXTENSION, reason="expertmesh._C is not built")

@@ -6,6 +6,7 @@ import pytest
 
 from expertmesh import config
 from expertmesh.config import ConfigError, JobConfig
+from expertmesh.models.hf import load_config
 from expertmesh.parallel.mesh import ParallelDims
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,7 +151,7 @@ def test_every_shipped_config_loads(hf_dirs):
                                   "data.seq_len=64", "model.max_seq_len=64", 'data.tokenizer="byte"',
                                   "parallel.ep=2"]}
     for path in sorted((ROOT / "configs").glob("*.toml")):
-        config.load(path, needs.get(path.name, []))  # raises ConfigError naming the key otherwise
+        load_config(path, needs.get(path.name, []))  # raises ConfigError naming the key otherwise
     assert config.load(ROOT / "configs" / "distill.toml").distill.synthetic == ["stdlib:200", "headers:200"]
 
 
@@ -160,10 +161,13 @@ def test_pipeline_schedule_unknown_to_the_installed_torch_is_refused(monkeypatch
     def lacking(name):
         raise ValueError(f"Unknown schedule name '{name}'")
 
+    from expertmesh.parallel.pipeline import schedule_class
+
+    cfg = config.load(None, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV", "parallel.pp_stages_per_rank=2"])
     monkeypatch.setattr(schedules, "get_schedule_class", lacking)
     with pytest.raises(ConfigError, match=r"parallel.pp_schedule='DualPipeV' is not a schedule of the installed torch "
                                           r"2\.\d+.*Unknown schedule name 'DualPipeV'"):
-        config.load(None, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV", "parallel.pp_stages_per_rank=2"])
+        schedule_class(cfg)
 
 
 @pytest.mark.parametrize("overrides, layout", [

@@ -91,7 +91,7 @@ def test_fast_forward_puts_the_loader_where_an_uninterrupted_run_is_under_pp():
     """A DiLoCo joiner taking a peer's step: the loader reads on as a run that trained those steps does,
     with the pipeline's micro-batches counted (pp2 x 2 micro-batches x grad_accum 2: 4 per step)."""
     from expertmesh.config import pp_microbatches
-    from expertmesh.launch.train import fast_forward
+    from expertmesh.train.loop import fast_forward
 
     cfg = config.load(None, ["train.grad_accum=2", "parallel.pp=2", "parallel.pp_microbatches=2"])
     micro = cfg.train.grad_accum * pp_microbatches(cfg.parallel)

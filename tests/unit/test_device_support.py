@@ -7,9 +7,9 @@ import torch
 
 from expertmesh import config
 from expertmesh.config import ConfigError
-from expertmesh.launch.env import DistEnv
-from expertmesh.launch.wiring import check_device_support
+from expertmesh.dist.env import DistEnv
 from expertmesh.parallel.apply import compute_dtype
+from expertmesh.train.wiring import check_device_support
 
 CPU, ONE = torch.device("cpu"), DistEnv(0, 0, 1, 1, "single")
 

@@ -87,8 +87,8 @@ def test_an_exchange_error_reaches_the_training_loop_as_itself(tmp_path, monkeyp
     """An error inside the exchange (in the background thread when overlapped) is raised by the main thread
     with the fragments named, not as an unrelated error from an empty result."""
     import expertmesh.dist.diloco as diloco_mod
-    from expertmesh.launch.env import DistEnv
-    from expertmesh.launch.train import run
+    from expertmesh.dist.env import DistEnv
+    from expertmesh.train.loop import run
 
     def broken(*args, **kwargs):
         raise ValueError("codes do not fit")

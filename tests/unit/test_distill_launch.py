@@ -9,10 +9,10 @@ from helpers import make_run
 
 from expertmesh import config
 from expertmesh.config import ConfigError
+from expertmesh.dist.env import DistEnv
 from expertmesh.distill.models import export_run, load_lm
 from expertmesh.distill.online import weights_digest
 from expertmesh.launch import distill
-from expertmesh.launch.env import DistEnv
 from expertmesh.models.transformer import Transformer
 
 SINGLE = DistEnv(0, 0, 1, 1, "single")
@@ -178,7 +178,7 @@ def test_the_readme_path_to_distill_runs(tmp_path, monkeypatch):
     from where they landed, serves and distills (each shortened to a step or a few requests)."""
     from helpers import ROOT
 
-    from expertmesh.launch.train import run as train
+    from expertmesh.train.loop import run as train
 
     monkeypatch.chdir(tmp_path)
     short = ["train.steps=1", "data.max_bytes=100000", "train.eval_batches=1", 'metrics.wandb_mode="disabled"']

@@ -1,7 +1,7 @@
 import pytest
 
 from expertmesh.config import ConfigError
-from expertmesh.launch.env import detect
+from expertmesh.dist.env import detect
 
 
 def test_torchrun_slurm_and_single_process_are_read_the_same_way():

@@ -7,7 +7,7 @@ import torch
 
 from expertmesh import config
 from expertmesh.config import ConfigError
-from expertmesh.dist.fssdp import Plan, balanced_slots, plan_replicas, route
+from expertmesh.parallel.fssdp import Plan, balanced_slots, plan_replicas, route
 
 
 def _max(load):

@@ -185,9 +185,9 @@ def test_distill_serves_an_hf_moe_target_with_our_model(hf_dirs, tmp_path):
     import transformers
 
     from expertmesh import config
+    from expertmesh.dist.env import DistEnv
     from expertmesh.distill.models import load_lm
     from expertmesh.launch import distill
-    from expertmesh.launch.env import DistEnv
     from expertmesh.models.transformer import Transformer
 
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2,
@@ -215,9 +215,9 @@ def test_export_command(hf_dirs, tmp_path, capsys):
     requests are one line and exit 2, with nothing written."""
     from expertmesh import config
     from expertmesh.dist.checkpoint import load_model
-    from expertmesh.launch.env import DistEnv
-    from expertmesh.launch.train import run
+    from expertmesh.dist.env import DistEnv
     from expertmesh.models.transformer import Transformer
+    from expertmesh.train.loop import run
 
     src = hf_dirs["olmoe"]
     overrides = [f'model.hf_path="{src}"', f'train.run_dir="{tmp_path}"', "train.name=ft", "train.steps=2",

@@ -102,13 +102,14 @@ def test_the_fine_tune_recipe_fits_an_80_gib_gpu_per_rank(tmp_path):
     back) with its recomputation, and far more without it; `fits` says which."""
     import json
 
+    from expertmesh.models.hf import load_config
     from expertmesh.parallel.plan import fits
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
     base = [f'model.hf_path="{tmp_path}"', f'data.paths=["{tmp_path}/sft.jsonl"]']
     toml = ROOT / "configs" / "finetune_hf.toml"
-    recipe = plan(config.load(toml, base), 8)
-    eager = plan(config.load(toml, [*base, 'parallel.activation_checkpoint="none"']), 8)
+    recipe = plan(load_config(toml, base), 8)
+    eager = plan(load_config(toml, [*base, 'parallel.activation_checkpoint="none"']), 8)
     # fp32 weights, grads and two AdamW moments of 1/8 of the experts and 1/8 of the dense weights: ~57 GiB
     assert 50 < (recipe.memory["params"] + recipe.memory["grads"] + recipe.memory["optimizer"]) / 2**30 < 60
     assert recipe.memory["total"] / 2**30 < 76 < eager.memory["total"] / 2**30

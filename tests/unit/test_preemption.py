@@ -5,10 +5,11 @@ import logging
 
 import pytest
 
-import expertmesh.launch.train as train_mod
+import expertmesh.launch.train as train_entry
+import expertmesh.train.loop as train_mod
 from expertmesh import config
 from expertmesh.dist.checkpoint import step_dirs
-from expertmesh.launch.env import DistEnv
+from expertmesh.dist.env import DistEnv
 
 
 @pytest.mark.parametrize("checkpoints, steps", [(True, 10), (False, 10), (True, 2)])
@@ -39,9 +40,9 @@ def test_a_stop_request_requeues_only_with_a_checkpoint(tmp_path, tiny_overrides
 def test_a_run_already_at_its_last_step_is_an_error_not_a_success(tmp_path, tiny_overrides, capsys):
     """Resuming at or past train.steps trains nothing: one line and exit 2 (Slurm sees the job fail)."""
     overrides = tiny_overrides + ["train.steps=2", "checkpoint.every=100"]
-    assert train_mod.rank_main(train_mod.run, overrides) == 0
+    assert train_entry.main(overrides) == 0
     capsys.readouterr()
-    assert train_mod.rank_main(train_mod.run, overrides[:-2] + ["train.steps=1"]) == 2
+    assert train_entry.main(overrides[:-2] + ["train.steps=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"expertmesh: error: {tmp_path / 'default'} is already at step 2 >= train.steps=1: nothing to "
                    "train; use another train.name or raise train.steps")

@@ -4,7 +4,7 @@
     expertmesh.models.hf.load_pretrained(DIR, device="cpu")   a single-process expertmesh model
     expertmesh export RUN_DIR --hf OUT       a run's weights back in the family's own files
 
-Ranks read only the slices they hold (`HFSource` under `parallel/shards.load_shards`); export writes
+Ranks read only the slices they hold (`HFSource` under `dist/shards.load_shards`); export writes
 one shard file at a time. `HFCausalLM` (transformers' own model behind the decoding interface) is
 what `expertmesh distill` uses for families expertmesh does not implement.
 """
@@ -115,8 +115,8 @@ class HFSource:
 
 def tensor_shapes(cfg: JobConfig, model=None) -> dict[str, tuple[int, ...]]:
     """Global shape of every tensor of the model `cfg` describes (`model`, or one built on meta: no memory)."""
+    from expertmesh.dist.shards import model_tensors
     from expertmesh.models.transformer import Transformer
-    from expertmesh.parallel.shards import model_tensors
 
     if model is None:
         with torch.device("meta"):
@@ -124,17 +124,23 @@ def tensor_shapes(cfg: JobConfig, model=None) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model_tensors(model)}
 
 
-def config_for(path: str | Path, overrides=()) -> JobConfig:
+def load_config(path: str | Path | None = None, overrides=()) -> JobConfig:
+    """`expertmesh.config.load` that reads `model.hf_path`'s config.json when one is given: the step that
+    turns a checkpoint into the architecture keys (the launcher's way to load a config)."""
     from expertmesh import config as config_mod
 
-    return config_mod.load(None, [f'model.hf_path="{Path(path)}"', *overrides])
+    return config_mod.load(path, overrides, resolve=resolve)
+
+
+def config_for(path: str | Path, overrides=()) -> JobConfig:
+    return load_config(None, [f'model.hf_path="{Path(path)}"', *overrides])
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", overrides=()):
     """A single-process expertmesh model (eval mode, fp32) with the checkpoint's weights. `overrides` are
     dotted config keys that leave the architecture alone (e.g. `moe.backend="reference"`)."""
+    from expertmesh.dist.shards import load_shards
     from expertmesh.models.transformer import Transformer
-    from expertmesh.parallel.shards import load_shards
 
     cfg = config_for(path, overrides)
     with torch.device("meta"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from expertmesh.config import ConfigError
-from expertmesh.parallel.shards import fill
+from expertmesh.dist.shards import fill
 
 
 @dataclass(frozen=True)

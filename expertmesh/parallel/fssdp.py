@@ -56,9 +56,9 @@ from torch.utils.checkpoint import checkpoint
 
 from expertmesh.config import FSSDPConfig
 from expertmesh.dist.comm_stats import Comm, group_device
-from expertmesh.models.mlp import local
+from expertmesh.dist.shards import local_part
+from expertmesh.layers.mlp import local
 from expertmesh.moe.experts import compute
-from expertmesh.parallel.data_parallel import local_part
 from expertmesh.parallel.expert import all_to_all, source_to_expert_major
 
 log = logging.getLogger("expertmesh")

@@ -48,3 +48,8 @@ def load_shards(model: nn.Module, read) -> None:
     """`read(name, global_shape, index, out)` fills `out`, this rank's part of every tensor of `model`."""
     for name, t in model_tensors(model):
         read(name, tuple(t.shape), local_index(t), t.to_local() if isinstance(t, DTensor) else t)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly DTensor) tensor, without autograd: for in-place updates."""
+    return t._local_tensor if isinstance(t, DTensor) else t

@@ -13,7 +13,7 @@ import time
 import torch.distributed as dist
 
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.launch.env import DistEnv
+from expertmesh.dist.env import DistEnv
 
 log = logging.getLogger("expertmesh")
 
@@ -22,7 +22,7 @@ class Preemption:
     """Set by SIGUSR1 (Slurm's warning before a time limit or preemption). Ranks receive the signal
     at different moments, so at the end of every step they agree through one tiny all-reduce:
     either every rank checkpoints and stops after this step, or none does. The flag is a host value
-    and travels over the gloo control group (see launch/env.py): no device sync."""
+    and travels over the gloo control group (see dist/env.py): no device sync."""
 
     def __init__(self, group) -> None:
         self.requested = False

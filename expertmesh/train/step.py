@@ -1,22 +1,15 @@
 """One training step without pipeline parallelism: forward and backward over the micro-batches, gradient
-reduction, clip, optimizer step, and the router-bias update (`parallel/pipeline.py` has the pipelined step)."""
+reduction, clip, optimizer step, and the router-bias update (`train/pipelined.py` has the pipelined step)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from expertmesh.data.chat import IGNORE
 from expertmesh.dist.comm_stats import Comm
+from expertmesh.layers.loss import token_loss
 from expertmesh.models.transformer import moe_layers
 from expertmesh.parallel.data_parallel import clip_grad_norm
 from expertmesh.parallel.mesh import Mesh
-
-
-def token_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the positions that carry a loss (chat data marks the others IGNORE)."""
-    total = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
-    return total if reduction == "sum" else total / (y != IGNORE).sum().clamp_min(1)
 
 
 def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:

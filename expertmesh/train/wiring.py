@@ -1,5 +1,5 @@
 """What a training job is built from: its data and tokenizer, the optimizer and schedule, the device
-checks, DiLoCo, and the layout name its checkpoints carry. `launch/train.py` wires them together."""
+checks, DiLoCo, and the layout name its checkpoints carry. `train/loop.py` wires them together."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from expertmesh.data.tokenizer import BPETokenizer, ByteTokenizer
 from expertmesh.dist.comm_stats import Comm
 from expertmesh.dist.diloco import DiLoCo
 from expertmesh.dist.elastic import Membership, read_secret
-from expertmesh.launch.env import DistEnv
+from expertmesh.dist.env import DistEnv
 from expertmesh.moe import ops as moe_ops
 from expertmesh.parallel.apply import compute_dtype
 from expertmesh.parallel.mesh import ParallelDims
