@@ -23,74 +23,105 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    vocab_size: int = 256  # byte tokenizer; set from the BPE tokenizer when data.tokenizer = "bpe"
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    """The transformer: its sizes, attention and rotary embeddings. A Hugging Face checkpoint (`hf_path`) sets
+    every architecture key from its config.json."""
+
+    vocab_size: int = 256  # vocabulary (256: the byte tokenizer); set from the tokenizer when `data.tokenizer = "bpe"`
+    dim: int = 128  # width: the residual stream's size
+    n_layers: int = 4  # depth: transformer blocks
+    n_heads: int = 4  # attention heads
     ffn_dim: int = 384  # hidden size of dense (non-MoE) SwiGLU layers
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    max_seq_len: int = 512  # RoPE table length
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    # init scale: std of the truncated-normal weights (`init_std / sqrt(2 * n_layers)` for the output projections)
     init_std: float = 0.02
-    tie_embeddings: bool = False
-    # Attention. A Hugging Face checkpoint (`hf_path`) sets all of these from its config.json.
-    n_kv_heads: int = 0  # grouped-query attention: key/value heads (0 = n_heads)
-    head_dim: int = 0  # per-head width (0 = dim / n_heads)
-    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm on q, k: per head (Qwen3) or whole projection (OLMoE)
+    tie_embeddings: bool = False  # share input and output embeddings
+    n_kv_heads: int = 0  # grouped-query attention: key/value heads (0 = `n_heads`)
+    head_dim: int = 0  # per-head width (0 = `dim / n_heads`)
+    # RMSNorm on q and k: per head (`head`, Qwen3) or over the whole projection (`full`, OLMoE; under `parallel.tp`
+    # its squares are summed over the ranks' heads)
+    qk_norm: Literal["none", "head", "full"] = "none"
     attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
-    clip_qkv: float = 0.0  # clamp q, k, v to [-c, c] after the projections and QK-norm (OLMoE); 0 = off
-    attention: Literal["mha", "mla"] = "mha"  # mla: DeepSeek's multi-head latent attention (the keys below)
+    clip_qkv: float = 0.0  # clamp q, k, v to `[-c, c]` after the projections and QK-norm (OLMoE); 0 = off
+    # `mla`: DeepSeek's multi-head latent attention, sized by `q_lora_rank`, `kv_lora_rank`, `qk_rope_head_dim`,
+    # `qk_nope_head_dim` and `v_head_dim`
+    attention: Literal["mha", "mla"] = "mha"
     q_lora_rank: int = 0  # mla: low-rank q projection (0 = a full q projection)
     kv_lora_rank: int = 0  # mla: compressed key/value width
     qk_rope_head_dim: int = 0  # mla: the rotary part of each q/k head (one rotary key shared by all heads)
     qk_nope_head_dim: int = 0  # mla: the part without position
     v_head_dim: int = 0  # mla: value width per head
-    rope_style: Literal["interleaved", "half"] = "interleaved"  # pairs (2i, 2i+1), or (i, i + d/2) as transformers
+    # rotary pairs `(2i, 2i+1)`, or `half`: `(i, i + d/2)` as transformers
+    rope_style: Literal["interleaved", "half"] = "interleaved"
+    # `yarn`: YaRN context extension with `rope_factor`, `rope_original_max_seq_len`, `rope_beta_fast`,
+    # `rope_beta_slow`, `rope_mscale` and `rope_mscale_all_dim` (as DeepSeek-V3)
     rope_scaling: Literal["none", "yarn"] = "none"
     rope_factor: float = 1.0  # yarn: context extension factor
     rope_original_max_seq_len: int = 4096  # yarn: the pre-extension context
+    # yarn: frequencies above `rope_beta_fast` rotations over the original context are kept as they are
     rope_beta_fast: float = 32.0
+    # yarn: frequencies below `rope_beta_slow` rotations are interpolated by `rope_factor` (a linear ramp blends
+    # the ones between)
     rope_beta_slow: float = 1.0
+    # yarn: the attention factor's mscale (with `rope_mscale_all_dim` set: cos/sin scaled by the ratio of the two)
     rope_mscale: float = 1.0
-    rope_mscale_all_dim: float = 0.0
-    hf_path: str = ""  # a Hugging Face checkpoint directory: family, sizes and weights come from it
+    rope_mscale_all_dim: float = 0.0  # yarn: the mscale MLA's softmax scale takes
+    # a Hugging Face checkpoint directory: family, every architecture key and the weights come from it
+    # (docs/models-and-checkpoints.md)
+    hf_path: str = ""
 
 
 @dataclass(kw_only=True)
 class FSSDPConfig:
-    """moe.placement = "fssdp": experts sharded over the ep group, hot ones replicated per step."""
+    """`moe.placement = "fssdp"`: experts sharded over the ep group, hot ones replicated per step."""
 
     window: int = 5  # w: steps of tokens-per-expert history the placement plan is computed from
-    extra_slots: int = -1  # m: replicas a rank may hold per layer; -1 = as many as it owns (E / ep)
-    calibrate: bool = False  # plan on this batch's counts after the router (one more small all-reduce)
-    rematerialize: bool = False  # free replicas after forward, gather them again in backward
-    reshard_every: int = 100  # R: move owners to balance their load every R steps (0 = never)
+    extra_slots: int = -1  # m: replicas a rank may hold per layer; -1 = as many as it owns (`E / ep`)
+    # plan on this batch's own counts after the router (one more small all-reduce per layer)
+    calibrate: bool = False
+    rematerialize: bool = False  # free replicas after a layer's forward, gather them again in its backward
+    # R: every R steps move owners (weights and optimizer state) to balance their load (0 = never)
+    reshard_every: int = 100
 
 
 @dataclass(kw_only=True)
 class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
-    every: int = 1  # layer i has a MoE FFN when (i + 1) % every == 0
-    expert_dim: int = 128  # hidden size F of each SwiGLU expert
-    shared_experts: int = 0  # dense experts every token passes through, F = shared_experts * expert_dim
-    shared_dim: int = 0  # hidden size of the shared expert when it is not shared_experts * expert_dim (Qwen2-MoE)
-    shared_gate: bool = False  # the shared expert's output scaled by sigmoid(x . w) per token (Qwen2-MoE)
+    """The mixture-of-experts layers: router, experts, load balancing and where the experts live."""
+
+    num_experts: int = 8  # experts per MoE layer
+    top_k: int = 2  # experts per token
+    every: int = 1  # layer `i` has a MoE FFN when `(i + 1) % every == 0`, a dense SwiGLU otherwise
+    expert_dim: int = 128  # hidden size F of each SwiGLU expert (weights stored `[E, D, F]`)
+    shared_experts: int = 0  # a dense shared expert of `shared_experts * expert_dim` that every token passes through
+    shared_dim: int = 0  # hidden size of the shared expert when it is not `shared_experts * expert_dim` (Qwen2-MoE)
+    shared_gate: bool = False  # the shared expert's output scaled by `sigmoid(x . w)` per token (Qwen2-MoE)
     routed_scaling_factor: float = 1.0  # the routed experts' combine weights are multiplied by it (DeepSeek-V3)
     first_k_dense: int = 0  # the first k layers are dense whatever `every` says (DeepSeek-V3)
-    score_func: Literal["softmax", "sigmoid"] = "softmax"
-    norm_topk: bool = True
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    capacity_factor: float = 0.0  # 0 = dropless; > 0 drops the lowest-scored slots beyond capacity
-    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3): per-expert selection bias step; 0 = off
-    n_groups: int = 1  # group-limited routing: experts split into n_groups groups ...
-    topk_groups: int = 1  # ... and each token chooses its experts inside its best topk_groups groups
-    residual: bool = False  # PR-MoE: a dense MLP beside the experts, mixed by a learned per-token coefficient
-    num_experts_per_layer: list[int] = field(default_factory=list)  # per MoE layer; empty = num_experts everywhere
+    score_func: Literal["softmax", "sigmoid"] = "softmax"  # router scores: `softmax` or `sigmoid`
+    norm_topk: bool = True  # renormalise the top-k weights
+    aux_loss_coef: float = 0.01  # weight of the Switch load-balance loss
+    z_loss_coef: float = 0.001  # weight of the router z-loss
+    # 0 = dropless; > 0 keeps `ceil(cf * T * K / E)` slots per expert (per rank's batch), drops the lowest-scored
+    # slots beyond capacity and counts them
+    capacity_factor: float = 0.0
+    # aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for *choosing* experts only,
+    # moved by this step against the global load after every optimizer step; 0 = off
+    bias_update_rate: float = 0.0
+    n_groups: int = 1  # group-limited routing: experts split into `n_groups` groups (1 = off)
+    # group-limited routing: each token chooses its experts inside its best `topk_groups` groups (a group's score:
+    # the sum of its two best experts)
+    topk_groups: int = 1
+    # PR-MoE: a dense SwiGLU (hidden `expert_dim`) beside the experts, mixed per token by a learned softmax coefficient
+    residual: bool = False
+    # expert count of each MoE layer (PR-MoE's pyramid); empty = `num_experts` everywhere
+    num_experts_per_layer: list[int] = field(default_factory=list)
+    # dispatch/combine: `auto` (CUDA kernels on GPU, C++ on CPU), `cpp`, `cuda`, or `reference` (pure torch)
     backend: Literal["auto", "reference", "cpp", "cuda"] = "auto"
-    placement: Literal["ep", "fssdp"] = "ep"  # fssdp: fully sharded sparse data parallelism over the ep group
-    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
+    # `ep`: experts split evenly over the `parallel.ep` ranks; `fssdp`: fully sharded sparse data parallelism, owner
+    # shards over the ep group plus per-step replicas of hot experts (docs/fssdp.md)
+    placement: Literal["ep", "fssdp"] = "ep"
+    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)  # the moe.fssdp section
 
     def is_moe(self, layer: int) -> bool:
         return layer >= self.first_k_dense and (layer + 1) % self.every == 0
@@ -107,106 +138,155 @@ class MoEConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    dp_replicate: int = 1  # whole-model replicas (DiLoCo workers)
-    dp: int = -1  # -1: whatever WORLD_SIZE leaves after the other degrees
-    ep: int = 1
-    tp: int = 1
-    dp_shard: bool = True  # FSDP2: params, grads, optimizer state sharded over data-parallel ranks; false: replicated
-    sequence_parallel: bool = True  # under tp: norms and residual stream split along the sequence
-    vocab_parallel: bool = True  # under tp: embedding and output head split over the vocabulary; false: replicated
-    activation_checkpoint: Literal["none", "full"] = "none"  # full: recompute every block in backward
-    pp: int = 1  # pipeline stages' ranks: the outermost mesh axis (torch.distributed.pipelining)
-    pp_schedule: str = "1F1B"  # 1F1B, Interleaved1F1B, ZBVZeroBubble, DualPipeV (as the installed torch has them)
-    pp_microbatches: int = 0  # micro-batches of data.batch_size a pipeline runs per step; 0: pp * stages_per_rank
-    pp_stages_per_rank: int = 1  # virtual stages per rank: >= 2 for Interleaved1F1B, exactly 2 for the V schedules
-    pp_layout: list[int] = field(default_factory=list)  # layers per stage (pp * stages_per_rank entries); empty: auto
+    """The degrees of the device mesh, and how each axis splits the model."""
+
+    dp_replicate: int = 1  # whole-model replicas (DiLoCo workers): the replica degree
+    dp: int = -1  # data-parallel degree; -1: whatever WORLD_SIZE leaves after the other degrees
+    ep: int = 1  # expert-parallel degree
+    tp: int = 1  # tensor-parallel degree
+    # FSDP2 (`fully_shard`): weights, gradients and optimizer state sharded over the data-parallel ranks;
+    # false: replicated weights, bucketed gradient all-reduce (DDP-style)
+    dp_shard: bool = True
+    # under `tp`: the residual stream and norms split along the sequence between the parallel regions
+    sequence_parallel: bool = True
+    vocab_parallel: bool = True  # under `tp`: embedding and output head split over the vocabulary; false: replicated
+    activation_checkpoint: Literal["none", "full"] = "none"  # `full`: every block recomputed in backward
+    # pipeline stages' ranks: the outermost mesh axis (`torch.distributed.pipelining`; docs/pipeline.md)
+    pp: int = 1
+    # `1F1B`, `Interleaved1F1B`, `ZBVZeroBubble`, `DualPipeV` (each runs on gloo and NCCL; refused if the
+    # installed torch lacks it)
+    pp_schedule: str = "1F1B"
+    # micro-batches of `data.batch_size` sequences each pipeline runs per step (x `train.grad_accum`);
+    # 0 = pp x stages per rank
+    pp_microbatches: int = 0
+    pp_stages_per_rank: int = 1  # virtual stages per rank: >= 2 for `Interleaved1F1B`, exactly 2 for the V schedules
+    # layers per stage (`pp * pp_stages_per_rank` entries), e.g. `[3, 5, 5, 3]`; empty = the contiguous split that
+    # minimizes the largest stage's share of parameters + FLOPs (embedding on the first stage, norm and head on
+    # the last)
+    pp_layout: list[int] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
 class DataConfig:
+    """The training text, its tokenizer and its batches."""
+
+    # `stdlib` (the Python standard library's `.py` files, no tests) or `files` (`data.paths`)
     source: Literal["stdlib", "files"] = "stdlib"
-    paths: list[str] = field(default_factory=list)  # globs, for source = "files" (.txt, .py, .jsonl …)
-    jsonl_field: str = "text"
-    format: Literal["text", "chat"] = "text"  # chat: .jsonl lines of {"messages": [...]}, rendered by the chat template
-    loss_on: Literal["all", "assistant"] = "all"  # chat: the loss on every token, or on the assistant's only
-    tokenizer: Literal["byte", "bpe", "hf"] = "byte"  # hf: model.hf_path's tokenizer.json (or tokenizer_path)
-    tokenizer_path: str = ""  # a tokenizers JSON file; empty: train a BPE on the training split
-    bpe_vocab_size: int = 2048
-    max_bytes: int = 16_000_000  # corpus cap (0 = everything)
-    seq_len: int = 128
+    paths: list[str] = field(default_factory=list)  # globs, for `source = "files"` (`.txt`, `.py`, `.jsonl` …)
+    jsonl_field: str = "text"  # the field of each `.jsonl` line's record that holds the text
+    # `chat`: `.jsonl` lines of `{"messages": [{"role", "content"}, …]}` rendered with the checkpoint's chat
+    # template (`tokenizer_config.json` or `chat_template.jinja`; needs `data.tokenizer = "hf"`)
+    format: Literal["text", "chat"] = "text"
+    # chat: the loss on every token (`all`), or only on the assistant's tokens (`assistant`: their content and
+    # end token)
+    loss_on: Literal["all", "assistant"] = "all"
+    # `byte`; `bpe`: loaded from `tokenizer_path` or trained here on the training split; `hf`: `model.hf_path`'s
+    # `tokenizer.json` (or `tokenizer_path`)
+    tokenizer: Literal["byte", "bpe", "hf"] = "byte"
+    tokenizer_path: str = ""  # a `tokenizers` JSON file; empty: train a BPE on the training split
+    bpe_vocab_size: int = 2048  # vocabulary of the BPE trained here (>= 260)
+    max_bytes: int = 16_000_000  # corpus cap in characters (0 = everything)
+    seq_len: int = 128  # sequence length in tokens
     batch_size: int = 8  # sequences per rank per micro-batch
-    eval_fraction: float = 0.02
+    eval_fraction: float = 0.02  # the last fraction of the token stream is held out for evaluation
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
+    """AdamW with linear warmup and a cosine decay."""
+
+    lr: float = 3e-3  # AdamW's peak learning rate
+    weight_decay: float = 0.1  # AdamW's weight decay (no decay on norms, biases and other 1-D parameters)
+    beta1: float = 0.9  # AdamW's beta1
+    beta2: float = 0.95  # AdamW's beta2
+    eps: float = 1e-8  # AdamW's epsilon
+    warmup_steps: int = 20  # linear warmup, then cosine to `lr * min_lr_ratio`
+    min_lr_ratio: float = 0.1  # the cosine ends at `lr * min_lr_ratio`
+    grad_clip: float = 1.0  # global gradient-norm clip (0 disables clipping)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    name: str = "default"
-    run_dir: str = "runs"
-    steps: int = 500
-    grad_accum: int = 1
-    seed: int = 1234
-    eval_every: int = 100
-    eval_batches: int = 8
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    mixed_precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile each transformer block (regional); inductor's C++ backend on CPU
-    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager: trace, no codegen
+    """The run: its name and directory, its length, evaluation, device and precision."""
+
+    name: str = "default"  # the run's name: its directory is `run_dir/name`
+    run_dir: str = "runs"  # where the run directories are
+    steps: int = 500  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 1234  # seed (init and data)
+    eval_every: int = 100  # held-out evaluation every N steps (also at step 0 and the last step)
+    eval_batches: int = 8  # batches per held-out evaluation
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # `auto`: CUDA if present
+    # `auto`: bf16 on CUDA, fp32 on CPU. `bf16`: FSDP gathers bf16 weights and reduces fp32 gradients, fp32 master
+    # weights and optimizer state, autocast for the rest, bf16 rows through dispatch, the all-to-all and the
+    # experts' grouped GEMM. `fp16` is refused (no loss scaler)
+    mixed_precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    # `torch.compile` each transformer block's forward (regional, as torchtitan); inductor generates C++ on CPU
+    # (needs a C++ compiler), triton on CUDA
+    compile: bool = False
+    # `aot_eager` traces forward and backward but runs them eagerly, without code generation (debugging; the
+    # distributed tests); `eager`: Dynamo's capture only
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     threads: int = 0  # torch threads per process; 0 = cores / local processes
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    enabled: bool = True
-    every: int = 100
-    keep: int = 2
-    resume: bool = True
-    export_hf: bool = False  # at the end of training, export the weights to runs/<name>/hf_export (needs model.hf_path)
+    """Distributed checkpoints (DCP) in the run directory."""
+
+    enabled: bool = True  # write DCP checkpoints
+    every: int = 100  # steps between two checkpoints
+    keep: int = 2  # how many complete checkpoints to keep
+    resume: bool = True  # resume automatically from the newest intact checkpoint of the run directory
+    # after the last step, export the weights to `runs/<name>/hf_export` in the checkpoint's family
+    # (needs `model.hf_path`)
+    export_hf: bool = False
 
 
 @dataclass(kw_only=True)
 class MetricsConfig:
-    log_every: int = 10
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "expertmesh"
+    """The metrics line, the metrics records and W&B."""
+
+    log_every: int = 10  # one metrics line and record every N steps (and the last step)
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # W&B on rank 0: `offline`, `online` or `disabled`
+    wandb_project: str = "expertmesh"  # the W&B project
 
 
 @dataclass(kw_only=True)
 class DiLoCoConfig:
     """Streaming DiLoCo over the `parallel.dp_replicate` workers (expertmesh/dist/diloco.py)."""
 
-    enabled: bool = False
+    enabled: bool = False  # Streaming DiLoCo over the `parallel.dp_replicate` workers (docs/diloco.md)
     sync_every: int = 50  # H: inner steps between two syncs of the same fragment
     fragments: int = 1  # P: fragments of transformer blocks, synced one every H/P steps
-    pattern: Literal["strided", "sequential"] = "strided"  # block i -> fragment i mod P, or contiguous runs
-    overlap: int = 0  # tau: inner steps between starting a fragment's exchange and applying it (0 = synchronous)
-    merge_alpha: float = 0.5  # with overlap: theta_local <- alpha * theta_local + (1 - alpha) * theta_global
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    nesterov: bool = True
-    quant_bits: int = 0  # pseudo-gradients on the wire: 0 = fp32, 8 or 4 = blockwise codes
+    # `strided`: block i -> fragment i mod P, or `sequential`: contiguous runs of blocks
+    pattern: Literal["strided", "sequential"] = "strided"
+    # tau: inner steps between starting a fragment's exchange and applying it (0 = synchronous:
+    # `theta_local <- theta_global`)
+    overlap: int = 0
+    merge_alpha: float = 0.5  # with overlap: `theta_local <- alpha * theta_local + (1 - alpha) * theta_global`
+    outer_lr: float = 0.7  # the outer SGD's learning rate
+    outer_momentum: float = 0.9  # the outer SGD's momentum
+    nesterov: bool = True  # the outer SGD's momentum is Nesterov's
+    # pseudo-gradients on the wire: 0 = fp32, 8 or 4 = blockwise codes with one fp32 scale per block
+    quant_bits: int = 0
     quant_block: int = 64  # values per fp32 scale
-    # Elastic workers: each worker is its own job (`expertmesh run`, any --nproc), the workers meet through
-    # a TCP store (`expertmesh diloco-store`); a worker that fails is dropped, one that (re)starts joins.
+    # Elastic workers: each worker is its own job (`expertmesh run`, any `--nproc`), the workers meet through
+    # a TCP store (`expertmesh diloco-store`); a worker that fails is dropped, one that (re)starts joins
+    # (docs/diloco.md#elastic-workers)
     elastic: bool = False
-    workers: int = 0  # workers expected (the outer group never grows past it)
-    worker: int = -1  # this job's worker index in [0, workers); its run dir is runs/<name>/worker<k>
-    store: str = ""  # host:port of the store
-    timeout_s: float = 60.0  # a peer silent this long on the outer group is dropped; a joiner waits this long
-    settle_s: float = 5.0  # a re-forming group waits this long for the workers still missing
-    # A file holding a secret shared by the workers (>= 16 bytes): store records and leader elections are signed
-    # with it (HMAC-SHA256) and a worker without it cannot join. Empty: the store and its network are trusted.
+    workers: int = 0  # elastic: workers expected (the outer group never grows past it)
+    # elastic: this job's worker index in `[0, workers)`; its run dir is `runs/<name>/worker<k>`, its data share k
+    # of `workers`
+    worker: int = -1
+    store: str = ""  # elastic: `host:port` of the store, served by `expertmesh diloco-store`
+    # elastic: a peer silent this long on the outer group is dropped; a (re)starting worker waits this long
+    # for the others
+    timeout_s: float = 60.0
+    settle_s: float = 5.0  # elastic: a re-forming group waits this long for the workers still missing
+    # elastic: a file holding a secret shared by the workers (>= 16 bytes): store records and leader elections
+    # are signed with it (HMAC-SHA256) and a worker without it cannot join. Empty: the store and its network
+    # are trusted.
     secret_file: str = ""
 
 
@@ -216,31 +296,38 @@ class DistillConfig:
 
     target: str = ""  # an expertmesh run directory (its newest intact checkpoint) or a Hugging Face model directory
     draft: str = ""  # the same kinds; target and draft must share the vocabulary
-    trainers: int = 1  # with N > 1 processes: ranks [0, trainers) train the draft, the others serve
-    online: bool = True  # false: serve with the draft as loaded (the static baseline)
+    # trainer ranks: with N > 1 processes (`--nproc`), ranks `[0, trainers)` train the draft (gradients averaged),
+    # the others serve
+    trainers: int = 1
+    online: bool = True  # distill the draft while serving; false: serve with the draft as loaded (a static draft)
     overlap: bool = True  # trainers update while the servers decode; new weights arrive one exchange later
     gamma: int = 4  # tokens the draft proposes per round
-    adaptive_gamma: bool = False  # grow/shrink gamma within [gamma_min, gamma_max] from the recent acceptance
-    gamma_min: int = 1
-    gamma_max: int = 8
+    adaptive_gamma: bool = False  # grow/shrink gamma within `[gamma_min, gamma_max]` from the recent acceptance
+    gamma_min: int = 1  # `adaptive_gamma`'s lower bound
+    gamma_max: int = 8  # `adaptive_gamma`'s upper bound
     greedy: bool = False  # argmax decoding (accept only the target's argmax); else sampling at `temperature`
-    temperature: float = 1.0
-    max_new_tokens: int = 64
+    temperature: float = 1.0  # the sampling temperature (when not `greedy`)
+    max_new_tokens: int = 64  # tokens generated per request
     batch_size: int = 1  # requests a serving rank decodes together (in lockstep)
-    prompts: str = "synthetic"  # "synthetic", "stdin", or a JSONL file of {"prompt" | "tokens", "domain", "id"}
-    synthetic: list[str] = field(default_factory=lambda: ["stdlib:64"])  # domain:count in order; stdlib, headers
+    prompts: str = "synthetic"  # "synthetic", "stdin", or a JSONL file of `{"prompt" | "tokens", "domain", "id"}`
+    # the synthetic stream: `domain:count` entries, in order; domains `stdlib`, `headers`
+    synthetic: list[str] = field(default_factory=lambda: ["stdlib:64"])
     prompt_len: int = 64  # synthetic prompts: tokens cut from the domain's text
-    positions: Literal["rejected", "all", "onpolicy"] = "rejected"  # where the draft learns (see online.py)
+    # where the draft learns: `rejected` (the first rejected position), `all` (every drafted position whose
+    # context was accepted) or `onpolicy` (every drafted position) (expertmesh/distill/online.py)
+    positions: Literal["rejected", "all", "onpolicy"] = "rejected"
+    # the loss between the target's p and the draft's q: `fkl` `KL(p || q)`, `rkl` `KL(q || p)`,
+    # `jsd` JSD[beta], `tvd` total variation
     divergence: Literal["fkl", "rkl", "jsd", "tvd"] = "fkl"
-    beta: float = 0.5  # JSD[beta]
+    beta: float = 0.5  # JSD[beta]: the weight of p in `divergence = "jsd"`
     topk: int = 32  # target probabilities kept per position (the rest spread evenly)
-    buffer: int = 4096  # replay buffer, examples
+    buffer: int = 4096  # replay buffer size, examples
     update_every: int = 8  # I: requests between draft updates
-    update_steps: int = 1  # optimizer steps per update
+    update_steps: int = 1  # AdamW steps on the draft per update
     update_batch: int = 16  # examples per optimizer step
-    lr: float = 3e-4
+    lr: float = 3e-4  # the draft's AdamW learning rate
     window: int = 50  # requests per metrics record
-    save_draft: bool = True  # write the distilled draft into runs/<name>/draft (at the end and every save_every)
+    save_draft: bool = True  # write the distilled draft into `runs/<name>/draft` (at the end and every `save_every`)
     save_every: int = 50  # draft updates between saves (0 = only at the end); a resumed run starts from it
 
 
