@@ -1,6 +1,6 @@
 """Rank 0's metrics: one printed line, one JSON record in runs/<name>/metrics.jsonl, one W&B log.
 
-The record schema is documented in the README ("Metrics"). W&B runs only on rank 0, in the mode
+The record schema is documented in docs/metrics.md. W&B runs only on rank 0, in the mode
 the config names (`offline` by default); its run id is stored in the run directory, so a resumed
 run appends to the same W&B run instead of starting a new one.
 """

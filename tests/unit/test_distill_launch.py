@@ -173,7 +173,7 @@ def test_a_rerun_resumes_where_the_stream_stopped(tmp_path):
 
 
 def test_the_readme_path_to_distill_runs(tmp_path, monkeypatch):
-    """The README's three commands, in order, from an empty directory: `make train` (configs/default.toml)
+    """docs/distillation.md's three commands, in order, from an empty directory: `make train` (configs/default.toml)
     writes runs/default, configs/draft.toml writes runs/draft, and configs/distill.toml, reading both
     from where they landed, serves and distills (each shortened to a step or a few requests)."""
     from helpers import ROOT
