@@ -87,8 +87,8 @@ def build_expertmesh(shape, comm):
     torch.manual_seed(0)
     layer = MoELayer(D, cfg.moe)
     layer.init_weights(0.02, 0.02)
-    layer.placement = ExpertPlacement(E, dist.group.WORLD, comm)
-    rows = layer.placement.local_slice()
+    layer.dispatcher = ExpertPlacement(E, dist.group.WORLD, comm)
+    rows = layer.dispatcher.local_slice()
     for name in ("w1", "w3", "w2"):
         setattr(layer.experts, name, torch.nn.Parameter(getattr(layer.experts, name).detach()[rows].clone()))
     x = torch.randn(1, T, D, requires_grad=True)

@@ -115,6 +115,7 @@ class _Pending:
     failed: bool = False  # elastic: the outer group broke during the exchange (a worker left)
     want: bool = False  # elastic: some member saw a worker asking to join
     error: BaseException | None = None  # not elastic: what broke the exchange, re-raised by the main thread
+    ready: object = None  # on a GPU: the training stream's event once the deltas are computed (the exchange waits)
     done: object = None  # on a GPU: the exchange stream's event after the last collective (the main stream waits)
 
 
@@ -130,6 +131,8 @@ class DiLoCo:
         for (_, p), f in zip(named, frag, strict=True):
             self.params[f].append(p)
         self.device = local_part(named[0][1]).device
+        # overlapped exchanges on a GPU run their collectives on a stream of their own
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         biases = [(n, b) for n, b in model.named_buffers() if n.endswith("expert_bias")]
         self.biases: list[list[torch.Tensor]] = [[] for _ in range(cfg.fragments + 1)]
         for (_, b), f in zip(biases, assign_fragments([n for n, _ in biases], n_layers, cfg.fragments, cfg.pattern),
@@ -223,14 +226,12 @@ class DiLoCo:
 
     def _exchange_on_stream(self, deltas: list[torch.Tensor], pend: _Pending) -> None:
         """The exchange thread on a GPU: the thread's device set to the training's, the collectives issued
-        on a stream of its own after the deltas are ready (`pend.done` holds that event on entry), and
-        `pend.done` then the event after the last of them. Memory crossing the two streams is recorded on
-        both, so the caching allocator reuses none of it early."""
+        on a stream of its own after the deltas are ready (`pend.ready`), and `pend.done` the event after
+        the last of them. Memory crossing the two streams is recorded on both, so the caching allocator
+        reuses none of it early."""
         torch.cuda.set_device(self.device)
-        if not hasattr(self, "_stream"):
-            self._stream = torch.cuda.Stream(self.device)
         main = torch.cuda.current_stream(self.device)
-        self._stream.wait_event(pend.done)
+        self._stream.wait_event(pend.ready)
         for d in deltas:
             d.record_stream(self._stream)
         with torch.cuda.stream(self._stream):
@@ -354,9 +355,8 @@ class DiLoCo:
         target = self._exchange
         if self.device.type == "cuda":  # its own stream: the training stream waits only where the result is applied
             target = self._exchange_on_stream
-            ready = torch.cuda.Event()
-            ready.record()
-            pend.done = ready
+            pend.ready = torch.cuda.Event()
+            pend.ready.record()
         pend.thread = threading.Thread(target=target, args=(deltas, pend), daemon=True)
         pend.thread.start()
         self.pending.append(pend)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.config import JobConfig, ModelConfig
-from expertmesh.layers.mlp import SwiGLU, local
+from expertmesh.layers.mlp import SwiGLU
 from expertmesh.moe.layer import MoELayer, MoEStats
 
 
@@ -71,15 +71,6 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor
     return out.type_as(x_BHSDh)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, sum_sq=None, width: int = 0) -> torch.Tensor:
-    """RMSNorm over the last dim. `sum_sq` (tensor parallelism, the whole projection normalized while each
-    rank holds some of its heads) sums the squares over the ranks; `width` is then the full width."""
-    if sum_sq is None:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    ms = sum_sq(x.float().square().sum(-1, keepdim=True)) / width
-    return (x.float() * torch.rsqrt(ms + eps)).type_as(x) * weight
-
-
 def _attend(q, k, v, cache: KVCache | None, layer: int | None, scale: float | None = None) -> torch.Tensor:
     """Causal attention of q [B, H, S, Dh] over k, v (fewer heads under GQA); with a `cache` the chunk
     attends to the cached keys/values too (decoding), and its own are appended under the layer's index.
@@ -96,14 +87,13 @@ def _attend(q, k, v, cache: KVCache | None, layer: int | None, scale: float | No
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional q/k/v biases and QK-norm (per head, or
-    over the whole projection). `tp_sync` is attached by tensor parallelism (parallel/tensor.py): it
-    sums the per-head norm weights' gradients and the whole-projection norm's squares over tp."""
+    over the whole projection)."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.layer = layer  # the KV cache's key (decoding)
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
-        self.head_dim, self.eps = cfg.head_dim or cfg.dim // cfg.n_heads, cfg.norm_eps
+        self.head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
         self.qk_norm, self.rope_style, self.clip = cfg.qk_norm, cfg.rope_style, cfg.clip_qkv
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.wq = nn.Linear(cfg.dim, q_width, bias=cfg.attn_bias)
@@ -114,13 +104,6 @@ class Attention(nn.Module):
             per_head = cfg.qk_norm == "head"
             self.q_norm = nn.RMSNorm(self.head_dim if per_head else q_width, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_width, eps=cfg.norm_eps)
-        self.tp_sync = None
-
-    def _norm(self, x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-        w, tp = local(norm.weight), self.tp_sync
-        if self.qk_norm == "head":
-            return rms_norm(x, tp(w) if tp else w, self.eps)
-        return rms_norm(x, w, self.eps, tp.sum if tp else None, norm.weight.shape[0])
 
     def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -128,11 +111,11 @@ class Attention(nn.Module):
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.qk_norm == "full":
-            q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)
+            q, k = self.q_norm(q), self.k_norm(k)
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q, k, v = (t.view(B, S, -1, self.head_dim) for t in (q, k, v))
         if self.qk_norm == "head":
-            q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.clip:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -167,26 +150,18 @@ class LatentAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=bias)
         mscale = yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) if cfg.rope_scaling == "yarn" else 1.0
         self.scale = qk_dim**-0.5 * mscale * mscale
-        self.tp_sync = None  # tensor parallelism: sums the shared rotary key's gradient over the heads' ranks
-
-    def _down(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        """A low-rank down projection: whole on every tensor-parallel rank (replicated weights)."""
-        return F.linear(x, local(lin.weight), None if lin.bias is None else local(lin.bias))
 
     def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         if hasattr(self, "wq_a"):
-            q = self.wq_b(rms_norm(self._down(x_BSD, self.wq_a), local(self.q_norm.weight), self.LATENT_EPS))
+            q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
         else:
             q = self.wq(x_BSD)
         q_nope, q_rope = q.view(B, S, -1, self.nope + self.rope).transpose(1, 2).split([self.nope, self.rope], -1)
-        kv_c, k_rope = self._down(x_BSD, self.wkv_a).split([self.kv_rank, self.rope], -1)
-        kv_c = rms_norm(kv_c, local(self.kv_norm.weight), self.LATENT_EPS)
-        kv = self.wkv_b(kv_c).view(B, S, -1, self.nope + self.v_dim).transpose(1, 2)
+        kv_c, k_rope = self.wkv_a(x_BSD).split([self.kv_rank, self.rope], -1)
+        kv = self.wkv_b(self.kv_norm(kv_c)).view(B, S, -1, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], -1)
-        if self.tp_sync is not None:  # every rank's heads read it: their gradients add up
-            k_rope = self.tp_sync(k_rope)
         q_rope = apply_rope(q_rope, cos_SH, sin_SH, self.rope_style)
         k_rope = apply_rope(k_rope.reshape(B, 1, S, self.rope), cos_SH, sin_SH, self.rope_style)
         q = torch.cat([q_nope, q_rope], -1)

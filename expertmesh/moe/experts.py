@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.layers.mlp import local
-
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -89,11 +87,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Rows of x_ND are grouped by expert, `tokens_per_expert_E[e]` rows for local expert e."""
-        return compute(x_ND, tokens_per_expert_E, local(self.w1), local(self.w3), local(self.w2))
+        return compute(x_ND, tokens_per_expert_E, self.w1, self.w3, self.w2)
 
     def forward_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """One matmul chain per expert: the reference the grouped path is tested against."""
-        return compute_loop(x_ND, tokens_per_expert_E, local(self.w1), local(self.w3), local(self.w2))
+        return compute_loop(x_ND, tokens_per_expert_E, self.w1, self.w3, self.w2)
 
 
 def compute(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:

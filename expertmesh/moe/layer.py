@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.config import MoEConfig
-from expertmesh.layers.mlp import SwiGLU, local
+from expertmesh.layers.mlp import SwiGLU
 from expertmesh.moe import ops
 from expertmesh.moe.experts import GroupedExperts
 from expertmesh.moe.router import TopKRouter
@@ -27,17 +26,19 @@ class MoEStats:
     entropy: torch.Tensor
 
 
-@torch.compiler.disable
-def _placed(placement, x_sorted_ND, tokens_per_expert_E, experts):
-    """The placement's exchange runs eagerly between two compiled graphs: its split sizes are host values
-    and its collectives go through the counting wrapper, which Dynamo would cut into many small graphs."""
-    return placement(x_sorted_ND, tokens_per_expert_E, experts)
+class LocalDispatcher(nn.Module):
+    """The layer's token dispatcher when every expert lives on this rank: the rows, grouped by expert, go
+    straight to the experts. Expert parallelism and FSSDP swap in one that moves the rows to the ranks that
+    hold their experts and brings the outputs back (parallel/fssdp.py)."""
+
+    def forward(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module):
+        return experts(x_sorted_ND, tokens_per_expert_E)
 
 
 class MoELayer(nn.Module):
-    """`num_experts` may differ per layer (PR-MoE's pyramid). Parallelism is attached from outside by
-    `parallelize_model`: `self.placement` (expert parallelism; None runs every expert here) and
-    `self.tp_sync` (expert tensor parallelism, see parallel/tensor.py; None without it)."""
+    """`num_experts` may differ per layer (PR-MoE's pyramid). Plain tensor code: parallelism is attached from
+    outside by `parallelize_model`, which swaps `self.dispatcher` (expert parallelism, FSSDP) and attaches
+    expert tensor parallelism's hooks and sharded modules (parallel/tensor.py)."""
 
     def __init__(self, dim: int, cfg: MoEConfig, num_experts: int | None = None) -> None:
         super().__init__()
@@ -52,8 +53,7 @@ class MoELayer(nn.Module):
         # PR-MoE (residual MoE): out = c0 * experts(x) + c1 * mlp(x), c = softmax(coefficient(x)).
         self.residual_mlp = SwiGLU(dim, cfg.expert_dim) if cfg.residual else None
         self.coefficient = nn.Linear(dim, 2, bias=False) if cfg.residual else None
-        self.placement = None
-        self.tp_sync = None
+        self.dispatcher = LocalDispatcher()
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.router.gate.weight, std=std)
@@ -69,28 +69,21 @@ class MoELayer(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        tp = self.tp_sync
-        xr_TD, xe_TD = (tp.router_input(x_TD), tp.expert_input(x_TD)) if tp else (x_TD, x_TD)
-        r = self.router(xr_TD)
+        r = self.router(x_TD)
+        xe_TD = x_TD
         if torch.is_autocast_enabled(x_TD.device.type):  # bf16 rows through dispatch, all-to-all and experts
-            xe_TD = xe_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        topk_w_TK = tp(r.topk_w_TK) if tp else r.topk_w_TK
+            xe_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(xe_TD, r.topk_idx_TK, self.num_experts,
                                                                     self.backend)
-        if self.placement is None:
-            y_sorted_ND = self.experts(x_sorted_ND, tokens_per_expert_E)
-        else:
-            y_sorted_ND = _placed(self.placement, x_sorted_ND, tokens_per_expert_E, self.experts)
-        out_TD = ops.combine(y_sorted_ND, row_map_TK, topk_w_TK, self.backend)
+        y_sorted_ND = self.dispatcher(x_sorted_ND, tokens_per_expert_E, self.experts)
+        out_TD = ops.combine(y_sorted_ND, row_map_TK, r.topk_w_TK, self.backend)
         if self.residual_mlp is not None:
-            c_T2 = F.linear(xr_TD, local(self.coefficient.weight)).softmax(dim=-1)
-            c_T2 = tp(c_T2) if tp else c_T2
-            out_TD = out_TD * c_T2[:, :1] + self.residual_mlp.forward_local(xe_TD) * c_T2[:, 1:]
+            c_T2 = self.coefficient(x_TD).softmax(dim=-1)
+            out_TD = out_TD * c_T2[:, :1] + self.residual_mlp(xe_TD) * c_T2[:, 1:]
         if self.shared is not None:
-            shared_TD = self.shared.forward_local(xe_TD)
+            shared_TD = self.shared(xe_TD)
             if self.shared_gate is not None:
-                g_T1 = F.linear(xr_TD, local(self.shared_gate.weight)).sigmoid()
-                shared_TD = shared_TD * (tp(g_T1) if tp else g_T1)
+                shared_TD = shared_TD * self.shared_gate(x_TD).sigmoid()
             out_TD = out_TD + shared_TD
         stats = MoEStats(r.aux_loss, r.z_loss, r.tokens_per_expert_E, r.dropped, r.entropy)
         return out_TD.view(B, S, D), stats

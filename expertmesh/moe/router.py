@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.layers.mlp import local
-
 
 @dataclass
 class RouterOutput:
@@ -78,7 +76,7 @@ class TopKRouter(nn.Module):
         """Logits, scores and combine weights in fp32 whatever the compute dtype (autocast, bf16 weights):
         near-ties must pick the experts that Hugging Face's fp32 routing picks."""
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), local(self.gate.weight).float())
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:

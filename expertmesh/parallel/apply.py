@@ -35,6 +35,7 @@ from expertmesh.models.transformer import moe_layers
 from expertmesh.parallel.data_parallel import GradAverager, GradGroup
 from expertmesh.parallel.fssdp import ExpertPlacement
 from expertmesh.parallel.mesh import Mesh
+from expertmesh.parallel.sharded import ShardedExperts, swap_class
 from expertmesh.parallel.tensor import apply_tensor_parallel
 
 
@@ -61,8 +62,9 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
 
 def place_experts(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> None:
     """Keeps this rank's experts of every MoE layer (a global Shard(0) DTensor over `ep`, composed with
-    the tp split of F if any) and attaches the placement: the all-to-all of expert parallelism, or
-    FSSDP (the same owner shards at the start; replicas and owner moves per step, parallel/fssdp.py)."""
+    the tp split of F if any) and swaps in the layer's token dispatcher: the all-to-all of expert
+    parallelism, or FSSDP (the same owner shards at the start; replicas and owner moves per step,
+    parallel/fssdp.py)."""
     group = mesh.group("ep")
     for layer in moe_layers(model):
         if cfg.moe.placement == "fssdp":
@@ -70,6 +72,7 @@ def place_experts(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> N
         else:
             placement = ExpertPlacement(layer.num_experts, group, comm)
         rows = placement.local_slice()
+        swap_class(layer.experts, ShardedExperts)
         for name in ("w1", "w3", "w2"):
             param = getattr(layer.experts, name)
             if isinstance(param, DTensor):  # already split over tp: add ep in front, (ep, tp) mesh
@@ -78,11 +81,11 @@ def place_experts(model: nn.Module, mesh: Mesh, cfg: JobConfig, comm: Comm) -> N
             else:
                 sub, local, placements = mesh.views["ep"], param.detach()[rows], [Shard(0)]
             setattr(layer.experts, name, nn.Parameter(DTensor.from_local(local, sub, placements, run_check=False)))
-        layer.placement = placement
+        layer.dispatcher = placement
     if cfg.moe.placement == "fssdp":  # the replicas' weights travel while the block's attention runs
         for block in model.layers.values():
             for layer in moe_layers(block):
-                block.register_forward_pre_hook(lambda _m, _a, p=layer.placement, x=layer.experts: p.prefetch(x))
+                block.register_forward_pre_hook(lambda _m, _a, p=layer.dispatcher, x=layer.experts: p.prefetch(x))
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -137,8 +140,8 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> CompileCounts:
     share one code object, so one graph serves every block of a kind). Only the forward method is replaced:
     parameter names, hooks (FSDP's, TP's input plans, FSSDP's prefetch) and checkpoints are those of the
     eager model. Expert parallelism's exchange (host split sizes, counted collectives) runs eagerly
-    (moe/layer.py: `_placed`): a MoE block then runs as the graphs before and after it (4 in torch 2.13,
-    the resumed MoE layer and block each their own)."""
+    (parallel/fssdp.py: `ExpertPlacement.forward`): a MoE block then runs as the graphs before and after
+    it (4 in torch 2.13, the resumed MoE layer and block each their own)."""
     # dispatch's output size is data-dependent: its fake gives an unbacked size, traced, not a graph break
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     if backend == "inductor" and os.environ.get("ATEN_CPU_CAPABILITY") == "default":

@@ -52,14 +52,15 @@ from functools import cached_property
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from expertmesh.config import FSSDPConfig
 from expertmesh.dist.comm_stats import Comm, group_device
 from expertmesh.dist.shards import local_part
-from expertmesh.layers.mlp import local
 from expertmesh.moe.experts import compute
 from expertmesh.parallel.expert import all_to_all, source_to_expert_major
+from expertmesh.parallel.sharded import local_shard
 
 log = logging.getLogger("expertmesh")
 WEIGHTS = ("w1", "w3", "w2")
@@ -293,12 +294,14 @@ def held_weights(exchange: Exchange | None, own: list[torch.Tensor], started=Non
     return [torch.cat([w, r]) for w, r in zip(own, replicas, strict=True)]
 
 
-class ExpertPlacement:
-    """One MoE layer's experts over an expert group; called by MoELayer as `placement`. With `cfg` None:
-    expert parallelism (the plan without replicas, which nothing changes); else FSSDP, whose plans and
-    owners the `FSSDP` manager sets every step."""
+class ExpertPlacement(nn.Module):
+    """One MoE layer's experts over an expert group: the token dispatcher that `place_experts` swaps into
+    the layer (`MoELayer.dispatcher`). With `cfg` None: expert parallelism (the plan without replicas,
+    which nothing changes); else FSSDP, whose plans and owners the `FSSDP` manager sets every step.
+    No parameters of its own: the layer's experts module is passed in with the rows."""
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup, comm: Comm, cfg: FSSDPConfig | None = None) -> None:
+        super().__init__()
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.size:
             raise ValueError(f"ep={self.size} does not divide num_experts={num_experts}")
@@ -320,7 +323,7 @@ class ExpertPlacement:
         the weights travel while attention computes; the MoE call then only waits for them."""
         xch = self.exchange(self.plan)
         if xch is not None and not self.cfg.calibrate and not self.cfg.rematerialize:
-            self._prefetched = xch.gather_start([local(getattr(experts, n)).detach() for n in WEIGHTS])
+            self._prefetched = xch.gather_start([local_shard(getattr(experts, n)).detach() for n in WEIGHTS])
 
     def exchange(self, plan: Plan) -> Exchange | None:
         """The plan's point-to-point pattern, built once per plan (plans change once per step at most)."""
@@ -328,7 +331,10 @@ class ExpertPlacement:
             self._exchange = (plan, Exchange(plan, self.rank, self.group, self.comm) if plan.replicas else None)
         return self._exchange[1]
 
-    def __call__(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:
+    @torch.compiler.disable
+    def forward(self, x_sorted_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts) -> torch.Tensor:
+        """Runs eagerly between two compiled graphs (train.compile): the split sizes are host values and the
+        collectives go through the counting wrapper, which Dynamo would cut into many small graphs."""
         # Host syncs: with replicas, this rank's counts (to split its rows over holders); always the split
         # sizes (the rows sent to and received from each rank).
         counts, plan = None, self.plan
@@ -339,7 +345,7 @@ class ExpertPlacement:
         xch = self.exchange(plan)
         # with replicas the weight stacks are read here (FSSDP's experts are never FSDP-sharded); without,
         # the experts module is called, so FSDP over expert_dp (expert parallelism) gathers them first
-        own = [local(getattr(experts, n)) for n in WEIGHTS] if xch is not None else None
+        own = [local_shard(getattr(experts, n)) for n in WEIGHTS] if xch is not None else None
         remat = self.cfg.rematerialize and xch is not None
         started, self._prefetched = self._prefetched, None
         if started is None and xch is not None and not remat:
@@ -387,7 +393,7 @@ class FSSDP:
     def __init__(self, layers, cfg: FSSDPConfig, load_group, comm: Comm, layer_ids: list[int] | None = None) -> None:
         self.layers = list(layers)
         self.layer_ids = list(range(len(self.layers))) if layer_ids is None else list(layer_ids)  # model indices
-        self.placements: list[ExpertPlacement] = [layer.placement for layer in self.layers]
+        self.placements: list[ExpertPlacement] = [layer.dispatcher for layer in self.layers]
         self.cfg, self.load_group, self.comm = cfg, load_group, comm
         self.history: deque[list[list[int]]] = deque(maxlen=cfg.window)
         self.reshards = 0

@@ -34,7 +34,7 @@ def _ep_vs_single(rank, world, overrides, skew):
     local = placement.local_slice()
     for name in ("w1", "w3", "w2"):
         setattr(ep.experts, name, torch.nn.Parameter(getattr(full.experts, name).detach()[local].clone()))
-    ep.placement = placement
+    ep.dispatcher = placement
     stats = assert_rank_matches_reference(ep, full, x_all, probe, out_ref, x_ref, rank, T, local)
     return int(stats.tokens_per_expert_E[2:].sum())
 

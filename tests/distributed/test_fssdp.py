@@ -59,7 +59,7 @@ def _fssdp_vs_single(rank, world, plan_name, overrides, skew):
              "random": _random_plan(world, 3, slots), "moved": _random_plan(world, 5, slots),
              "moved-ep": Plan.expert_parallel(E, world, slots)}
     placement.plan = plans[plan_name]
-    layer.placement = placement
+    layer.dispatcher = placement
     assert_rank_matches_reference(layer, full, x_all, probe, out_ref, x_ref, rank, T, mine)
     opt = torch.optim.AdamW(layer.experts.parameters(), lr=0.1)
     opt.step()
@@ -141,7 +141,7 @@ def _rows_under_recompute(rank, world):
     own = placement.local_slice()
     for name in ("w1", "w3", "w2"):
         setattr(layer.experts, name, torch.nn.Parameter(getattr(layer.experts, name).detach()[own].clone()))
-    layer.placement = placement
+    layer.dispatcher = placement
     x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     out = checkpoint(lambda v: layer(v)[0], x, use_reentrant=False)
     out.square().sum().backward()

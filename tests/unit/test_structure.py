@@ -70,3 +70,25 @@ def test_the_config_package_imports_no_torch_and_nothing_else_of_expertmesh():
             "sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, failure(r)
+
+
+# What a parallelism-free model may not name: DTensor unwrapping, hooks left behind by parallelism, torch.distributed.
+PARALLEL_NAMES = {"local", "to_local", "local_part", "local_shard", "tp_sync", "placement", "DTensor", "distributed"}
+
+
+def test_the_model_is_free_of_parallelism():
+    """The model's code (models/, moe/, layers/) is plain tensor code: parallelism is attached from outside."""
+    bad = []
+    for package in ("models", "moe", "layers"):
+        for f in sorted((PKG / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                names = []
+                if isinstance(node, ast.Name):
+                    names = [node.id]
+                elif isinstance(node, ast.Attribute):
+                    names = [node.attr]
+                elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [part for a in node.names for part in a.name.split(".")]
+                    names += (node.module or "").split(".") if isinstance(node, ast.ImportFrom) else []
+                bad += [f"{f.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n in PARALLEL_NAMES]
+    assert not bad, "\n".join(bad)
