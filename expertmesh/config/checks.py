@@ -245,6 +245,15 @@ def check_diloco(cfg: JobConfig) -> None:
         raise ConfigError(f"diloco.quant_bits={g.quant_bits} must be 0 (fp32), 4 or 8")
     if g.quant_block < 2 or g.quant_block % 2:
         raise ConfigError(f"diloco.quant_block={g.quant_block} must be an even number >= 2")
+    if g.compress == "topk":
+        if g.quant_bits:
+            raise ConfigError(f"diloco.compress='topk' sends its own {g.topk_bits}-bit codes (diloco.topk_bits); "
+                              f"diloco.quant_bits={g.quant_bits} applies to dense exchanges only: set it to 0")
+        if not 0.0 < g.topk_fraction <= 1.0 or not 2 <= g.topk_chunk <= 32768 or g.topk_bits not in (2, 4, 8):
+            raise ConfigError(f"diloco.topk_fraction={g.topk_fraction} must be in (0, 1], diloco.topk_chunk="
+                              f"{g.topk_chunk} in [2, 32768] and diloco.topk_bits={g.topk_bits} 2, 4 or 8")
+        if not 0.0 <= g.error_decay <= 1.0:
+            raise ConfigError(f"diloco.error_decay={g.error_decay} must be in [0, 1]")
     if g.outer_lr <= 0 or not 0.0 <= g.outer_momentum < 1.0:
         raise ConfigError(f"diloco.outer_lr={g.outer_lr} must be > 0 and diloco.outer_momentum="
                           f"{g.outer_momentum} in [0, 1)")

@@ -271,6 +271,14 @@ class DiLoCoConfig:
     # pseudo-gradients on the wire: 0 = fp32, 8 or 4 = blockwise codes with one fp32 scale per block
     quant_bits: int = 0
     quant_block: int = 64  # values per fp32 scale
+    # `dense`: every value of the pseudo-gradients crosses (fp32, or `quant_bits` codes); `topk` (SparseLoCo):
+    # per chunk, the largest values of error feedback + pseudo-gradient, the rest kept for the next sync
+    compress: Literal["dense", "topk"] = "dense"
+    topk_fraction: float = 0.0156  # topk: share of each chunk's values sent (64 of 4096)
+    topk_chunk: int = 4096  # topk: values per chunk (one fp32 scale each; offsets sent as int16)
+    topk_bits: int = 2  # topk: bits per value sent (2, 4 or 8: a sign and a magnitude level)
+    # topk: beta of the error feedback `e <- beta * e + delta` (what was not sent decays by it per sync)
+    error_decay: float = 0.95
     # Elastic workers: each worker is its own job (`expertmesh run`, any `--nproc`), the workers meet through
     # a TCP store (`expertmesh diloco-store`); a worker that fails is dropped, one that (re)starts joins
     # (docs/diloco.md#elastic-workers)

@@ -76,3 +76,86 @@ def quantized_all_reduce_mean(x: torch.Tensor, group, comm: Comm, bits: int, blo
     comm.all_gather_into_tensor(all_codes, my_codes, group, label)
     comm.all_gather_into_tensor(all_scales, my_scales, group, label)
     return dequantize(all_codes, all_scales, bits, block)[:n].view_as(x)
+
+
+# SparseLoCo-class compression: per chunk of `chunk` values, the k largest in magnitude, each sent as its
+# offset in the chunk (int16) and a `bits`-bit code (sign + magnitude level) against one fp32 scale (the
+# chunk's largest sent magnitude). A code's value is sign * (level + 1/2) / L * scale, L = 2^(bits-1) levels:
+# 2 bits send +-scale/4 or +-3*scale/4. What a code does not carry is the sender's to keep (error feedback).
+
+_TOPK_BITS = (2, 4, 8)
+
+
+def topk_k(fraction: float, chunk: int) -> int:
+    return max(1, min(chunk, round(fraction * chunk)))
+
+
+def topk_wire_bytes(n: int, fraction: float, chunk: int, bits: int) -> int:
+    """Bytes one worker's contribution of `n` values takes (indices, packed codes, scales)."""
+    chunks, k = -(-n // chunk), topk_k(fraction, chunk)
+    return chunks * k * 2 + -(-chunks * k * bits // 8) + chunks * 4
+
+
+def topk_compress(x: torch.Tensor, fraction: float, chunk: int, bits: int):
+    """Flat fp32 `x` -> (int16 offsets [C*k], uint8 packed codes, fp32 scales [C]), C = ceil(n / chunk)."""
+    if bits not in _TOPK_BITS or not 2 <= chunk <= 32768:
+        raise ValueError(f"topk_compress: bits={bits} must be one of {_TOPK_BITS} and chunk={chunk} in [2, 32768]")
+    n, k = x.numel(), topk_k(fraction, chunk)
+    chunks = -(-n // chunk)
+    padded = torch.zeros(chunks * chunk, dtype=torch.float32, device=x.device)
+    padded[:n] = x.reshape(-1)
+    rows = padded.view(chunks, chunk)
+    idx = rows.abs().topk(k, dim=1, sorted=False).indices
+    vals = rows.gather(1, idx)
+    scales = vals.abs().amax(dim=1)
+    L = 2 ** (bits - 1)
+    level = (vals.abs() / torch.where(scales > 0, scales, torch.ones_like(scales))[:, None] * L).floor()
+    codes = (level.clamp_(0, L - 1).to(torch.uint8) | ((vals < 0).to(torch.uint8) << (bits - 1))).reshape(-1)
+    per_byte = 8 // bits
+    codes = torch.cat([codes, codes.new_zeros(-codes.numel() % per_byte)]).view(-1, per_byte)
+    packed = torch.zeros(codes.shape[0], dtype=torch.uint8, device=x.device)
+    for j in range(per_byte):
+        packed |= codes[:, j] << (j * bits)
+    return idx.to(torch.int16).reshape(-1), packed, scales
+
+
+def topk_values(packed: torch.Tensor, scales: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """The [C, k] values that `topk_compress`'s codes stand for."""
+    per_byte, L = 8 // bits, 2 ** (bits - 1)
+    mask = (1 << bits) - 1
+    codes = torch.stack([(packed >> (j * bits)) & mask for j in range(per_byte)], dim=1).reshape(-1)
+    codes = codes[:scales.numel() * k].view(-1, k)
+    sign = 1.0 - 2.0 * ((codes >> (bits - 1)) & 1).float()
+    return sign * ((codes & (L - 1)).float() + 0.5) / L * scales[:, None]
+
+
+def topk_decompress(idx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, chunk: int, bits: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense fp32 [n] holding the sent values (added into `out`, a padded [C * chunk] buffer, when given)."""
+    chunks = scales.numel()
+    k = idx.numel() // chunks
+    dense = torch.zeros(chunks * chunk, dtype=torch.float32, device=scales.device) if out is None else out
+    dense.view(chunks, chunk).scatter_add_(1, idx.view(chunks, k).long(), topk_values(packed, scales, k, bits))
+    return dense[:n] if out is None else dense
+
+
+def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, chunk: int, bits: int,
+                           label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over `group` of every rank's compressed `x`, and what this rank's own contribution carried (dense):
+    the caller keeps `x - sent` as its error feedback. The contributions are all-gathered (fixed sizes: k per
+    chunk) and summed in rank order, so every rank ends with the same values."""
+    W, n = group_size(group), x.numel()
+    idx, packed, scales = topk_compress(x, fraction, chunk, bits)
+    sent = topk_decompress(idx, packed, scales, n, chunk, bits)
+    if W == 1:
+        return sent.clone().view_as(x), sent.view_as(x)
+    parts = []
+    for t in (idx.view(torch.uint8), packed, scales):  # the offsets as bytes: gloo gathers no int16
+        out = t.new_empty(W * t.numel())
+        comm.all_gather_into_tensor(out, t, group, label)
+        parts.append(out.view(W, -1))
+    parts[0] = parts[0].view(torch.int16)
+    total = torch.zeros(scales.numel() * chunk, dtype=torch.float32, device=x.device)
+    for r in range(W):
+        topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, out=total)
+    return (total[:n] / W).view_as(x), sent.view_as(x)

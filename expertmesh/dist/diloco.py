@@ -46,14 +46,14 @@ import contextlib
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from expertmesh.config import DiLoCoConfig
 from expertmesh.dist.comm_stats import Comm, group_size
-from expertmesh.dist.compress import quantized_all_reduce_mean
+from expertmesh.dist.compress import quantized_all_reduce_mean, sparse_all_reduce_mean
 from expertmesh.dist.elastic import Membership
 from expertmesh.dist.shards import local_part
 
@@ -117,6 +117,7 @@ class _Pending:
     error: BaseException | None = None  # not elastic: what broke the exchange, re-raised by the main thread
     ready: object = None  # on a GPU: the training stream's event once the deltas are computed (the exchange waits)
     done: object = None  # on a GPU: the exchange stream's event after the last collective (the main stream waits)
+    residual: list = field(default_factory=list)  # compress="topk": per fragment, the error feedback once sent
 
 
 class DiLoCo:
@@ -141,6 +142,8 @@ class DiLoCo:
         self.global_copy = [self._flat(f).clone() for f in range(len(self.params))]
         self.global_bias = [self._bias(f).clone() for f in range(len(self.params))]
         self.momentum = [torch.zeros_like(g) for g in self.global_copy]
+        # compress="topk": this worker's error feedback per fragment (what it has not sent yet); its own, never shared
+        self.error = [torch.zeros_like(g) for g in self.global_copy] if cfg.compress == "topk" else []
         self.pending: list[_Pending] = []
         self.was_member = False  # elastic: this process has been in an outer group (a joiner has not)
         self.outer_steps = 0
@@ -192,10 +195,16 @@ class DiLoCo:
                 want = counter.all_reduce_ints([int(self.membership.someone_waiting())], group, "control",
                                                op=torch.distributed.ReduceOp.MAX)
                 pend.want = bool(want[0])
-            for delta in deltas:
+            for f, delta in zip(pend.fragments, deltas, strict=True):
                 if group is not None and self.membership is not None:
                     delta = delta.cpu()  # the outer group is gloo
-                if self.cfg.quant_bits:
+                c = self.cfg
+                if c.compress == "topk":
+                    e = c.error_decay * self.error[f].to(delta.device) + delta
+                    mean, sent = sparse_all_reduce_mean(e, group, counter, c.topk_fraction, c.topk_chunk,
+                                                        c.topk_bits, "diloco")
+                    pend.residual.append((e - sent).to(self.global_copy[0].device))
+                elif self.cfg.quant_bits:
                     mean = quantized_all_reduce_mean(delta, group, counter, self.cfg.quant_bits,
                                                      self.cfg.quant_block, "diloco")
                 else:
@@ -215,7 +224,7 @@ class DiLoCo:
             if self.membership is None or not isinstance(err, RuntimeError):
                 pend.error = err
                 return
-            pend.failed, pend.result, pend.bias_mean = True, [], []
+            pend.failed, pend.result, pend.bias_mean, pend.residual = True, [], [], []
             log.warning("DiLoCo: the exchange of fragments %s failed (%s)", pend.fragments,
                         str(err).splitlines()[0][:200])
         self.bytes_last_sync = counter.sent.get("diloco", 0)
@@ -328,6 +337,7 @@ class DiLoCo:
             raise StateMismatch(f"DiLoCo: worker {self.membership.worker}'s state digest {self._digest()!r} differs "
                                 f"from the leader's {rows[lead, 2].item()!r} after the hand-over; not joining")
         self.pending = []
+        self.error = [torch.zeros_like(e) for e in self.error]  # its own unsent progress left with its old weights
         for f, (g, b) in enumerate(zip(self.global_copy, self.global_bias, strict=True)):
             self._write(f, g)
             self._write_bias(f, b)
@@ -417,6 +427,8 @@ class DiLoCo:
                 self._write(f, c.merge_alpha * self._flat(f) + (1 - c.merge_alpha) * self.global_copy[f])
             self.outer_steps += 1
             self.last_sync[f] = pend.apply_at
+        for f, residual in zip(pend.fragments, pend.residual, strict=False):  # sent: kept only what was not
+            self.error[f] = residual
         for f, start, mean in zip(pend.fragments, pend.bias_start, pend.bias_mean, strict=False):
             self.global_bias[f] = mean.clone()
             # with overlap, the bias steps this worker took since the exchange started are kept
@@ -442,8 +454,9 @@ class DiLoCo:
                 "local": [self._flat(f) for f in range(len(self.params))],  # the workers differ: DCP keeps one
                 "global_bias": self.global_bias, "local_bias": [self._bias(f) for f in range(len(self.params))],
                 "last_sync": self.last_sync,
-                "pending": [(p.fragments, p.apply_at, p.result, p.bias_start, p.bias_mean, p.failed, p.want)
-                            for p in self.pending],
+                "pending": [(p.fragments, p.apply_at, p.result, p.bias_start, p.bias_mean, p.failed, p.want,
+                             p.residual) for p in self.pending],
+                "error": self.error,
                 "inner": [{k: local_part(v).clone() if isinstance(v, torch.Tensor) else v
                            for k, v in optimizer.state.get(p, {}).items()} for ps in self.params for p in ps]}
 
@@ -452,8 +465,11 @@ class DiLoCo:
         self.momentum = [t.clone() for t in state["momentum"]]
         self.outer_steps, self.last_sync = state["outer_steps"], list(state["last_sync"])
         self.global_bias = [t.clone() for t in state["global_bias"]]
-        self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs], list(start), list(mean), *flags)
-                        for fs, at, rs, start, mean, *flags in state["pending"]]
+        self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs], list(start), list(mean), failed, want,
+                                 residual=[r.clone() for r in rest[0]] if rest else [])
+                        for fs, at, rs, start, mean, failed, want, *rest in state["pending"]]
+        if self.error and state.get("error"):  # a dense run's checkpoint: nothing unsent, the feedback starts at 0
+            self.error = [t.clone() for t in state["error"]]
         for f, (flat, bias) in enumerate(zip(state["local"], state["local_bias"], strict=True)):
             self._write(f, flat)
             self._write_bias(f, bias)

@@ -90,12 +90,18 @@ def test_outer_nesterov_and_bias_averaging_equal_a_hand_computed_update(run_dist
             assert torch.equal(nb, gb)
 
 
-@pytest.mark.parametrize("bits, overlap", [(0, 0), (4, 1)])
-def test_workers_agree_on_the_global_copy_after_every_sync(run_distributed, tiny_overrides, tmp_path, bits, overlap):
+TOPK = ['diloco.compress="topk"', "diloco.topk_fraction=0.02", "diloco.topk_chunk=512", "diloco.outer_momentum=0.0",
+        "diloco.outer_lr=1.0"]
+
+
+@pytest.mark.parametrize("bits, overlap, compress", [(0, 0, []), (4, 1, []), (0, 1, TOPK)],
+                         ids=["fp32", "4bit-overlap", "topk-overlap"])
+def test_workers_agree_on_the_global_copy_after_every_sync(run_distributed, tiny_overrides, tmp_path, bits, overlap,
+                                                           compress):
     common = tiny_overrides + ["train.steps=8", "metrics.log_every=1", "checkpoint.every=4", "checkpoint.keep=2",
                                "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=4",
                                "diloco.fragments=2", f"diloco.quant_bits={bits}", f"diloco.overlap={overlap}",
-                               "moe.bias_update_rate=0.003"]
+                               "moe.bias_update_rate=0.003", *compress]
     run_distributed(_train, 2, common)
     rec = read_metrics(tmp_path / "default")
     assert rec[8]["diloco"]["bytes_last_sync"] > 0 and rec[8]["diloco"]["outer_steps"] >= 3
@@ -109,12 +115,20 @@ def test_workers_agree_on_the_global_copy_after_every_sync(run_distributed, tiny
             assert torch.equal(a, b)
         assert any(not torch.equal(a, b) for a, b in zip(w0["local"], w1["local"], strict=True)) or overlap == 0
         assert w0["global_bias"][1].abs().sum() > 0 or overlap  # the MoE layer 1 is in fragment 1: synced at 4, 8
+        if compress and step == 8:  # each worker's own error feedback (every fragment has synced once by 8): what
+            # it has not sent, different on each
+            assert all(e.abs().sum() > 0 for e in w0["error"]) and not torch.equal(w0["error"][0], w1["error"][0])
+    if compress:  # 2% of the values at 2 bits + an int16 offset, one fp32 scale per 512: 8x fewer than fp32 at least
+        n = sum(t.numel() for t in w0["global_copy"])
+        assert 0 < rec[8]["diloco"]["bytes_last_sync"] < n * 4 / 8
 
 
-def test_mid_cycle_resume_reproduces_the_run(run_distributed, tiny_overrides, tmp_path):
+@pytest.mark.parametrize("compress", [["diloco.quant_bits=4"], TOPK], ids=["4bit", "topk"])
+def test_mid_cycle_resume_reproduces_the_run(run_distributed, tiny_overrides, tmp_path, compress):
+    """With topk the error feedback (and that of the exchange in flight) is checkpointed: the rerun is exact."""
     common = tiny_overrides + ["train.steps=8", "metrics.log_every=1", "checkpoint.every=3", "checkpoint.keep=3",
                                "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=4",
-                               "diloco.fragments=2", "diloco.overlap=1", "diloco.quant_bits=4"]
+                               "diloco.fragments=2", "diloco.overlap=1", *compress]
     run_distributed(_train, 2, common)
     first = {s: r["loss"] for s, r in read_metrics(tmp_path / "default").items()}
     for step in (6, 8):  # as if killed after the step-3 checkpoint: mid-cycle, an exchange in flight

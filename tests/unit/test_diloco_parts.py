@@ -6,7 +6,15 @@ import torch
 from expertmesh import config
 from expertmesh.config import ConfigError
 from expertmesh.dist.comm_stats import Comm
-from expertmesh.dist.compress import dequantize, quantize, quantized_all_reduce_mean, wire_bytes_per_value
+from expertmesh.dist.compress import (
+    dequantize,
+    quantize,
+    quantized_all_reduce_mean,
+    sparse_all_reduce_mean,
+    topk_compress,
+    topk_wire_bytes,
+    wire_bytes_per_value,
+)
 from expertmesh.dist.diloco import DiLoCo, assign_fragments
 
 NAMES = ["tok_embeddings.weight"] + [f"layers.{i}.attention.wq.weight" for i in range(6)] + ["norm.weight",
@@ -47,6 +55,9 @@ def test_schedule_staggers_fragments_h_over_p_apart():
     (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=0", "diloco.store=\"h:1\"", "diloco.settle_s=0"],
      "diloco.settle_s=0.0 must be > 0"),
     (["parallel.ep=2", 'moe.placement="fssdp"'], "moe.fssdp.reshard_every=100 with diloco.enabled=true is refused"),
+    (['diloco.compress="topk"', "diloco.quant_bits=4"], "diloco.quant_bits=4 applies to dense exchanges only"),
+    (['diloco.compress="topk"', "diloco.topk_bits=3"], "diloco.topk_bits=3 2, 4 or 8"),
+    (['diloco.compress="topk"', "diloco.error_decay=1.5"], "diloco.error_decay=1.5 must be in [0, 1]"),
     (['diloco.secret_file="s"'], "diloco.secret_file='s' signs the elastic outer group's records; it needs "
                                  "diloco.elastic=true"),
 ])
@@ -68,6 +79,60 @@ def test_quantizer_round_trip_is_within_half_a_step(bits):
     assert torch.all((back - x).abs() <= step / 2 + 1e-7)
     assert torch.equal(back[:64], torch.zeros(64))
     assert wire_bytes_per_value(bits, 64) == bits / 8 + 1 / 16
+
+
+def test_topk_sends_the_largest_per_chunk_at_two_bits_and_keeps_the_rest():
+    """By hand: chunks of 4, 2 values each (the largest in magnitude), 2-bit codes of sign and level, a code
+    standing for +-(level + 1/2) / 2 * the chunk's largest sent magnitude."""
+    x = torch.tensor([0.1, -0.8, 0.3, 0.4, 0.5, 0.0, 0.05, -1.0, 0.2])
+    mean, sent = sparse_all_reduce_mean(x, None, Comm(), 0.5, 4, 2, "diloco")
+    # chunk 1: -0.8 and 0.4 (scale 0.8): levels 1 and 1 -> -0.6, 0.6; chunk 2: 0.5, -1.0 (scale 1): 0.75, -0.75;
+    # chunk 3 (0.2 and a zero of padding): 0.2 -> level 1 of scale 0.2 -> 0.15
+    want = torch.tensor([0.0, -0.6, 0.0, 0.6, 0.75, 0.0, 0.0, -0.75, 0.15])
+    torch.testing.assert_close(sent, want)
+    torch.testing.assert_close(mean, want)  # a group of one: the mean is what it sent
+    torch.testing.assert_close(x - sent, torch.tensor([0.1, -0.2, 0.3, -0.2, -0.25, 0.0, 0.05, -0.25, 0.05]))
+    idx, packed, scales = topk_compress(x, 0.5, 4, 2)
+    assert idx.dtype == torch.int16 and idx.numel() == 6 and packed.numel() == 2 and scales.numel() == 3
+    assert topk_wire_bytes(9, 0.5, 4, 2) == 6 * 2 + 2 + 3 * 4
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_topk_codes_are_within_half_a_level(bits):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(bits))
+    _, sent = sparse_all_reduce_mean(x, None, Comm(), 0.05, 500, bits, "diloco")
+    kept = sent != 0
+    assert kept.sum() == 10 * 25
+    scale = x.view(10, 500).abs().topk(25, dim=1).values.amax(1).repeat_interleave(500)
+    assert torch.all((sent - x)[kept].abs() <= scale[kept] / 2 ** bits + 1e-6)
+    top = x.view(10, 500).abs().topk(25, dim=1).values.min(1).values.repeat_interleave(500)
+    assert torch.all(x.abs()[kept] >= top[kept])  # what is sent is each chunk's largest
+
+
+def test_topk_error_feedback_carries_what_was_not_sent_to_the_next_sync():
+    """One worker (no group), two syncs of one fragment: e1 = delta1 - sent1, then e2 = beta * e1 + delta2 is
+    what the second sync compresses, and the global copy moves by the sent values only (outer SGD, lr 1)."""
+    from expertmesh.models.transformer import Transformer
+
+    cfg = config.load(None, ["diloco.enabled=true", "diloco.sync_every=2", 'diloco.compress="topk"',
+                             "diloco.topk_fraction=0.25", "diloco.topk_chunk=64", "diloco.outer_momentum=0.0",
+                             "diloco.outer_lr=1.0", "diloco.error_decay=0.5"])
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    d = DiLoCo(model, cfg.model.n_layers, cfg.diloco, None, Comm())
+    g0 = d.global_copy[0].clone()
+    expect_e, expect_g = torch.zeros_like(g0), g0.clone()
+    for sync in range(2):
+        step = torch.randn(g0.shape, generator=torch.Generator().manual_seed(sync)) * 1e-3
+        d._write(0, d._flat(0) - step)  # inner training moved the weights by -step
+        delta = expect_g - d._flat(0)
+        e = 0.5 * expect_e + delta
+        _, sent = sparse_all_reduce_mean(e, None, Comm(), 0.25, 64, 2, "diloco")
+        expect_e, expect_g = e - sent, expect_g - sent
+        d.after_step(2 * (sync + 1))
+        torch.testing.assert_close(d.error[0], expect_e)
+        torch.testing.assert_close(d.global_copy[0], expect_g)
+        assert 0.2 < (sent != 0).float().mean() <= 0.25
 
 
 def test_quantized_mean_of_one_rank_is_the_round_trip():
