@@ -53,6 +53,9 @@ def arms(H: int, P: int) -> dict[str, list[str]]:
         f"Streaming P={P} tau=1 topk 2-bit": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
                                                           'diloco.compress="topk"', "diloco.outer_momentum=0.0",
                                                           "diloco.outer_lr=1.0"],
+        # both: error feedback and the outer Nesterov momentum of DiLoCo (DeMo-like)
+        f"Streaming P={P} tau=1 topk 2-bit nesterov": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
+                                                                   'diloco.compress="topk"'],
     }
 
 

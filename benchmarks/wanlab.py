@@ -1,0 +1,142 @@
+"""A WAN lab on one machine: two "sites" as network namespaces joined by a veth pair whose two ends are
+rate-limited with `tc` (a token bucket, `tbf`, on each end: this kernel has no `netem`, so there is
+rate but no added delay), and a job launched per site through expertmesh's own launcher (one torchrun
+agent per site, static rendezvous over the link, gloo bound to the site's end of the link).
+
+    with Lab() as lab:
+        lab.shape(10)                       # Mbit/s both ways; None: unshaped
+        procs = lab.launch(overrides, nproc=2)
+        ...
+        lab.link_bytes()                    # {site: bytes its end of the link sent}
+
+Needs root and iproute2 (`ip netns`, `tc`); `Lab()` refuses in one line otherwise. Everything made for
+the lab (namespaces, the link with them, processes started in them) is removed on exit, also on failure.
+Traffic stays inside the namespaces: nothing outside them is addressed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LabUnavailable(RuntimeError):
+    pass
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    if check and r.returncode:
+        raise RuntimeError(f"{' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def available() -> str:
+    """Why the lab cannot run here ("" when it can)."""
+    if os.geteuid() != 0:
+        return f"the WAN lab builds network namespaces and needs root (euid {os.geteuid()})"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        return f"the WAN lab needs iproute2: {', '.join(missing)} not found on PATH"
+    return ""
+
+
+class Lab:
+    """Two sites, `a` and `b`, and the link between them. Site a's address is the rendezvous address."""
+
+    SITES = ("a", "b")
+
+    def __init__(self, tag: str | None = None) -> None:
+        why = available()
+        if why:
+            raise LabUnavailable(why)
+        tag = tag or str(os.getpid() % 100000)
+        self.ns = {s: f"emlab{tag}{s}" for s in self.SITES}
+        self.dev = {s: f"emw{tag}{s}" for s in self.SITES}  # interface names: at most 15 characters
+        net = 1 + int(tag) % 250
+        self.addr = {"a": f"10.213.{net}.1", "b": f"10.213.{net}.2"}
+        self.procs: list[subprocess.Popen] = []
+        self.rate_mbit: float | None = None
+
+    def __enter__(self) -> Lab:
+        try:
+            for s in self.SITES:
+                _run("ip", "netns", "add", self.ns[s])
+            _run("ip", "link", "add", self.dev["a"], "type", "veth", "peer", "name", self.dev["b"])
+            for s in self.SITES:
+                _run("ip", "link", "set", self.dev[s], "netns", self.ns[s])
+                _run("ip", "-n", self.ns[s], "addr", "add", f"{self.addr[s]}/24", "dev", self.dev[s])
+                _run("ip", "-n", self.ns[s], "link", "set", "lo", "up")
+                _run("ip", "-n", self.ns[s], "link", "set", self.dev[s], "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        self.procs = []
+        for s in self.SITES:  # the link goes with its namespaces
+            _run("ip", "netns", "del", self.ns[s], check=False)
+
+    def shape(self, mbit: float | None) -> None:
+        """Limits each end of the link to `mbit` Mbit/s (a token bucket: bursts of at most 1/50 s of it, and
+        not below 16 KB); None removes the limit."""
+        self.rate_mbit = mbit
+        for s in self.SITES:
+            ns, dev = self.ns[s], self.dev[s]
+            if mbit is None:
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+                continue
+            burst = max(16 * 1024, int(mbit * 1e6 / 8 / 50))
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                 f"{mbit}mbit", "burst", str(burst), "latency", "2s")
+
+    def set_link(self, up: bool) -> None:
+        """Cuts (or restores) the link: both ends down (up)."""
+        for s in self.SITES:
+            _run("ip", "-n", self.ns[s], "link", "set", self.dev[s], "up" if up else "down")
+
+    def link_bytes(self) -> dict[str, int]:
+        """Bytes each site's end of the link has sent (the interface's own counter, Ethernet frames)."""
+        out = {}
+        for s in self.SITES:
+            info = json.loads(_run("ip", "-n", self.ns[s], "-s", "-j", "link", "show", "dev", self.dev[s]).stdout)
+            out[s] = int(info[0]["stats64"]["tx"]["bytes"])
+        return out
+
+    def popen(self, site: str, argv: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+        """Starts `argv` inside `site`'s namespace (its own process group, killed on close)."""
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[site], *argv], env=env, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def launch(self, overrides: list[str], nproc: int = 2, port: int = 29511, stdout=None, stderr=None,
+               module: str = "expertmesh.launch.train") -> list[subprocess.Popen]:
+        """One torchrun agent per site (expertmesh.launch.agent), `nproc` ranks each, static rendezvous at site
+        a's address; site a's ranks come first (with `parallel.dp_replicate=2`, a DiLoCo worker per site)."""
+        procs = []
+        for rank, s in enumerate(self.SITES):
+            env = dict(os.environ, GLOO_SOCKET_IFNAME=self.dev[s], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            argv = [sys.executable, "-m", "expertmesh.launch.agent", "--nnodes=2", f"--nproc-per-node={nproc}",
+                    "--rdzv-backend=static", f"--master-addr={self.addr['a']}", f"--master-port={port}",
+                    f"--node-rank={rank}", "-m", module, *overrides]
+            procs.append(self.popen(s, argv, env=env, cwd=ROOT, stdout=stdout, stderr=stderr, text=True))
+        return procs
