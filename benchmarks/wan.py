@@ -128,7 +128,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",") if r]
     steps, window, model = args.steps, args.window, []
     if args.quick:
-        methods, rates, steps, window = ["diloco-4bit", "diloco-topk"], [2.0], 16, 8
+        methods, rates, steps, window = ["diloco-topk"], [2.0], 16, 8
         model = ["model.dim=64", "model.n_layers=2", "data.seq_len=64", "data.max_bytes=300000"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp, Lab() as lab:

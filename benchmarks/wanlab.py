@@ -45,6 +45,11 @@ def available() -> str:
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         return f"the WAN lab needs iproute2: {', '.join(missing)} not found on PATH"
+    probe = f"emlabprobe{os.getpid() % 100000}"  # root in a container may still lack CAP_NET_ADMIN
+    made = _run("ip", "netns", "add", probe, check=False)
+    _run("ip", "netns", "del", probe, check=False)
+    if made.returncode:
+        return f"the WAN lab cannot make a network namespace here: {made.stderr.strip() or made.returncode}"
     return ""
 
 

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from wanlab import Lab, available  # noqa: E402
 
-pytestmark = [pytest.mark.distributed, pytest.mark.skipif(bool(available()), reason=available() or "-")]
+WHY_NOT = available()
+pytestmark = [pytest.mark.distributed, pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "-")]
 
 STEPS = 8
 

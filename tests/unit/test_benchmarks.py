@@ -18,8 +18,9 @@ def test_quick_benchmark_writes_the_documented_json(name, tmp_path):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from wanlab import available
 
-        if available():
-            pytest.skip(available())
+        why = available()
+        if why:
+            pytest.skip(why)
     out = tmp_path / f"{name}.json"
     r = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--quick", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -41,3 +42,16 @@ def test_a_failed_child_is_reported_by_its_own_error():
     abort = failure(subprocess.CompletedProcess(["x"], -6, "step 5\n",
                                                 "terminate called without an active exception\n"))
     assert "terminate called without an active exception" in abort.split("--- last lines ---")[0]
+
+
+def test_the_wan_lab_refuses_in_one_line_without_root_or_iproute2(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import wanlab
+
+    monkeypatch.setattr(wanlab.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(wanlab.os, "geteuid", lambda: 0)
+    assert wanlab.available() == "the WAN lab needs iproute2: ip, tc not found on PATH"
+    monkeypatch.setattr(wanlab.os, "geteuid", lambda: 1000)
+    with pytest.raises(wanlab.LabUnavailable, match=r"^the WAN lab builds network namespaces and needs root "
+                                                    r"\(euid 1000\)$"):
+        wanlab.Lab()
