@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import benchlib
-from wanlab import Lab, LabUnavailable, available
+from wanlab import Lab, LabUnavailable, available, counted_bytes
 
 DILOCO = ["parallel.dp_replicate=2", "parallel.dp_shard=false", "diloco.enabled=true", "diloco.sync_every=8",
           "diloco.fragments=2", "diloco.overlap=1"]
@@ -68,10 +68,7 @@ def one_run(lab: Lab, tmp: Path, method: str, rate: float | None, steps: int, wi
         raise RuntimeError(f"{name}: exit codes {codes}; last lines:\n{tail}")
     train, evals = _records(tmp / name)
     link = sum(after[s] - before[s] for s in after)
-    diloco_bytes, prev = 0.0, 0
-    for r in train:  # comm_bytes_per_step: a mean over the steps since the previous record
-        diloco_bytes += (r["step"] - prev) * r["comm_bytes_per_step"].get("diloco", 0)
-        prev = r["step"]
+    diloco_bytes = counted_bytes(tmp / name, "diloco")
     return {"case": "2 sites x 2 ranks" + ("" if rate is None else f", {rate} Mbit/s"), "impl": method,
             "rate_mbit": rate, "tokens_per_s": train[-1]["tokens_per_s"], "wall_s": wall,
             "link_bytes_per_step": link / steps,

@@ -27,6 +27,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def counted_bytes(run: Path, label: str) -> float:
+    """The bytes rank 0 sent under `label` over a run, from its metrics (`comm_bytes_per_step` is a mean over
+    the steps since the previous record)."""
+    total, prev = 0.0, 0
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            total += (rec["step"] - prev) * rec["comm_bytes_per_step"].get(label, 0)
+            prev = rec["step"]
+    return total
+
+
 class LabUnavailable(RuntimeError):
     pass
 

@@ -90,12 +90,6 @@ def topk_k(fraction: float, chunk: int) -> int:
     return max(1, min(chunk, round(fraction * chunk)))
 
 
-def topk_wire_bytes(n: int, fraction: float, chunk: int, bits: int) -> int:
-    """Bytes one worker's contribution of `n` values takes (indices, packed codes, scales)."""
-    chunks, k = -(-n // chunk), topk_k(fraction, chunk)
-    return chunks * k * 2 + -(-chunks * k * bits // 8) + chunks * 4
-
-
 def topk_compress(x: torch.Tensor, fraction: float, chunk: int, bits: int):
     """Flat fp32 `x` -> (int16 offsets [C*k], uint8 packed codes, fp32 scales [C]), C = ceil(n / chunk)."""
     if bits not in _TOPK_BITS or not 2 <= chunk <= 32768:

@@ -8,24 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from wanlab import Lab, available  # noqa: E402
+from wanlab import Lab, available, counted_bytes  # noqa: E402
 
 WHY_NOT = available()
 pytestmark = [pytest.mark.distributed, pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "-")]
 
 STEPS = 8
-
-
-def _counted_diloco_bytes(run: Path) -> float:
-    total, prev = 0.0, 0
-    for step, rec in sorted(read_metrics(run).items()):
-        total += (step - prev) * rec["comm_bytes_per_step"].get("diloco", 0)
-        prev = step
-    return total
 
 
 @pytest.mark.parametrize("compress", [["diloco.quant_bits=4"], ['diloco.compress="topk"', "diloco.topk_chunk=512"]],
@@ -47,7 +38,7 @@ def test_bytes_over_a_shaped_link_are_what_the_counters_say(tmp_path, compress):
     assert codes == [0, 0], log.read_text()[-6000:]
     link = sum(after[s] - before[s] for s in after)
     # every rank's outer exchange crosses the link; the four ranks send alike (fixed-size codes)
-    counted = 4 * _counted_diloco_bytes(tmp_path / "default")
+    counted = 4 * counted_bytes(tmp_path / "default", "diloco")
     assert counted > 0
     # the link adds Ethernet, IP and TCP headers (~5% of full frames), acknowledgements, the rendezvous and the
     # per-step control collectives over the world (measured: ~110 KB for 8 steps of the tiny model)
