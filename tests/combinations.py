@@ -120,6 +120,22 @@ DILOCO_COMBINED = {  # name -> (world, run, reference, reference world)
                              "moe.fssdp.window=2"], [*_DILOCO, "parallel.dp_shard=false"], 4),
 }
 
+# ---- tests/distributed/test_diloco.py: the sparse (topk) exchange under layouts, each exchange checked against
+# a loop over its chunks (what each rank sent is a top-k of its error feedback + pseudo-gradient at 2 bits, and
+# every rank's mean is the rank-order mean of what its outer group's members sent). Not against a dense run:
+# which values are sent flips with the rounding of the training, which the layouts change.
+TOPK_EXCHANGE = ['diloco.compress="topk"', "diloco.topk_fraction=0.02", "diloco.topk_chunk=512"]
+_TOPK_WORKERS = ["diloco.enabled=true", "parallel.dp_replicate=2", "diloco.sync_every=4", "diloco.fragments=2",
+                 "diloco.overlap=1"]
+TOPK_LAYOUTS = {  # name -> overrides (2 workers of 2 ranks each)
+    "ep2-fsdp-ac-accum": [*_TOPK_WORKERS, "parallel.ep=2", 'parallel.activation_checkpoint="full"',
+                          "train.grad_accum=2", *_MODEL],
+    "tp2-bf16": [*_TOPK_WORKERS, "parallel.tp=2", 'train.mixed_precision="bf16"'],
+    "pp2": [*_TOPK_WORKERS, "parallel.pp=2", "parallel.pp_microbatches=2"],
+    "ep2-fssdp-compiled": [*_TOPK_WORKERS, "parallel.ep=2", 'moe.placement="fssdp"', "moe.fssdp.reshard_every=0",
+                           "moe.fssdp.window=2", *COMPILED],
+}
+
 # ---- tests/distributed/test_diloco.py: DiLoCo with H = 1, outer lr 1, no momentum is plain training ----
 DILOCO_AS_PLAIN = ["diloco.enabled=true", "diloco.sync_every=1", "diloco.outer_lr=1.0", "diloco.outer_momentum=0.0"]
 DILOCO_PLAIN_FEATURES = ['parallel.activation_checkpoint="full"', "train.grad_accum=2", *_MODEL]
@@ -190,6 +206,8 @@ def proofs() -> list[Proof]:
     world, layout, _ = PIPELINE_LAYOUTS["pp2"]
     out.append(Proof("pipeline bf16", world, (*PIPELINE_COMMON, *layout, *PIPELINE_BF16),
                      (*PIPELINE_COMMON, *PIPELINE_BF16)))
+    for name, layout in TOPK_LAYOUTS.items():  # the same workers exchanging dense fp32: what is put to test is topk
+        out.append(Proof(f"diloco topk exchange {name}", 4, (*layout, *TOPK_EXCHANGE), tuple(layout), 4))
     out.append(Proof("diloco as plain training", 1, (*DILOCO_AS_PLAIN, *DILOCO_PLAIN_FEATURES),
                      tuple(DILOCO_PLAIN_FEATURES)))
     out.append(Proof("diloco compiled", 2, (*DILOCO_WORKERS, *COMPILED), tuple(DILOCO_WORKERS), 2))

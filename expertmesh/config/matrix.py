@@ -25,6 +25,7 @@ FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] 
     "fsdp": ("parallel.dp_shard=true", lambda c, w: c.parallel.dp_shard and _dense_dp(c, w) > 1),
     "fssdp": ('moe.placement="fssdp"', lambda c, w: c.moe.placement == "fssdp"),
     "diloco": ("diloco.enabled=true", lambda c, w: c.diloco.enabled),
+    "topk": ('diloco.compress="topk"', lambda c, w: c.diloco.enabled and c.diloco.compress == "topk"),
     "ac": ('parallel.activation_checkpoint="full"', lambda c, w: c.parallel.activation_checkpoint != "none"),
     "capacity": ("moe.capacity_factor > 0", lambda c, w: c.moe.capacity_factor > 0),
     "bias": ("moe.bias_update_rate > 0", lambda c, w: c.moe.bias_update_rate > 0),

@@ -139,6 +139,8 @@ def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, 
     the caller keeps `x - sent` as its error feedback. The contributions are all-gathered (fixed sizes: k per
     chunk) and summed in rank order, so every rank ends with the same values."""
     W, n = group_size(group), x.numel()
+    if n == 0:  # a rank whose shards of the fragment are empty (so are its peers': the same place in each worker)
+        return x.clone(), x.clone()
     idx, packed, scales = topk_compress(x, fraction, chunk, bits)
     sent = topk_decompress(idx, packed, scales, n, chunk, bits)
     if W == 1:

@@ -1,11 +1,12 @@
 """Streaming DiLoCo on real gloo workers: plain training as its special case, workers that agree
 on the global weights after every sync, and a mid-cycle resume that reproduces the run."""
 
+import math
 import shutil
 
 import pytest
 import torch
-from combinations import COMPILED, DILOCO_AS_PLAIN, DILOCO_PLAIN_FEATURES, DILOCO_WORKERS
+from combinations import COMPILED, DILOCO_AS_PLAIN, DILOCO_PLAIN_FEATURES, DILOCO_WORKERS, TOPK_EXCHANGE, TOPK_LAYOUTS
 from helpers import assert_compiled, read_metrics
 
 from expertmesh import config
@@ -136,6 +137,85 @@ def test_mid_cycle_resume_reproduces_the_run(run_distributed, tiny_overrides, tm
     run_distributed(_train, 2, common)
     again = {s: r["loss"] for s, r in read_metrics(tmp_path / "default").items()}
     assert again == first and sorted(again) == list(range(1, 9))
+
+
+def _train_recording_exchanges(rank, world, runs, out_dir):
+    """Trains each (name, overrides) run, saving every sparse exchange this rank made: its outer group, its
+    input (error feedback + pseudo-gradient), what it sent and the mean it got."""
+    import torch.distributed as dist
+
+    import expertmesh.dist.diloco as diloco
+
+    real = diloco.sparse_all_reduce_mean
+    for name, overrides in runs:
+        calls = []
+
+        def recording(x, group, comm, fraction, chunk, bits, label, calls=calls):
+            mean, sent = real(x, group, comm, fraction, chunk, bits, label)
+            calls.append({"members": dist.get_process_group_ranks(group), "x": x.clone(), "sent": sent.clone(),
+                          "mean": mean.clone(), "fraction": fraction, "chunk": chunk, "bits": bits})
+            return mean, sent
+
+        diloco.sparse_all_reduce_mean = recording
+        try:
+            _train(rank, world, overrides)
+        finally:
+            diloco.sparse_all_reduce_mean = real
+        torch.save(calls, out_dir / f"{name}-rank{rank}.pt")
+    return rank
+
+
+def _assert_a_topk_of(x: torch.Tensor, sent: torch.Tensor, fraction: float, chunk: int, bits: int) -> None:
+    """`sent` is what the documented code carries of `x`, chunk by chunk: the k largest magnitudes (any of
+    tied ones), each as sign * (floor(|v| / scale * L) + 1/2) / L * scale, L = 2^(bits-1), scale the chunk's
+    largest sent magnitude; nothing else."""
+    k, L = max(1, min(chunk, round(fraction * chunk))), 2 ** (bits - 1)
+    for c0 in range(0, x.numel(), chunk):
+        xs, ss = x[c0:c0 + chunk].abs(), sent[c0:c0 + chunk]
+        chosen = ss != 0
+        m = int(chosen.sum())
+        if m < k:  # only a short last chunk (padded with zeros) or an all-zero selection sends fewer
+            assert xs.numel() < chunk or xs.topk(k).values.max() == 0, (c0, m, k)
+            assert m == 0 or xs[~chosen].max() == 0, c0
+        else:
+            assert m == k, (c0, m, k)
+        if not m:
+            continue
+        assert m == xs.numel() or xs[chosen].min() >= xs[~chosen].max(), c0
+        scale = xs[chosen].max()
+        v = x[c0:c0 + chunk][chosen]
+        sign = torch.where(v < 0, -1.0, 1.0)
+        level = (v.abs() / scale * L).floor().clamp(max=L - 1)
+        assert torch.equal(ss[chosen], sign * (level + 0.5) / L * scale), c0
+
+
+def test_topk_exchange_under_layouts_is_a_sparse_mean_of_what_each_worker_sent(run_distributed, tiny_overrides,
+                                                                                 tmp_path):
+    """Two workers of two ranks, exchanging top-k codes with overlap, under each layout of
+    combinations.TOPK_LAYOUTS (ep with FSDP, recomputation, accumulation and the layer's features; tp in bf16;
+    pp; FSSDP compiled): every exchange of every rank sent a top-k of its input at 2 bits, and got the
+    rank-order mean of its outer group's contributions (exact: the same fp32 operations); the members of a group
+    are one rank of each worker at the same place, and every run trains to the end."""
+    common = tiny_overrides + ["train.steps=8", "metrics.log_every=4", "checkpoint.enabled=false", *TOPK_EXCHANGE]
+    runs = [(name, common + [f"train.name={name}", *layout]) for name, layout in TOPK_LAYOUTS.items()]
+    run_distributed(_train_recording_exchanges, 4, runs, tmp_path, timeout=420)
+    for name, _ in runs:
+        calls = {r: torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in range(4)}
+        assert {len(c) for c in calls.values()} == {6}, name  # fragment 0, then 1 and the rest, twice in 8 steps
+        for i in range(6):
+            for r, rank_calls in calls.items():
+                c = rank_calls[i]
+                assert r in c["members"] and len(c["members"]) == 2, (name, r, c["members"])
+                assert calls[[m for m in c["members"] if m != r][0]][i]["members"] == c["members"]
+                assert c["sent"].abs().sum() > 0 or not c["x"].numel(), (name, r, i)
+                _assert_a_topk_of(c["x"], c["sent"], c["fraction"], c["chunk"], c["bits"])
+                total = torch.zeros_like(c["x"])
+                for m in c["members"]:
+                    total += calls[m][i]["sent"]
+                assert torch.equal(c["mean"], total / 2), (name, r, i)
+        assert all(calls[r][i]["x"].numel() for r in range(4) for i in range(6)) or name != "tp2-bf16"
+        rec = read_metrics(tmp_path / name)
+        assert rec[8]["diloco"]["outer_steps"] >= 3 and math.isfinite(rec[8]["loss"]), name
 
 
 def _train_each(rank, world, runs):

@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 # a config that turns each feature on (under world size 4 where it matters)
 TURN_ON = {"ep": ["parallel.ep=2"], "tp": ["parallel.tp=2"], "pp": ["parallel.pp=2"], "fsdp": ["parallel.ep=2"],
            "fssdp": ["parallel.ep=2", 'moe.placement="fssdp"', "moe.fssdp.reshard_every=0"],
-           "diloco": ["diloco.enabled=true"],
+           "diloco": ["diloco.enabled=true"], "topk": ["diloco.enabled=true", 'diloco.compress="topk"'],
            "ac": ['parallel.activation_checkpoint="full"'], "capacity": ["moe.capacity_factor=1.0"],
            "bias": ["moe.bias_update_rate=0.01"], "pr-moe": ["moe.residual=true"], "shared": ["moe.shared_experts=1"],
            "accum": ["train.grad_accum=2"], "bf16": ['train.mixed_precision="bf16"'], "compile": ["train.compile=true"]}
