@@ -132,8 +132,10 @@ TOPK_LAYOUTS = {  # name -> overrides (2 workers of 2 ranks each)
                           "train.grad_accum=2", *_MODEL],
     "tp2-bf16": [*_TOPK_WORKERS, "parallel.tp=2", 'train.mixed_precision="bf16"'],
     "pp2": [*_TOPK_WORKERS, "parallel.pp=2", "parallel.pp_microbatches=2"],
-    "ep2-fssdp-compiled": [*_TOPK_WORKERS, "parallel.ep=2", 'moe.placement="fssdp"', "moe.fssdp.reshard_every=0",
-                           "moe.fssdp.window=2", *COMPILED],
+    # and the expert-sparse exchange (each rank's expert rows: its FSSDP owner slots)
+    "ep2-fssdp-compiled-expert-sparse": [*_TOPK_WORKERS, "parallel.ep=2", 'moe.placement="fssdp"',
+                                         "moe.fssdp.reshard_every=0", "moe.fssdp.window=2", *COMPILED,
+                                         "diloco.expert_sparse=true"],
 }
 
 # ---- tests/distributed/test_diloco.py: DiLoCo with H = 1, outer lr 1, no momentum is plain training ----

@@ -279,6 +279,10 @@ class DiLoCoConfig:
     topk_bits: int = 2  # topk: bits per value sent (2, 4 or 8: a sign and a magnitude level)
     # topk: beta of the error feedback `e <- beta * e + delta` (what was not sent decays by it per sync)
     error_decay: float = 0.95
+    # MoE: an expert that no token reached on a worker since its fragment's last exchange began sends nothing from
+    # that worker; each expert's mean is over the workers that trained it, and one that no worker trained is not
+    # sent at all (docs/diloco.md#expert-sparse-exchanges)
+    expert_sparse: bool = False
     # Elastic workers: each worker is its own job (`expertmesh run`, any `--nproc`), the workers meet through
     # a TCP store (`expertmesh diloco-store`); a worker that fails is dropped, one that (re)starts joins
     # (docs/diloco.md#elastic-workers)

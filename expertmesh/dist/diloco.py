@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from expertmesh.config import DiLoCoConfig
-from expertmesh.dist.comm_stats import Comm, group_size
+from expertmesh.dist.comm_stats import Comm, group_device, group_size
 from expertmesh.dist.compress import quantized_all_reduce_mean, sparse_all_reduce_mean
 from expertmesh.dist.elastic import Membership
 from expertmesh.dist.shards import local_part
@@ -118,6 +118,7 @@ class _Pending:
     ready: object = None  # on a GPU: the training stream's event once the deltas are computed (the exchange waits)
     done: object = None  # on a GPU: the exchange stream's event after the last collective (the main stream waits)
     residual: list = field(default_factory=list)  # compress="topk": per fragment, the error feedback once sent
+    touched: list = field(default_factory=list)  # expert_sparse: per fragment, the expert rows this worker trained
 
 
 class DiLoCo:
@@ -129,8 +130,17 @@ class DiLoCo:
         named = [(n.replace("_checkpoint_wrapped_module.", ""), p) for n, p in model.named_parameters()]
         frag = assign_fragments([n for n, _ in named], n_layers, cfg.fragments, cfg.pattern)
         self.params: list[list[nn.Parameter]] = [[] for _ in range(cfg.fragments + 1)]
-        for (_, p), f in zip(named, frag, strict=True):
+        # expert_sparse: per fragment, its stacked expert weights as (param, offset in the flat vector, rows,
+        # values per row): a row is one expert's slab of one weight on this rank
+        self.expert_rows: list[list[tuple[nn.Parameter, int, int, int]]] = [[] for _ in range(cfg.fragments + 1)]
+        offsets = [0] * (cfg.fragments + 1)
+        for (name, p), f in zip(named, frag, strict=True):
             self.params[f].append(p)
+            t = local_part(p)
+            if cfg.expert_sparse and name.rsplit(".", 2)[-2:] in (["experts", "w1"], ["experts", "w2"],
+                                                                 ["experts", "w3"]) and t.numel():
+                self.expert_rows[f].append((p, offsets[f], t.shape[0], t.numel() // t.shape[0]))
+            offsets[f] += t.numel()
         self.device = local_part(named[0][1]).device
         # overlapped exchanges on a GPU run their collectives on a stream of their own
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -144,6 +154,10 @@ class DiLoCo:
         self.momentum = [torch.zeros_like(g) for g in self.global_copy]
         # compress="topk": this worker's error feedback per fragment (what it has not sent yet); its own, never shared
         self.error = [torch.zeros_like(g) for g in self.global_copy] if cfg.compress == "topk" else []
+        # expert_sparse: the rows whose gradient was non-zero in some step since the fragment's last exchange began
+        self.touched = [torch.zeros(sum(r for _, _, r, _ in rows), dtype=torch.bool, device=self.device)
+                        for rows in self.expert_rows]
+        self.expert_rows_last_sync = (0, 0)  # expert_sparse: (rows sent, rows) in the last exchange
         self.pending: list[_Pending] = []
         self.was_member = False  # elastic: this process has been in an outer group (a joiner has not)
         self.outer_steps = 0
@@ -195,23 +209,26 @@ class DiLoCo:
                 want = counter.all_reduce_ints([int(self.membership.someone_waiting())], group, "control",
                                                op=torch.distributed.ReduceOp.MAX)
                 pend.want = bool(want[0])
-            for f, delta in zip(pend.fragments, deltas, strict=True):
+            sent_rows = total_rows = 0
+            for i, (f, delta) in enumerate(zip(pend.fragments, deltas, strict=True)):
                 if group is not None and self.membership is not None:
                     delta = delta.cpu()  # the outer group is gloo
+                keep = mine = None
+                if pend.touched and pend.touched[i].numel():
+                    keep, mine, denom, counts = self._expert_masks(f, pend.touched[i], group, counter)
+                    delta = delta * mine
+                    sent_rows, total_rows = sent_rows + int((counts > 0).sum()), total_rows + counts.numel()
                 c = self.cfg
-                if c.compress == "topk":
-                    e = c.error_decay * self.error[f].to(delta.device) + delta
-                    mean, sent = sparse_all_reduce_mean(e, group, counter, c.topk_fraction, c.topk_chunk,
-                                                        c.topk_bits, "diloco")
+                e = c.error_decay * self.error[f].to(delta.device) + delta if c.compress == "topk" else delta
+                x = e if keep is None else (e * mine)[keep]  # a row this worker did not train sends nothing
+                mean, sent = self._mean(x, group, counter)
+                if keep is not None:  # each trained row's mean over the workers that trained it; the rest 0
+                    mean = torch.zeros_like(delta).masked_scatter_(keep, mean * (group_size(group) / denom))
+                    sent = None if sent is None else torch.zeros_like(delta).masked_scatter_(keep, sent)
+                if sent is not None:
                     pend.residual.append((e - sent).to(self.global_copy[0].device))
-                elif self.cfg.quant_bits:
-                    mean = quantized_all_reduce_mean(delta, group, counter, self.cfg.quant_bits,
-                                                     self.cfg.quant_block, "diloco")
-                else:
-                    mean = delta.clone()
-                    counter.all_reduce(mean, group, "diloco")
-                    mean /= group_size(group)
                 pend.result.append(mean.to(self.global_copy[0].device))
+            self.expert_rows_last_sync = (sent_rows, total_rows)
             biases = torch.cat(pend.bias_start)
             if biases.numel():
                 if group is not None and self.membership is not None:
@@ -232,6 +249,49 @@ class DiLoCo:
         for key, n in counter.take_by_op().items():
             label, op = key.rsplit(".", 1)
             self.comm.count(label, n, op)
+
+    def _mean(self, x: torch.Tensor, group, counter: Comm) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean of flat `x` over the outer group as the config encodes it, and (topk) what this rank sent."""
+        c = self.cfg
+        if c.compress == "topk":
+            return sparse_all_reduce_mean(x, group, counter, c.topk_fraction, c.topk_chunk, c.topk_bits, "diloco")
+        if c.quant_bits:
+            return quantized_all_reduce_mean(x, group, counter, c.quant_bits, c.quant_block, "diloco"), None
+        mean = x.clone()
+        counter.all_reduce(mean, group, "diloco")
+        return mean / group_size(group), None
+
+    def _expert_masks(self, f: int, touched: torch.Tensor, group, counter: Comm):
+        """expert_sparse: from the rows this worker trained, over fragment f's flat vector: which values cross
+        (every non-expert value; an expert row's if some worker trained it), which are this worker's to send,
+        and the divisor of each crossing value's sum (the workers that trained its row; all for the rest).
+        One all-reduce of a count per row."""
+        counts = touched.to(torch.int32)
+        if group is not None:
+            counts = counts.to(group_device(group) or counts.device)
+            counter.all_reduce(counts, group, "diloco")
+        counts = counts.to(touched.device)
+        n = self.global_copy[f].numel()
+        keep = torch.ones(n, dtype=torch.bool, device=touched.device)
+        mine, denom = keep.clone(), torch.full((n,), float(group_size(group)), device=touched.device)
+        start = 0
+        for _, offset, rows, per_row in self.expert_rows[f]:
+            span = slice(offset, offset + rows * per_row)
+            c = counts[start:start + rows]
+            keep[span] = (c > 0).repeat_interleave(per_row)
+            mine[span] = touched[start:start + rows].repeat_interleave(per_row)
+            denom[span] = c.clamp(min=1).float().repeat_interleave(per_row)
+            start += rows
+        return keep, mine.float(), denom[keep], counts
+
+    def _mark_touched(self) -> None:
+        """expert_sparse, after each step: the expert rows with a non-zero gradient (tokens reached them)."""
+        for rows, touched in zip(self.expert_rows, self.touched, strict=True):
+            start = 0
+            for p, _, n, _ in rows:
+                if p.grad is not None:
+                    touched[start:start + n] |= local_part(p.grad).reshape(n, -1).ne(0).any(dim=1)
+                start += n
 
     def _exchange_on_stream(self, deltas: list[torch.Tensor], pend: _Pending) -> None:
         """The exchange thread on a GPU: the thread's device set to the training's, the collectives issued
@@ -338,6 +398,7 @@ class DiLoCo:
                                 f"from the leader's {rows[lead, 2].item()!r} after the hand-over; not joining")
         self.pending = []
         self.error = [torch.zeros_like(e) for e in self.error]  # its own unsent progress left with its old weights
+        self.touched = [torch.zeros_like(t) for t in self.touched]
         for f, (g, b) in enumerate(zip(self.global_copy, self.global_bias, strict=True)):
             self._write(f, g)
             self._write_bias(f, b)
@@ -349,6 +410,8 @@ class DiLoCo:
     def after_step(self, step: int) -> int:
         """Called after inner step `step`; returns the step the loop is at (elastic: a worker that just
         took a peer's state is at the peer's step)."""
+        if self.cfg.expert_sparse:
+            self._mark_touched()
         for p in [p for p in self.pending if p.apply_at == step]:
             self.pending.remove(p)
             new = self._apply(p, step)
@@ -359,6 +422,10 @@ class DiLoCo:
             return step
         deltas = [self.global_copy[f] - self._flat(f) for f in fragments]
         pend = _Pending(fragments, step + self.cfg.overlap, None, [], [self._bias(f) for f in fragments], [])
+        if self.cfg.expert_sparse:  # the rows trained since each fragment's last exchange began; counting anew
+            pend.touched = [self.touched[f].clone() for f in fragments]
+            for f in fragments:
+                self.touched[f].zero_()
         if self.cfg.overlap == 0:
             self._exchange(deltas, pend)
             return self._apply(pend, step)
@@ -410,6 +477,9 @@ class DiLoCo:
             failed, want = bool(flags[0]), bool(flags[1])
         if not failed:
             self._outer_step(pend)
+        else:  # expert_sparse: the rows trained in the failed window still hold unsent progress
+            for f, touched in zip(pend.fragments, pend.touched, strict=False):
+                self.touched[f] |= touched
         if self.membership is not None and reform and (failed or want):
             return self._reform(step, failed)
         return step
@@ -437,6 +507,8 @@ class DiLoCo:
     def stats(self, step: int) -> dict:
         out = {"outer_steps": self.outer_steps, "bytes_last_sync": self.bytes_last_sync,
                "staleness": [step - s for s in self.last_sync]}
+        if self.cfg.expert_sparse:
+            out["expert_rows_sent"], out["expert_rows"] = self.expert_rows_last_sync
         if self.membership is not None:
             out.update(workers=len(self.membership.members), epoch=self.membership.epoch, left=self.left,
                        joined=self.joined)
@@ -456,7 +528,7 @@ class DiLoCo:
                 "last_sync": self.last_sync,
                 "pending": [(p.fragments, p.apply_at, p.result, p.bias_start, p.bias_mean, p.failed, p.want,
                              p.residual) for p in self.pending],
-                "error": self.error,
+                "error": self.error, "touched": self.touched,
                 "inner": [{k: local_part(v).clone() if isinstance(v, torch.Tensor) else v
                            for k, v in optimizer.state.get(p, {}).items()} for ps in self.params for p in ps]}
 
@@ -468,6 +540,8 @@ class DiLoCo:
         self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs], list(start), list(mean), failed, want,
                                  residual=[r.clone() for r in rest[0]] if rest else [])
                         for fs, at, rs, start, mean, failed, want, *rest in state["pending"]]
+        if self.touched and state.get("touched"):
+            self.touched = [t.clone() for t in state["touched"]]
         if self.error and state.get("error"):  # a dense run's checkpoint: nothing unsent, the feedback starts at 0
             self.error = [t.clone() for t in state["error"]]
         for f, (flat, bias) in enumerate(zip(state["local"], state["local_bias"], strict=True)):

@@ -1,6 +1,7 @@
 """Streaming DiLoCo on real gloo workers: plain training as its special case, workers that agree
 on the global weights after every sync, and a mid-cycle resume that reproduces the run."""
 
+import io
 import math
 import shutil
 
@@ -91,6 +92,66 @@ def test_outer_nesterov_and_bias_averaging_equal_a_hand_computed_update(run_dist
             assert torch.equal(nb, gb)
 
 
+def _expert_sparse_by_hand(rank, world):
+    """Two workers, H = 1, fp32, outer lr 1, no momentum: worker 0's tokens reached experts {0, 1} of every
+    MoE layer, worker 1's {1, 2}, nobody's expert 3; every weight (an untrained expert's too: decay, moments)
+    moved locally. Returns each parameter before and after the sync, and the exchange's stats."""
+    import torch.distributed as dist
+
+    from expertmesh.dist.comm_stats import Comm
+    from expertmesh.dist.diloco import DiLoCo
+    from expertmesh.models.transformer import Transformer
+
+    cfg = config.load(None, ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=32",
+                             "moe.num_experts=4", "moe.expert_dim=8", "diloco.enabled=true", "diloco.sync_every=1",
+                             "diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.expert_sparse=true"])
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # the same start on both workers
+            p.normal_(0.0, 0.1)
+    comm = Comm()
+    d = DiLoCo(model, cfg.model.n_layers, cfg.diloco, dist.group.WORLD, comm)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(100 + rank)
+    trained = [0, 1] if rank == 0 else [1, 2]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            p.grad = torch.zeros_like(p)
+            if ".experts." in n:
+                p.grad[trained] = 1.0
+    local = {n: p.detach().clone() for n, p in model.named_parameters()}
+    comm.take()
+    d.after_step(1)
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buf = io.BytesIO()  # tensors do not outlive the process: their bytes do
+    torch.save({"start": start, "local": local, "after": after, "stats": d.stats(1)}, buf)
+    return buf.getvalue()
+
+
+def test_expert_sparse_exchange_equals_a_hand_computed_mean(run_distributed):
+    """Each expert's new weights are the mean over the workers whose tokens reached it (expert 1: both; 0 and
+    2: one; 3: none, so it keeps its global weights); every other weight the mean over both. The bytes are
+    the values of the experts some worker trained and of the rest, and one count per expert row."""
+    w0, w1 = (torch.load(io.BytesIO(b), weights_only=True) for b in run_distributed(_expert_sparse_by_hand, 2))
+    start = w0["start"]
+    for n, g in start.items():
+        assert torch.equal(g, w1["start"][n])
+        d0, d1 = g - w0["local"][n], g - w1["local"][n]
+        want = g - (d0 + d1) / 2
+        if ".experts." in n:
+            want[0], want[2], want[3] = g[0] - d0[0], g[2] - d1[2], g[3]
+        for w in (w0, w1):
+            torch.testing.assert_close(w["after"][n], want, rtol=1e-6, atol=1e-7, msg=n)
+    expert = [n for n in start if ".experts." in n]
+    assert len(expert) == 6 and w0["stats"]["expert_rows"] == 24 and w0["stats"]["expert_rows_sent"] == 18
+    crossing = sum(g.numel() for n, g in start.items() if n not in expert) + sum(3 * start[n][0].numel()
+                                                                                  for n in expert)
+    # fp32 values, int32 counts, and the balancing biases (2 layers x 4 experts, fp32)
+    assert w0["stats"]["bytes_last_sync"] == 4 * crossing + 4 * 24 + 4 * 8
+
+
 TOPK = ['diloco.compress="topk"', "diloco.topk_fraction=0.02", "diloco.topk_chunk=512", "diloco.outer_momentum=0.0",
         "diloco.outer_lr=1.0"]
 
@@ -124,9 +185,11 @@ def test_workers_agree_on_the_global_copy_after_every_sync(run_distributed, tiny
         assert 0 < rec[8]["diloco"]["bytes_last_sync"] < n * 4 / 8
 
 
-@pytest.mark.parametrize("compress", [["diloco.quant_bits=4"], TOPK], ids=["4bit", "topk"])
+@pytest.mark.parametrize("compress", [["diloco.quant_bits=4", "diloco.expert_sparse=true"], TOPK],
+                         ids=["4bit-expert-sparse", "topk"])
 def test_mid_cycle_resume_reproduces_the_run(run_distributed, tiny_overrides, tmp_path, compress):
-    """With topk the error feedback (and that of the exchange in flight) is checkpointed: the rerun is exact."""
+    """With topk the error feedback (and that of the exchange in flight) is checkpointed, with expert_sparse the
+    expert rows trained since each fragment's last exchange: the rerun is exact."""
     common = tiny_overrides + ["train.steps=8", "metrics.log_every=1", "checkpoint.every=3", "checkpoint.keep=3",
                                "parallel.dp_replicate=2", "diloco.enabled=true", "diloco.sync_every=4",
                                "diloco.fragments=2", "diloco.overlap=1", *compress]
@@ -216,6 +279,8 @@ def test_topk_exchange_under_layouts_is_a_sparse_mean_of_what_each_worker_sent(r
         assert all(calls[r][i]["x"].numel() for r in range(4) for i in range(6)) or name != "tp2-bf16"
         rec = read_metrics(tmp_path / name)
         assert rec[8]["diloco"]["outer_steps"] >= 3 and math.isfinite(rec[8]["loss"]), name
+        if "expert-sparse" in name:  # every rank has expert rows in fragment 1's exchange (step 8: 1 and the rest)
+            assert rec[8]["diloco"]["expert_rows"] > 0, rec[8]["diloco"]
 
 
 def _train_each(rank, world, runs):
