@@ -37,9 +37,8 @@ def test_one_worker_h1_plain_outer_step_is_plain_training(tiny_overrides, tmp_pa
     assert diloco[6]["diloco"]["outer_steps"] == 12  # two fragments (blocks, the rest) a step
 
 
-def _outer_steps_by_hand(rank, world):
-    """Two workers, H = 1, one fragment of everything: each 'inner step' sets the local weights and the
-    balancing biases by hand (worker-specific), then DiLoCo syncs. Returns what DiLoCo made of them."""
+def _two_workers_by_hand(overrides):
+    """A tiny MoE model, the same on both workers, and DiLoCo over the world group with H = 1."""
     import torch.distributed as dist
 
     from expertmesh.dist.comm_stats import Comm
@@ -48,13 +47,20 @@ def _outer_steps_by_hand(rank, world):
 
     cfg = config.load(None, ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=32",
                              "moe.num_experts=4", "moe.expert_dim=8", "diloco.enabled=true", "diloco.sync_every=1",
-                             "diloco.outer_lr=0.7", "diloco.outer_momentum=0.9", "diloco.nesterov=true"])
+                             *overrides])
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():  # the same start on both workers
             p.normal_(0.0, 0.1)
-    d = DiLoCo(model, cfg.model.n_layers, cfg.diloco, dist.group.WORLD, Comm())
+    comm = Comm()
+    return model, DiLoCo(model, cfg.model.n_layers, cfg.diloco, dist.group.WORLD, comm), comm
+
+
+def _outer_steps_by_hand(rank, world):
+    """Two workers, H = 1, one fragment of everything: each 'inner step' sets the local weights and the
+    balancing biases by hand (worker-specific), then DiLoCo syncs. Returns what DiLoCo made of them."""
+    model, d, _ = _two_workers_by_hand(["diloco.outer_lr=0.7", "diloco.outer_momentum=0.9", "diloco.nesterov=true"])
     start = d.global_copy[0].clone()
     gen = torch.Generator().manual_seed(100 + rank)
     biases = [b for b in d.biases[0]]
@@ -96,22 +102,8 @@ def _expert_sparse_by_hand(rank, world):
     """Two workers, H = 1, fp32, outer lr 1, no momentum: worker 0's tokens reached experts {0, 1} of every
     MoE layer, worker 1's {1, 2}, nobody's expert 3; every weight (an untrained expert's too: decay, moments)
     moved locally. Returns each parameter before and after the sync, and the exchange's stats."""
-    import torch.distributed as dist
-
-    from expertmesh.dist.comm_stats import Comm
-    from expertmesh.dist.diloco import DiLoCo
-    from expertmesh.models.transformer import Transformer
-
-    cfg = config.load(None, ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=32",
-                             "moe.num_experts=4", "moe.expert_dim=8", "diloco.enabled=true", "diloco.sync_every=1",
-                             "diloco.outer_lr=1.0", "diloco.outer_momentum=0.0", "diloco.expert_sparse=true"])
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():  # the same start on both workers
-            p.normal_(0.0, 0.1)
-    comm = Comm()
-    d = DiLoCo(model, cfg.model.n_layers, cfg.diloco, dist.group.WORLD, comm)
+    model, d, comm = _two_workers_by_hand(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0",
+                                           "diloco.expert_sparse=true"])
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(100 + rank)
     trained = [0, 1] if rank == 0 else [1, 2]
