@@ -8,6 +8,9 @@ agent per site, static rendezvous over the link, gloo bound to the site's end of
         procs = lab.launch(overrides, nproc=2)
         ...
         lab.link_bytes()                    # {site: bytes its end of the link sent}
+        address = lab.store()               # elastic DiLoCo: a store at site a, a worker job per site
+        lab.worker("b", overrides + ["diloco.worker=1", f'diloco.store="{address}"'])
+        lab.set_link(False)                 # cut the link (True: restore it)
 
 Needs root and iproute2 (`ip netns`, `tc`); `Lab()` refuses in one line otherwise. Everything made for
 the lab (namespaces, the link with them, processes started in them) is removed on exit, also on failure.
@@ -22,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +41,19 @@ def counted_bytes(run: Path, label: str) -> float:
             total += (rec["step"] - prev) * rec["comm_bytes_per_step"].get(label, 0)
             prev = rec["step"]
     return total
+
+
+# elastic DiLoCo workers, one per site, that notice a silent peer within 4 s (the lab's link has no delay)
+ELASTIC = ["diloco.enabled=true", "diloco.sync_every=4", "diloco.fragments=2", "diloco.overlap=1",
+           "diloco.quant_bits=4", "diloco.elastic=true", "diloco.workers=2", "diloco.timeout_s=4",
+           "diloco.settle_s=2"]
+
+
+def reached(run: Path, step: int) -> bool:
+    """The run has logged a train record of `step` (metrics.log_every=1)."""
+    path = run / "metrics.jsonl"
+    return path.exists() and any(json.loads(line).get("step") == step and json.loads(line)["kind"] == "train"
+                                 for line in path.read_text().splitlines())
 
 
 class LabUnavailable(RuntimeError):
@@ -144,14 +161,61 @@ class Lab:
         self.procs.append(p)
         return p
 
+    def _env(self, site: str, **extra: str) -> dict:
+        env = dict(os.environ, GLOO_SOCKET_IFNAME=self.dev[site], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return env
+
+    def store(self, port: int = 29600) -> str:
+        """Serves an elastic DiLoCo store (`expertmesh diloco-store`) at site a; returns its address."""
+        address = f"{self.addr['a']}:{port}"
+        p = self.popen("a", [sys.executable, "-m", "expertmesh.launch.cli", "diloco-store", address],
+                       env=self._env("a"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(f"the DiLoCo store at {address} did not start: {line!r}")
+        return address
+
+    def worker(self, site: str, overrides: list[str], nproc: int = 1, stdout=None, **env: str) -> subprocess.Popen:
+        """An elastic DiLoCo worker at `site`: its own `expertmesh run --nproc nproc` job (torchrun inside the
+        site), its outer group over the link."""
+        argv = [sys.executable, "-m", "expertmesh.launch.cli", "run", "--nproc", str(nproc), *overrides]
+        return self.popen(site, argv, env=self._env(site, **env), cwd=ROOT, stdout=stdout, stderr=subprocess.STDOUT,
+                          text=True)
+
+    def elastic_pair(self, tmp: Path, overrides: list[str], events, timeout: float = 600.0) -> tuple[list, list]:
+        """Elastic DiLoCo worker 0 at site a (beside the store) and worker 1 at site b, both running `overrides`
+        (logs in `tmp`). `events`: [(step, ready, act)]: both workers hold after `step` until ready() is true
+        and act() has run (a cut link, a slower one), whatever the machine's speed. Returns (exit codes, logs)."""
+        address = self.store()
+        files = [tmp / f"event{i}" for i in range(len(events))]
+        hold = ",".join(f"{step}:{f}" for (step, _, _), f in zip(events, files, strict=True))
+        logs = [tmp / f"worker{w}.log" for w in (0, 1)]
+        procs = []
+        for w, site in enumerate(self.SITES):
+            with logs[w].open("w") as out:
+                procs.append(self.worker(site, [*overrides, f"diloco.worker={w}", f'diloco.store="{address}"'],
+                                         stdout=out, EXPERTMESH_HOLD_AT=hold))
+        deadline = time.monotonic() + timeout
+        for (step, ready, act), f in zip(events, files, strict=True):
+            while not ready():
+                dead = {w: p.returncode for w, p in enumerate(procs) if p.poll() is not None}
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"elastic pair: waiting for the event after step {step}: exited {dead} or "
+                                       f"timed out\n" + "\n".join(log.read_text()[-3000:] for log in logs))
+                time.sleep(0.1)
+            act()
+            f.touch()
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+        return codes, [log.read_text() for log in logs]
+
     def launch(self, overrides: list[str], nproc: int = 2, port: int = 29511, stdout=None, stderr=None,
                module: str = "expertmesh.launch.train") -> list[subprocess.Popen]:
         """One torchrun agent per site (expertmesh.launch.agent), `nproc` ranks each, static rendezvous at site
         a's address; site a's ranks come first (with `parallel.dp_replicate=2`, a DiLoCo worker per site)."""
         procs = []
         for rank, s in enumerate(self.SITES):
-            env = dict(os.environ, GLOO_SOCKET_IFNAME=self.dev[s], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            env = self._env(s)
             argv = [sys.executable, "-m", "expertmesh.launch.agent", "--nnodes=2", f"--nproc-per-node={nproc}",
                     "--rdzv-backend=static", f"--master-addr={self.addr['a']}", f"--master-port={port}",
                     f"--node-rank={rank}", "-m", module, *overrides]

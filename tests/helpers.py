@@ -199,3 +199,17 @@ def make_run(path, dim, layers, seed, moe_every=99):
     model = Transformer(cfg)
     model.init_weights()
     return export_run(cfg, model, path), model
+
+
+def same_global_state(run: Path, workers, steps: int, ranks: int) -> None:
+    """Elastic DiLoCo workers `workers` of run dir `run` hold the same global state at their step-`steps`
+    checkpoint, rank by rank."""
+    import torch
+
+    for rank in range(ranks):
+        states = [torch.load(run / f"worker{w}" / f"step-{steps}" / f"rank-{rank}.pt", weights_only=True)["diloco"]
+                  for w in workers]
+        for key in ("global_copy", "momentum", "global_bias"):  # the balancing biases are part of the global state
+            for a, b in zip(states[0][key], states[1][key], strict=True):
+                assert torch.equal(a, b), (rank, key)
+        assert states[0]["outer_steps"] == states[1]["outer_steps"] > 0

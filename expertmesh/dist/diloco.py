@@ -46,6 +46,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -163,6 +164,7 @@ class DiLoCo:
         self.outer_steps = 0
         self.last_sync = [0] * len(self.params)
         self.bytes_last_sync = 0
+        self.seconds_last_sync = 0.0  # how long the last exchange took (a slow link shows here)
 
     @property
     def group(self):
@@ -204,6 +206,7 @@ class DiLoCo:
         fragment in `pend`, then the mean of their balancing biases (one small fp32 all-reduce)."""
         counter = Comm()  # its own counter: this may run in a thread while the loop reads and resets `comm`
         group = self.group
+        started = time.monotonic()
         try:
             if self.membership is not None:  # elastic: agree on whether to let a waiting worker in
                 want = counter.all_reduce_ints([int(self.membership.someone_waiting())], group, "control",
@@ -245,6 +248,7 @@ class DiLoCo:
             log.warning("DiLoCo: the exchange of fragments %s failed (%s)", pend.fragments,
                         str(err).splitlines()[0][:200])
         self.bytes_last_sync = counter.sent.get("diloco", 0)
+        self.seconds_last_sync = time.monotonic() - started
         counter.take()
         for key, n in counter.take_by_op().items():
             label, op = key.rsplit(".", 1)
@@ -506,12 +510,13 @@ class DiLoCo:
 
     def stats(self, step: int) -> dict:
         out = {"outer_steps": self.outer_steps, "bytes_last_sync": self.bytes_last_sync,
+               "seconds_last_sync": round(self.seconds_last_sync, 4),
                "staleness": [step - s for s in self.last_sync]}
         if self.cfg.expert_sparse:
             out["expert_rows_sent"], out["expert_rows"] = self.expert_rows_last_sync
         if self.membership is not None:
             out.update(workers=len(self.membership.members), epoch=self.membership.epoch, left=self.left,
-                       joined=self.joined)
+                       joined=self.joined, detached=self.membership.detached)
         return out
 
     # Checkpoint: per-rank state. The global copies are this rank's shards; and since workers hold

@@ -12,7 +12,15 @@ them may fail. Membership changes in *epochs*:
               reads that one list
   connect     rank r of each listed worker builds a gloo group under the prefix `e<E>/r<r>/`
 
-A worker that finds itself outside a frozen list tries the next epoch. A (re)starting worker also
+A worker that finds itself outside a frozen list tries the next epoch.
+
+A cut link. A worker whose outer group broke and that cannot reach the store either (a fresh TCP
+connection to it fails within `settle_s`) trains alone, *detached*: no store key is read or written
+(a request to a store behind a cut link would block for the store's timeout). At each of its syncs it
+tries the store again; once it answers, the worker joins as a (re)starting worker does: it raises its
+join flag through a new connection, the members let it in at their next sync, and, not having been in
+the last group that connected, it takes the leader's state. The workers on the store's side of the cut
+re-form without it and train on. A (re)starting worker also
 raises `want/w<w>`; the members look for such flags at every sync and, all agreeing, re-form at the
 next epoch to let it in. Members re-form too when a collective on the outer group fails (a worker
 left). After every re-form the members compare (step, outer steps, state digest) and the one furthest
@@ -40,6 +48,7 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -132,7 +141,10 @@ class Membership:
         self.timeout_s, self.settle_s = timeout_s, settle_s
         self.worker_group = worker_group  # this worker's own ranks (None: one rank)
         # The store's own timeout bounds every wait on it; joiners may wait for a whole sync period.
+        self.address = address
         self.store = connect_store(address, max(timeout_s, 60.0) * 10)
+        self._peek: dist.TCPStore | None = None  # its own connection for the join flags: bounded by timeout_s
+        self.detached = False  # the store was out of reach at the last re-form: training alone
         self.epoch = -1
         self.members: list[int] = []
         self.previous: list[int] = []
@@ -142,12 +154,31 @@ class Membership:
         return "/".join((self.run, *map(str, parts)))
 
     def someone_waiting(self) -> bool:
-        """A worker outside the group has asked to join."""
-        for w in range(self.workers):
-            key = self._key("want", f"w{w}")
-            if w not in self.members and self.store.check([key]) and self.signer.verifies(self.store.get(key), key):
-                return True
+        """A worker outside the group has asked to join (detached: the store answers again, so this worker
+        may ask). A store that does not answer within timeout_s raises RuntimeError, as a broken group does."""
+        if self.detached:
+            return self.reachable()
+        if self._peek is None:
+            self._peek = connect_store(self.address, self.timeout_s)
+        try:
+            for w in range(self.workers):
+                key = self._key("want", f"w{w}")
+                if (w not in self.members and self._peek.check([key])
+                        and self.signer.verifies(self._peek.get(key), key)):
+                    return True
+        except RuntimeError:
+            self._peek = None  # a request may be left unanswered on it: never reuse that connection
+            raise
         return False
+
+    def reachable(self) -> bool:
+        """The store accepts a fresh TCP connection within settle_s (behind a cut link it does not)."""
+        host, _, port = self.address.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=self.settle_s):
+                return True
+        except OSError:
+            return False
 
     def form(self, member: bool) -> tuple[list[int], list[int]]:
         """Joins the next epoch that takes this worker; `member`: re-forming a group this worker was in
@@ -155,21 +186,31 @@ class Membership:
         workers that (left, joined) against the previous group."""
         old = self.members
         self.close()  # at once: peers still blocked on the old group fail now, not at their timeout
+        if self.detached:  # back in reach: a new connection (the old one may hold an unanswered request)
+            self.store, self._peek = connect_store(self.address, max(self.timeout_s, 60.0) * 10), None
+            member = False  # not in the group the others formed meanwhile: join as a restarting worker does
         while True:
-            info = [0, [], [], None]
+            info = [0, [], [], None, False]
             if self.rank == 0:
                 try:
-                    info = self._register(member)
+                    if member and not self.reachable():
+                        info = [self.epoch, [self.worker], [self.worker], None, True]
+                    else:
+                        info = [*self._register(member), False]
                 except Refused as err:
-                    info = [0, [], [], str(err)]
+                    info = [0, [], [], str(err), False]
             if self.worker_group is not None:  # every rank of this worker takes the same epoch
                 info = self.comm.broadcast_object(info, dist.get_global_rank(self.worker_group, 0),
                                                   self.worker_group)
             if info[3] is not None:
                 raise Refused(info[3])
-            self.epoch, self.members, self.previous = info[:3]
+            self.epoch, self.members, self.previous, _, self.detached = info
             me = self.members.index(self.worker)
             self.group = None
+            if self.detached:
+                log.warning("DiLoCo: the store at %s is out of reach; worker %d trains alone until it answers",
+                            self.address, self.worker)
+                return [w for w in old if w != self.worker], []
             if len(self.members) == 1:
                 break
             try:

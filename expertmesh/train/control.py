@@ -64,17 +64,20 @@ def maybe_inject_fault(step: int, env: DistEnv) -> None:
 
 
 def maybe_hold(step: int, timeout_s: float = 600.0) -> None:
-    """Test hook: EXPERTMESH_HOLD_AT="step:path" stops every rank of the job after that step until the file
-    `path` exists. A test creates it when the event it waits for has happened (a restarted worker asking to
-    rejoin), so what it checks does not depend on how fast the machine trains; the timeout bounds a hang."""
+    """Test hook: EXPERTMESH_HOLD_AT="step:path[,step:path...]" stops every rank of the job after that step
+    until the file `path` exists. A test creates it when the event it waits for has happened (a restarted
+    worker asking to rejoin, a cut link noticed), so what it checks does not depend on how fast the machine
+    trains; the timeout bounds a hang."""
     spec = os.environ.get("EXPERTMESH_HOLD_AT")
     if not spec:
         return
-    hold_step, path = spec.split(":", 1)
-    if step != int(hold_step):
-        return
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"EXPERTMESH_HOLD_AT: {path} did not appear within {timeout_s:.0f}s after step {step}")
-        time.sleep(0.05)
+    for hold in spec.split(","):
+        hold_step, path = hold.split(":", 1)
+        if step != int(hold_step):
+            continue
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"EXPERTMESH_HOLD_AT: {path} did not appear within {timeout_s:.0f}s after step "
+                                   f"{step}")
+            time.sleep(0.05)

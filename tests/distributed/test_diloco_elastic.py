@@ -14,8 +14,7 @@ import sys
 import time
 
 import pytest
-import torch
-from helpers import ROOT, read_metrics
+from helpers import ROOT, read_metrics, same_global_state
 
 from expertmesh.dist.elastic import connect_store
 from expertmesh.testing import free_port
@@ -81,16 +80,6 @@ def _run_workers(tmp_path, overrides, kills, nproc):
     return codes, text
 
 
-def _same_global_state(run, workers, steps, ranks):
-    for rank in range(ranks):
-        states = [torch.load(run / f"worker{w}" / f"step-{steps}" / f"rank-{rank}.pt", weights_only=True)["diloco"]
-                  for w in workers]
-        for key in ("global_copy", "momentum", "global_bias"):  # the balancing biases are part of the global state
-            for a, b in zip(states[0][key], states[1][key], strict=True):
-                assert torch.equal(a, b), (rank, key)
-        assert states[0]["outer_steps"] == states[1]["outer_steps"] > 0
-
-
 def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_overrides, tmp_path):
     kills = {0: ("", 0), 1: ("22:0", 0), 2: ("10:0", 1)}  # worker: (EXPERTMESH_KILL_AT, torchrun restarts)
     codes, text = _run_workers(tmp_path, tiny_overrides + ["train.steps=40"], kills, nproc=1)
@@ -107,7 +96,7 @@ def test_workers_survive_a_loss_and_let_a_restarted_worker_back_in(tiny_override
     assert last[0]["diloco"]["workers"] == last[2]["diloco"]["workers"] == 2
     assert last[0]["diloco"]["left"] >= 1
     assert last[0]["eval_loss"] == last[2]["eval_loss"]  # the same global model
-    _same_global_state(run, (0, 2), 40, ranks=1)
+    same_global_state(run, (0, 2), 40, ranks=1)
     # worker 2 skipped ahead: it never trained steps between its restart point and the step it rejoined at
     steps2 = sorted(read_metrics(run / "worker2"))
     assert steps2[-1] == 40 and len(steps2) < 40
@@ -128,5 +117,5 @@ def test_workers_of_two_ranks_each_rejoin_after_a_rank_is_lost(tiny_overrides, t
     last = {w: read_metrics(run / f"worker{w}")[32] for w in (0, 1)}
     assert last[0]["diloco"]["workers"] == last[1]["diloco"]["workers"] == 2
     assert last[0]["eval_loss"] == last[1]["eval_loss"]
-    _same_global_state(run, (0, 1), 32, ranks=2)
+    same_global_state(run, (0, 1), 32, ranks=2)
 
