@@ -185,19 +185,20 @@ class Lab:
 
     def elastic_pair(self, tmp: Path, overrides: list[str], events, timeout: float = 600.0) -> tuple[list, list]:
         """Elastic DiLoCo worker 0 at site a (beside the store) and worker 1 at site b, both running `overrides`
-        (logs in `tmp`). `events`: [(step, ready, act)]: both workers hold after `step` until ready() is true
-        and act() has run (a cut link, a slower one), whatever the machine's speed. Returns (exit codes, logs)."""
+        (logs in `tmp`). `events`: [(step, ready, act, workers)]: the `workers` hold after `step` until ready()
+        is true and act() has run (a cut link, a slower one), whatever the machine's speed. Returns (exit codes,
+        logs)."""
         address = self.store()
         files = [tmp / f"event{i}" for i in range(len(events))]
-        hold = ",".join(f"{step}:{f}" for (step, _, _), f in zip(events, files, strict=True))
         logs = [tmp / f"worker{w}.log" for w in (0, 1)]
         procs = []
         for w, site in enumerate(self.SITES):
+            hold = ",".join(f"{step}:{f}" for (step, _, _, who), f in zip(events, files, strict=True) if w in who)
             with logs[w].open("w") as out:
                 procs.append(self.worker(site, [*overrides, f"diloco.worker={w}", f'diloco.store="{address}"'],
                                          stdout=out, EXPERTMESH_HOLD_AT=hold))
         deadline = time.monotonic() + timeout
-        for (step, ready, act), f in zip(events, files, strict=True):
+        for (step, ready, act, _), f in zip(events, files, strict=True):
             while not ready():
                 dead = {w: p.returncode for w, p in enumerate(procs) if p.poll() is not None}
                 if dead or time.monotonic() > deadline:
@@ -208,6 +209,18 @@ class Lab:
             f.touch()
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
         return codes, [log.read_text() for log in logs]
+
+    def cut_events(self, run: Path, tmp: Path, at: int, until: int, rejoin: int) -> list:
+        """elastic_pair's events for a cut link: after step `at` (both held) the link goes down; after step
+        `until` both hold until worker 0 has re-formed alone and worker 1 found the store out of reach, then the
+        link comes back; after step `rejoin` worker 0 holds until worker 1 has asked to rejoin, so that the two
+        meet before either finishes."""
+        logs = [tmp / f"worker{w}.log" for w in (0, 1)]
+        both_at = lambda: all(reached(run / f"worker{w}", at) for w in (0, 1))  # noqa: E731
+        return [(at, both_at, lambda: self.set_link(False), (0, 1)),
+                (until, lambda: "left at step" in logs[0].read_text() and "trains alone" in logs[1].read_text(),
+                 lambda: self.set_link(True), (0, 1)),
+                (rejoin, lambda: "asks to rejoin" in logs[1].read_text(), lambda: None, (0,))]
 
     def launch(self, overrides: list[str], nproc: int = 2, port: int = 29511, stdout=None, stderr=None,
                module: str = "expertmesh.launch.train") -> list[subprocess.Popen]:

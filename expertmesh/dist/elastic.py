@@ -186,7 +186,9 @@ class Membership:
         workers that (left, joined) against the previous group."""
         old = self.members
         self.close()  # at once: peers still blocked on the old group fail now, not at their timeout
-        if self.detached:  # back in reach: a new connection (the old one may hold an unanswered request)
+        rejoining = self.detached
+        if rejoining:  # back in reach: a new connection (the old one may hold an unanswered request)
+            log.warning("DiLoCo: the store at %s answers again; worker %d asks to rejoin", self.address, self.worker)
             self.store, self._peek = connect_store(self.address, max(self.timeout_s, 60.0) * 10), None
             member = False  # not in the group the others formed meanwhile: join as a restarting worker does
         while True:
@@ -197,6 +199,9 @@ class Membership:
                         info = [self.epoch, [self.worker], [self.worker], None, True]
                     else:
                         info = [*self._register(member), False]
+                        # nobody came within timeout_s: still apart from the others (who may lead, and must not
+                        # take this worker's state); it asks again at its next sync
+                        info[4] = rejoining and info[1] == [self.worker] and self.workers > 1
                 except Refused as err:
                     info = [0, [], [], str(err), False]
             if self.worker_group is not None:  # every rank of this worker takes the same epoch
@@ -208,8 +213,12 @@ class Membership:
             me = self.members.index(self.worker)
             self.group = None
             if self.detached:
-                log.warning("DiLoCo: the store at %s is out of reach; worker %d trains alone until it answers",
-                            self.address, self.worker)
+                if rejoining:
+                    log.warning("DiLoCo: no member answered worker %d's request to rejoin (epoch %d); it trains "
+                                "alone and asks again at its next sync", self.worker, self.epoch)
+                else:
+                    log.warning("DiLoCo: the store at %s is out of reach; worker %d trains alone until it answers",
+                                self.address, self.worker)
                 return [w for w in old if w != self.worker], []
             if len(self.members) == 1:
                 break
