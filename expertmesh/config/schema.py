@@ -275,7 +275,7 @@ class DiLoCoConfig:
     # per chunk, the largest values of error feedback + pseudo-gradient, the rest kept for the next sync
     compress: Literal["dense", "topk"] = "dense"
     topk_fraction: float = 0.0156  # topk: share of each chunk's values sent (64 of 4096)
-    topk_chunk: int = 4096  # topk: values per chunk (one fp32 scale each; offsets sent as int16)
+    topk_chunk: int = 4096  # topk: values per chunk (one fp32 scale each; offsets sent in ceil(log2(chunk)) bits)
     topk_bits: int = 2  # topk: bits per value sent (2, 4 or 8: a sign and a magnitude level)
     # topk: beta of the error feedback `e <- beta * e + delta` (what was not sent decays by it per sync)
     error_decay: float = 0.95

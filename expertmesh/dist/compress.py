@@ -79,9 +79,10 @@ def quantized_all_reduce_mean(x: torch.Tensor, group, comm: Comm, bits: int, blo
 
 
 # SparseLoCo-class compression: per chunk of `chunk` values, the k largest in magnitude, each sent as its
-# offset in the chunk (int16) and a `bits`-bit code (sign + magnitude level) against one fp32 scale (the
-# chunk's largest sent magnitude). A code's value is sign * (level + 1/2) / L * scale, L = 2^(bits-1) levels:
-# 2 bits send +-scale/4 or +-3*scale/4. What a code does not carry is the sender's to keep (error feedback).
+# offset in the chunk (ceil(log2(chunk)) bits: 12 for 4096) and a `bits`-bit code (sign + magnitude level)
+# against one fp32 scale (the chunk's largest sent magnitude). A code's value is sign * (level + 1/2) / L * scale,
+# L = 2^(bits-1) levels: 2 bits send +-scale/4 or +-3*scale/4. What a code does not carry is the sender's to keep
+# (error feedback).
 
 _TOPK_BITS = (2, 4, 8)
 
@@ -90,8 +91,27 @@ def topk_k(fraction: float, chunk: int) -> int:
     return max(1, min(chunk, round(fraction * chunk)))
 
 
+def offset_bits(chunk: int) -> int:
+    return max(1, (chunk - 1).bit_length())
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integers below 2^bits -> a uint8 stream of `bits` bits each (value i's bit j is the
+    stream's bit i * bits + j, least significant first)."""
+    shifts = torch.arange(bits, device=values.device)
+    stream = ((values.reshape(-1, 1).long() >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)]).view(-1, 8)
+    return (stream << torch.arange(8, device=values.device, dtype=torch.uint8)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(stream: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first `n` values of `pack_bits`'s stream (int64)."""
+    flat = ((stream.reshape(-1, 1) >> torch.arange(8, device=stream.device, dtype=torch.uint8)) & 1).reshape(-1)
+    return (flat[:n * bits].view(n, bits).long() << torch.arange(bits, device=stream.device)).sum(dim=1)
+
+
 def topk_compress(x: torch.Tensor, fraction: float, chunk: int, bits: int):
-    """Flat fp32 `x` -> (int16 offsets [C*k], uint8 packed codes, fp32 scales [C]), C = ceil(n / chunk)."""
+    """Flat fp32 `x` -> (packed offsets, packed codes, fp32 scales [C]), C = ceil(n / chunk), k per chunk."""
     if bits not in _TOPK_BITS or not 2 <= chunk <= 32768:
         raise ValueError(f"topk_compress: bits={bits} must be one of {_TOPK_BITS} and chunk={chunk} in [2, 32768]")
     n, k = x.numel(), topk_k(fraction, chunk)
@@ -104,32 +124,25 @@ def topk_compress(x: torch.Tensor, fraction: float, chunk: int, bits: int):
     scales = vals.abs().amax(dim=1)
     L = 2 ** (bits - 1)
     level = (vals.abs() / torch.where(scales > 0, scales, torch.ones_like(scales))[:, None] * L).floor()
-    codes = (level.clamp_(0, L - 1).to(torch.uint8) | ((vals < 0).to(torch.uint8) << (bits - 1))).reshape(-1)
-    per_byte = 8 // bits
-    codes = torch.cat([codes, codes.new_zeros(-codes.numel() % per_byte)]).view(-1, per_byte)
-    packed = torch.zeros(codes.shape[0], dtype=torch.uint8, device=x.device)
-    for j in range(per_byte):
-        packed |= codes[:, j] << (j * bits)
-    return idx.to(torch.int16).reshape(-1), packed, scales
+    codes = level.clamp_(0, L - 1).long() | ((vals < 0).long() << (bits - 1))
+    return pack_bits(idx, offset_bits(chunk)), pack_bits(codes, bits), scales
 
 
 def topk_values(packed: torch.Tensor, scales: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     """The [C, k] values that `topk_compress`'s codes stand for."""
-    per_byte, L = 8 // bits, 2 ** (bits - 1)
-    mask = (1 << bits) - 1
-    codes = torch.stack([(packed >> (j * bits)) & mask for j in range(per_byte)], dim=1).reshape(-1)
-    codes = codes[:scales.numel() * k].view(-1, k)
+    L = 2 ** (bits - 1)
+    codes = unpack_bits(packed, bits, scales.numel() * k).view(-1, k)
     sign = 1.0 - 2.0 * ((codes >> (bits - 1)) & 1).float()
     return sign * ((codes & (L - 1)).float() + 0.5) / L * scales[:, None]
 
 
-def topk_decompress(idx: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, chunk: int, bits: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def topk_decompress(offsets: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, chunk: int, bits: int,
+                    k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense fp32 [n] holding the sent values (added into `out`, a padded [C * chunk] buffer, when given)."""
     chunks = scales.numel()
-    k = idx.numel() // chunks
+    idx = unpack_bits(offsets, offset_bits(chunk), chunks * k).view(chunks, k)
     dense = torch.zeros(chunks * chunk, dtype=torch.float32, device=scales.device) if out is None else out
-    dense.view(chunks, chunk).scatter_add_(1, idx.view(chunks, k).long(), topk_values(packed, scales, k, bits))
+    dense.view(chunks, chunk).scatter_add_(1, idx, topk_values(packed, scales, k, bits))
     return dense[:n] if out is None else dense
 
 
@@ -138,20 +151,19 @@ def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, 
     """Mean over `group` of every rank's compressed `x`, and what this rank's own contribution carried (dense):
     the caller keeps `x - sent` as its error feedback. The contributions are all-gathered (fixed sizes: k per
     chunk) and summed in rank order, so every rank ends with the same values."""
-    W, n = group_size(group), x.numel()
+    W, n, k = group_size(group), x.numel(), topk_k(fraction, chunk)
     if n == 0:  # a rank whose shards of the fragment are empty (so are its peers': the same place in each worker)
         return x.clone(), x.clone()
-    idx, packed, scales = topk_compress(x, fraction, chunk, bits)
-    sent = topk_decompress(idx, packed, scales, n, chunk, bits)
+    offsets, packed, scales = topk_compress(x, fraction, chunk, bits)
+    sent = topk_decompress(offsets, packed, scales, n, chunk, bits, k)
     if W == 1:
         return sent.clone().view_as(x), sent.view_as(x)
     parts = []
-    for t in (idx.view(torch.uint8), packed, scales):  # the offsets as bytes: gloo gathers no int16
+    for t in (offsets, packed, scales):
         out = t.new_empty(W * t.numel())
         comm.all_gather_into_tensor(out, t, group, label)
         parts.append(out.view(W, -1))
-    parts[0] = parts[0].view(torch.int16)
     total = torch.zeros(scales.numel() * chunk, dtype=torch.float32, device=x.device)
     for r in range(W):
-        topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, out=total)
+        topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, k, out=total)
     return (total[:n] / W).view_as(x), sent.view_as(x)

@@ -8,10 +8,12 @@ from expertmesh.config import ConfigError
 from expertmesh.dist.comm_stats import Comm
 from expertmesh.dist.compress import (
     dequantize,
+    pack_bits,
     quantize,
     quantized_all_reduce_mean,
     sparse_all_reduce_mean,
     topk_compress,
+    unpack_bits,
     wire_bytes_per_value,
 )
 from expertmesh.dist.diloco import DiLoCo, assign_fragments
@@ -91,9 +93,18 @@ def test_topk_sends_the_largest_per_chunk_at_two_bits_and_keeps_the_rest():
     torch.testing.assert_close(sent, want)
     torch.testing.assert_close(mean, want)  # a group of one: the mean is what it sent
     torch.testing.assert_close(x - sent, torch.tensor([0.1, -0.2, 0.3, -0.2, -0.25, 0.0, 0.05, -0.25, 0.05]))
-    idx, packed, scales = topk_compress(x, 0.5, 4, 2)
-    assert idx.dtype == torch.int16 and idx.numel() == 6 and packed.numel() == 2 and scales.numel() == 3
-    assert idx.numel() * 2 + packed.numel() + scales.numel() * 4 == 6 * 2 + 2 + 3 * 4  # the bytes on the wire
+    offsets, packed, scales = topk_compress(x, 0.5, 4, 2)
+    # the bytes on the wire: 6 offsets of 2 bits (chunks of 4), 6 codes of 2 bits, 3 fp32 scales
+    assert (offsets.numel(), packed.numel(), scales.numel()) == (2, 2, 3)
+
+
+def test_offsets_and_codes_are_packed_least_significant_bit_first():
+    # 1, 2, 3 at 2 bits: 01 10 11 -> bits 1,0, 0,1, 1,1 -> 1 + 8 + 16 + 32
+    assert pack_bits(torch.tensor([1, 2, 3]), 2).tolist() == [57]
+    # 4095, 1 at 12 bits (offsets in chunks of 4096): 0xFFF then 0x001 -> 0xFF, 0x1F, 0x00
+    assert pack_bits(torch.tensor([4095, 1]), 12).tolist() == [255, 31, 0]
+    values = torch.randint(0, 2 ** 11, (1001,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpack_bits(pack_bits(values, 11), 11, 1001), values)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
