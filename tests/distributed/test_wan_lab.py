@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import read_metrics, same_global_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,10 +53,12 @@ def test_elastic_workers_at_two_sites_survive_a_cut_link(tiny_overrides, tmp_pat
     then go on: the next exchange fails after diloco.timeout_s, worker 0 re-forms alone, worker 1 cannot reach
     the store and trains detached (both hold after step 20 until each has logged that; then the link comes
     back). Worker 1 finds the store again at a sync and asks to rejoin (worker 0 holds after step 28 until it
-    has), joins, takes worker 0's state (it was not in the last group that connected), and both finish step 40
-    with the same global state and eval loss."""
+    has), joins, takes worker 0's state (it was not in the last group that connected; its own error feedback
+    starts again from zero), and both finish step 40 with the same global state and eval loss."""
     run = tmp_path / "default"
-    common = tiny_overrides + ["train.steps=40", "metrics.log_every=1", "checkpoint.every=20", *ELASTIC]
+    # with SparseLoCo's exchange: worker 1 drops its own error feedback with its detached weights when it joins
+    common = tiny_overrides + ["train.steps=40", "metrics.log_every=1", "checkpoint.every=20", *ELASTIC,
+                               'diloco.compress="topk"', "diloco.quant_bits=0", "diloco.topk_chunk=512"]
     with Lab() as lab:
         codes, text = lab.elastic_pair(tmp_path, common, lab.cut_events(run, tmp_path, 8, 20, 28))
     assert codes == [0, 0], (text[0][-3000:], text[1][-3000:])
@@ -65,3 +68,7 @@ def test_elastic_workers_at_two_sites_survive_a_cut_link(tiny_overrides, tmp_pat
     assert not last[1]["diloco"]["detached"] and last[0]["diloco"]["left"] >= 1
     assert last[0]["eval_loss"] == last[1]["eval_loss"]
     same_global_state(run, (0, 1), 40, ranks=1)
+    errors = [torch.load(run / f"worker{w}" / "step-40" / "rank-0.pt", weights_only=True)["diloco"]["error"]
+              for w in (0, 1)]
+    assert all(e.abs().sum() > 0 for es in errors for e in es)  # each worker's own, accumulating again
+    assert not torch.equal(errors[0][0], errors[1][0])
