@@ -63,7 +63,7 @@ def main() -> None:
     from expertmesh.testing import spawn
 
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    steps, skews = (8, [0.0, 4.0]) if args.quick else (24, SKEWS)
+    steps, skews = (4, [4.0]) if args.quick else (24, SKEWS)
     model = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128", "moe.every=1",
              f"moe.num_experts={E}", "moe.top_k=2", "moe.expert_dim=32", "data.seq_len=64", "data.batch_size=2",
              "data.max_bytes=400000"]
