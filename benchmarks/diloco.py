@@ -14,6 +14,8 @@ Options for the loss-parity question: --steps (a longer horizon: more outer step
 held-out loss curve per arm), --arms (a subset, by name), and --warm-start N: as in the DiLoCo
 paper, every arm starts from the data-parallel run's step-N checkpoint (the same weights, data
 position and schedule) and trains its own way from there; bytes then count the steps after N.
+--reuse FILE reads the arms an earlier run of the same configuration measured instead of running them
+again (a long horizon's data-parallel and 4-bit arms, say); each such row names its file and commit.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def main() -> None:
         p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default: at the end)")
         p.add_argument("--arms", default="", help="comma-separated arm names to run (default: all); "
                        "data-parallel is always run")
+        p.add_argument("--reuse", default="", help="a JSON this script wrote with the same steps, H, P, warm start "
+                       "and evaluation interval: its arms are read from it, not run again (each row says so)")
         p.add_argument("--warm-start", type=int, default=0, help="every arm continues the data-parallel run "
                        "from its step-N checkpoint")
 
@@ -130,7 +134,24 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--arms: no arm named {sorted(unknown)}; the arms are {list(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in wanted}
+        reused = {}
+        if args.reuse:
+            old = json.loads(Path(args.reuse).read_text())
+            keys = ("steps", "H", "P", "warm_start", "eval_every")
+            want = {"steps": steps, "H": H, "P": P, "warm_start": warm, "eval_every": args.eval_every or steps}
+            if any(old["config"].get(k) != want[k] for k in keys):
+                raise SystemExit(f"--reuse {args.reuse}: its config {[old['config'].get(k) for k in keys]} differs "
+                                 f"from this run's {[want[k] for k in keys]} ({keys})")
+            for row in old["results"]:
+                if row["impl"] in chosen:
+                    reused[row["impl"]] = {k: v for k, v in row.items() if k in (
+                        "final_eval_loss", "first_eval_loss", "eval_curve", "sync_bytes_total", "peak_bytes_per_step",
+                        "compute_s", "sim_wall_s_no_overlap", "sim_wall_s_with_overlap", "tokens")}
+                    reused[row["impl"]]["reused_from"] = f"{args.reuse} (commit {old['git_commit']})"
         for name, extra in chosen.items():
+            if name in reused:
+                results[name] = reused[name]
+                continue
             run_name = name.replace(" ", "_").replace("=", "")
             overrides = common + extra + [f"train.name={run_name}"]
             if warm and name != "data-parallel":  # the data-parallel arm ran first and saved step `warm`

@@ -130,9 +130,11 @@ _TOPK_WORKERS = ["diloco.enabled=true", "parallel.dp_replicate=2", "diloco.sync_
 TOPK_LAYOUTS = {  # name -> overrides (2 workers of 2 ranks each)
     "ep2-fsdp-ac-accum": [*_TOPK_WORKERS, "parallel.ep=2", 'parallel.activation_checkpoint="full"',
                           "train.grad_accum=2", *_MODEL],
-    "tp2-bf16": [*_TOPK_WORKERS, "parallel.tp=2", 'train.mixed_precision="bf16"'],
-    "pp2": [*_TOPK_WORKERS, "parallel.pp=2", "parallel.pp_microbatches=2"],
-    # and the expert-sparse exchange (each rank's expert rows: its FSSDP owner slots)
+    # and the expert-sparse exchange (each rank's expert rows: its tp slices of every expert; a stage's experts;
+    # its FSSDP owner slots)
+    "tp2-bf16-expert-sparse": [*_TOPK_WORKERS, "parallel.tp=2", 'train.mixed_precision="bf16"',
+                               "diloco.expert_sparse=true"],
+    "pp2-expert-sparse": [*_TOPK_WORKERS, "parallel.pp=2", "parallel.pp_microbatches=2", "diloco.expert_sparse=true"],
     "ep2-fssdp-compiled-expert-sparse": [*_TOPK_WORKERS, "parallel.ep=2", 'moe.placement="fssdp"',
                                          "moe.fssdp.reshard_every=0", "moe.fssdp.window=2", *COMPILED,
                                          "diloco.expert_sparse=true"],

@@ -268,10 +268,11 @@ def test_topk_exchange_under_layouts_is_a_sparse_mean_of_what_each_worker_sent(r
                 for m in c["members"]:
                     total += calls[m][i]["sent"]
                 assert torch.equal(c["mean"], total / 2), (name, r, i)
-        assert all(calls[r][i]["x"].numel() for r in range(4) for i in range(6)) or name != "tp2-bf16"
+        assert all(calls[r][i]["x"].numel() for r in range(4) for i in range(6)) or "tp2" not in name
         rec = read_metrics(tmp_path / name)
         assert rec[8]["diloco"]["outer_steps"] >= 3 and math.isfinite(rec[8]["loss"]), name
-        if "expert-sparse" in name:  # every rank has expert rows in fragment 1's exchange (step 8: 1 and the rest)
+        if "expert-sparse" in name and "pp2" not in name:  # rank 0 has expert rows in fragment 1's exchange (step
+            # 8: 1 and the rest; under pp rank 0 holds the dense layer 0)
             assert rec[8]["diloco"]["expert_rows"] > 0, rec[8]["diloco"]
 
 
