@@ -264,9 +264,7 @@ class DiLoCoConfig:
     # tau: inner steps between starting a fragment's exchange and applying it (0 = synchronous:
     # `theta_local <- theta_global`)
     overlap: int = 0
-    # with overlap: `theta_local <- alpha * theta_local + (1 - alpha) * theta_global` (topk: the new global copy
-    # plus the inner steps since the exchange began, whatever alpha)
-    merge_alpha: float = 0.5
+    merge_alpha: float = 0.5  # with overlap: `theta_local <- alpha * theta_local + (1 - alpha) * theta_global`
     outer_lr: float = 0.7  # the outer SGD's learning rate
     outer_momentum: float = 0.9  # the outer SGD's momentum
     nesterov: bool = True  # the outer SGD's momentum is Nesterov's

@@ -120,7 +120,6 @@ class _Pending:
     done: object = None  # on a GPU: the exchange stream's event after the last collective (the main stream waits)
     residual: list = field(default_factory=list)  # compress="topk": per fragment, the error feedback once sent
     touched: list = field(default_factory=list)  # expert_sparse: per fragment, the expert rows this worker trained
-    local_start: list = field(default_factory=list)  # topk with overlap: the local weights when the exchange began
 
 
 class DiLoCo:
@@ -425,11 +424,8 @@ class DiLoCo:
         fragments = self.fragments_starting(step)
         if not fragments:
             return step
-        flats = [self._flat(f) for f in fragments]
-        deltas = [self.global_copy[f] - flat for f, flat in zip(fragments, flats, strict=True)]
+        deltas = [self.global_copy[f] - self._flat(f) for f in fragments]
         pend = _Pending(fragments, step + self.cfg.overlap, None, [], [self._bias(f) for f in fragments], [])
-        if self.cfg.compress == "topk" and self.cfg.overlap:
-            pend.local_start = flats
         if self.cfg.expert_sparse:  # the rows trained since each fragment's last exchange began; counting anew
             pend.touched = [self.touched[f].clone() for f in fragments]
             for f in fragments:
@@ -501,10 +497,6 @@ class DiLoCo:
             self.global_copy[f].sub_(c.outer_lr * update)
             if c.overlap == 0:
                 self._write(f, self.global_copy[f])
-            elif pend.local_start:  # topk: the new global copy plus the inner steps taken since the exchange began
-                # (a merge with the old local weights would hand the next delta what the error feedback keeps)
-                i = pend.fragments.index(f)
-                self._write(f, self.global_copy[f] + self._flat(f) - pend.local_start[i])
             else:
                 self._write(f, c.merge_alpha * self._flat(f) + (1 - c.merge_alpha) * self.global_copy[f])
             self.outer_steps += 1
@@ -540,7 +532,7 @@ class DiLoCo:
                 "global_bias": self.global_bias, "local_bias": [self._bias(f) for f in range(len(self.params))],
                 "last_sync": self.last_sync,
                 "pending": [(p.fragments, p.apply_at, p.result, p.bias_start, p.bias_mean, p.failed, p.want,
-                             p.residual, p.local_start) for p in self.pending],
+                             p.residual) for p in self.pending],
                 "error": self.error, "touched": self.touched,
                 "inner": [{k: local_part(v).clone() if isinstance(v, torch.Tensor) else v
                            for k, v in optimizer.state.get(p, {}).items()} for ps in self.params for p in ps]}
@@ -551,8 +543,7 @@ class DiLoCo:
         self.outer_steps, self.last_sync = state["outer_steps"], list(state["last_sync"])
         self.global_bias = [t.clone() for t in state["global_bias"]]
         self.pending = [_Pending(list(fs), at, None, [r.clone() for r in rs], list(start), list(mean), failed, want,
-                                 residual=[r.clone() for r in rest[0]] if rest else [],
-                                 local_start=[r.clone() for r in rest[1]] if len(rest) > 1 else [])
+                                 residual=[r.clone() for r in rest[0]] if rest else [])
                         for fs, at, rs, start, mean, failed, want, *rest in state["pending"]]
         if self.touched and state.get("touched"):
             self.touched = [t.clone() for t in state["touched"]]

@@ -145,35 +145,6 @@ def test_topk_error_feedback_carries_what_was_not_sent_to_the_next_sync():
         assert 0.2 < (sent != 0).float().mean() <= 0.25
 
 
-def test_topk_with_overlap_lands_on_the_new_global_copy_plus_the_steps_taken_meanwhile():
-    """tau = 1: the exchange starts after step 2 (delta = g - l2) and lands after step 3; the local weights become
-    g' + (l3 - l2), not a merge with l3 (which would hand the next delta part of what the error feedback keeps)."""
-    from expertmesh.models.transformer import Transformer
-
-    cfg = config.load(None, ["diloco.enabled=true", "diloco.sync_every=2", "diloco.fragments=1", "diloco.overlap=1",
-                             'diloco.compress="topk"', "diloco.topk_fraction=0.25", "diloco.topk_chunk=64",
-                             "diloco.outer_momentum=0.0", "diloco.outer_lr=1.0", "diloco.merge_alpha=0.5"])
-    model = Transformer(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    d = DiLoCo(model, cfg.model.n_layers, cfg.diloco, None, Comm())
-    g0 = d.global_copy[0].clone()
-
-    def inner_step(seed):
-        d._write(0, d._flat(0) - torch.randn(g0.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3)
-
-    inner_step(1)
-    inner_step(2)
-    l2 = d._flat(0)
-    d.after_step(2)
-    _, sent = sparse_all_reduce_mean(g0 - l2, None, Comm(), 0.25, 64, 2, "diloco")
-    inner_step(3)
-    l3 = d._flat(0)
-    d.after_step(3)
-    torch.testing.assert_close(d.global_copy[0], g0 - sent)
-    torch.testing.assert_close(d._flat(0), (g0 - sent) + l3 - l2)
-    torch.testing.assert_close(d.error[0], (g0 - l2) - sent)
-
-
 def test_quantized_mean_of_one_rank_is_the_round_trip():
     x = torch.randn(1000)
     mean = quantized_all_reduce_mean(x, None, Comm(), 8, 32, "diloco")
