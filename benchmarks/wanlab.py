@@ -3,6 +3,14 @@ rate-limited with `tc` (a token bucket, `tbf`, on each end: this kernel has no `
 rate but no added delay), and a job launched per site through expertmesh's own launcher (one torchrun
 agent per site, static rendezvous over the link, gloo bound to the site's end of the link).
 
+With three sites or more, each site has one uplink into a switch (a bridge in a namespace of its own) and
+its links to the other sites are `htb` classes on that uplink, one per peer (filtered by the peer's
+address), each with its own rate:
+
+    with Lab(("a", "b", "c")) as lab:
+        lab.shape_links({("a", "b"): 50, ("a", "c"): 2, ("b", "c"): 50})   # Mbit/s, both ways
+        lab.class_bytes()                   # {(site, peer): bytes site sent to peer}
+
     with Lab() as lab:
         lab.shape(10)                       # Mbit/s both ways; None: unshaped
         procs = lab.launch(overrides, nproc=2)
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -83,19 +92,23 @@ def available() -> str:
 
 
 class Lab:
-    """Two sites, `a` and `b`, and the link between them. Site a's address is the rendezvous address."""
+    """Sites (two by default, `a` and `b`) and the links between them. The first site's address is the
+    rendezvous address."""
 
-    SITES = ("a", "b")
-
-    def __init__(self, tag: str | None = None) -> None:
+    def __init__(self, sites: tuple[str, ...] = ("a", "b"), tag: str | None = None) -> None:
         why = available()
         if why:
             raise LabUnavailable(why)
+        if len(sites) < 2 or len(set(sites)) != len(sites) or not all(s.isalnum() and len(s) <= 3 for s in sites):
+            raise ValueError(f"a lab needs two or more distinct sites named by 1-3 letters or digits, got {sites}")
+        self.SITES = tuple(sites)
         tag = tag or str(os.getpid() % 100000)
         self.ns = {s: f"emlab{tag}{s}" for s in self.SITES}
         self.dev = {s: f"emw{tag}{s}" for s in self.SITES}  # interface names: at most 15 characters
         net = 1 + int(tag) % 250
-        self.addr = {"a": f"10.213.{net}.1", "b": f"10.213.{net}.2"}
+        self.addr = {s: f"10.213.{net}.{i + 1}" for i, s in enumerate(self.SITES)}
+        # three sites or more: each uplink's other end sits in the switch's namespace, on its bridge
+        self.switch = f"emlab{tag}sw" if len(self.SITES) > 2 else None
         self.procs: list[subprocess.Popen] = []
         self.rate_mbit: float | None = None
 
@@ -103,7 +116,19 @@ class Lab:
         try:
             for s in self.SITES:
                 _run("ip", "netns", "add", self.ns[s])
-            _run("ip", "link", "add", self.dev["a"], "type", "veth", "peer", "name", self.dev["b"])
+            if self.switch is None:
+                a, b = self.SITES
+                _run("ip", "link", "add", self.dev[a], "type", "veth", "peer", "name", self.dev[b])
+            else:
+                _run("ip", "netns", "add", self.switch)
+                _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+                _run("ip", "-n", self.switch, "link", "set", "br0", "up")
+                for s in self.SITES:
+                    port = f"{self.dev[s]}p"
+                    _run("ip", "link", "add", self.dev[s], "type", "veth", "peer", "name", port)
+                    _run("ip", "link", "set", port, "netns", self.switch)
+                    _run("ip", "-n", self.switch, "link", "set", port, "master", "br0")
+                    _run("ip", "-n", self.switch, "link", "set", port, "up")
             for s in self.SITES:
                 _run("ip", "link", "set", self.dev[s], "netns", self.ns[s])
                 _run("ip", "-n", self.ns[s], "addr", "add", f"{self.addr[s]}/24", "dev", self.dev[s])
@@ -126,8 +151,8 @@ class Lab:
                     pass
                 p.wait()
         self.procs = []
-        for s in self.SITES:  # the link goes with its namespaces
-            _run("ip", "netns", "del", self.ns[s], check=False)
+        for ns in [*self.ns.values(), *([self.switch] if self.switch else [])]:  # links go with namespaces
+            _run("ip", "netns", "del", ns, check=False)
 
     def shape(self, mbit: float | None) -> None:
         """Limits each end of the link to `mbit` Mbit/s (a token bucket: bursts of at most 1/50 s of it, and
@@ -141,6 +166,43 @@ class Lab:
             burst = max(16 * 1024, int(mbit * 1e6 / 8 / 50))
             _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
                  f"{mbit}mbit", "burst", str(burst), "latency", "2s")
+
+    def shape_links(self, rates: dict[tuple[str, str], float]) -> None:
+        """Gives each pair of sites its own link rate in Mbit/s, both ways (pairs not named stay unshaped): on
+        each site's uplink an `htb` root whose class 1:<i+10> carries what goes to the i-th site, at that
+        pair's rate (ceil = rate: it borrows nothing), and a default class (1:2, 10 Gbit/s) for the rest."""
+        pairs = {frozenset(p): float(r) for p, r in rates.items()}
+        unknown = sorted({x for p in pairs for x in p} - set(self.SITES))
+        if unknown or any(len(p) != 2 for p in pairs) or any(r <= 0 for r in pairs.values()):
+            raise ValueError(f"shape_links: pairs of two distinct sites among {self.SITES} with rates > 0, got {rates}")
+        self.rate_mbit = None
+        for s in self.SITES:
+            tc = ["ip", "netns", "exec", self.ns[s], "tc"]
+            _run(*tc, "qdisc", "del", "dev", self.dev[s], "root", check=False)
+            _run(*tc, "qdisc", "add", "dev", self.dev[s], "root", "handle", "1:", "htb", "default", "2")
+            _run(*tc, "class", "add", "dev", self.dev[s], "parent", "1:", "classid", "1:2", "htb", "rate", "10gbit",
+                 "quantum", "60000")
+            for i, peer in enumerate(self.SITES):
+                mbit = pairs.get(frozenset((s, peer)))
+                if mbit is None or peer == s:
+                    continue
+                burst = max(16 * 1024, int(mbit * 1e6 / 8 / 50))
+                cls = f"1:{i + 10:x}"  # tc reads class minors as hexadecimal
+                _run(*tc, "class", "add", "dev", self.dev[s], "parent", "1:", "classid", cls, "htb", "rate",
+                     f"{mbit}mbit", "ceil", f"{mbit}mbit", "burst", str(burst), "cburst", str(burst))
+                _run(*tc, "filter", "add", "dev", self.dev[s], "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                     "match", "ip", "dst", f"{self.addr[peer]}/32", "flowid", cls)
+
+    def class_bytes(self) -> dict[tuple[str, str], int]:
+        """Bytes each site sent to each peer whose link `shape_links` shaped (the htb class's own counter)."""
+        out = {}
+        for s in self.SITES:  # this tc prints htb classes as text only, also when asked for JSON
+            text = _run("ip", "netns", "exec", self.ns[s], "tc", "-s", "class", "show", "dev", self.dev[s]).stdout
+            for handle, sent in re.findall(r"^class htb 1:([0-9a-f]+) .*\n\s*Sent (\d+) bytes", text, re.M):
+                minor = int(handle, 16)
+                if minor >= 10:
+                    out[(s, self.SITES[minor - 10])] = int(sent)
+        return out
 
     def set_link(self, up: bool) -> None:
         """Cuts (or restores) the link: both ends down (up)."""
@@ -168,9 +230,10 @@ class Lab:
 
     def store(self, port: int = 29600) -> str:
         """Serves an elastic DiLoCo store (`expertmesh diloco-store`) at site a; returns its address."""
-        address = f"{self.addr['a']}:{port}"
-        p = self.popen("a", [sys.executable, "-m", "expertmesh.launch.cli", "diloco-store", address],
-                       env=self._env("a"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        first = self.SITES[0]
+        address = f"{self.addr[first]}:{port}"
+        p = self.popen(first, [sys.executable, "-m", "expertmesh.launch.cli", "diloco-store", address],
+                       env=self._env(first), cwd=ROOT, stdout=subprocess.PIPE, text=True)
         line = p.stdout.readline()
         if "listening" not in line:
             raise RuntimeError(f"the DiLoCo store at {address} did not start: {line!r}")
@@ -224,13 +287,15 @@ class Lab:
 
     def launch(self, overrides: list[str], nproc: int = 2, port: int = 29511, stdout=None, stderr=None,
                module: str = "expertmesh.launch.train") -> list[subprocess.Popen]:
-        """One torchrun agent per site (expertmesh.launch.agent), `nproc` ranks each, static rendezvous at site
-        a's address; site a's ranks come first (with `parallel.dp_replicate=2`, a DiLoCo worker per site)."""
+        """One torchrun agent per site (expertmesh.launch.agent), `nproc` ranks each, static rendezvous at the
+        first site's address; ranks in the order of the sites (with `parallel.dp_replicate` = the number of
+        sites, a DiLoCo worker per site)."""
         procs = []
         for rank, s in enumerate(self.SITES):
             env = self._env(s)
-            argv = [sys.executable, "-m", "expertmesh.launch.agent", "--nnodes=2", f"--nproc-per-node={nproc}",
-                    "--rdzv-backend=static", f"--master-addr={self.addr['a']}", f"--master-port={port}",
+            argv = [sys.executable, "-m", "expertmesh.launch.agent", f"--nnodes={len(self.SITES)}",
+                    f"--nproc-per-node={nproc}", "--rdzv-backend=static",
+                    f"--master-addr={self.addr[self.SITES[0]]}", f"--master-port={port}",
                     f"--node-rank={rank}", "-m", module, *overrides]
             procs.append(self.popen(s, argv, env=env, cwd=ROOT, stdout=stdout, stderr=stderr, text=True))
         return procs
