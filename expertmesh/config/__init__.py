@@ -14,6 +14,7 @@ from expertmesh.config.schema import (
                                       DataConfig,
                                       DiLoCoConfig,
                                       DistillConfig,
+                                      DraftHeadConfig,
                                       FSSDPConfig,
                                       JobConfig,
                                       MetricsConfig,
@@ -26,6 +27,7 @@ from expertmesh.config.schema import (
 )
 
 __all__ = ["PP_SCHEDULES", "FEATURES", "REFUSED", "Resolver", "CheckpointConfig", "ConfigError", "DataConfig",
-           "DiLoCoConfig", "DistillConfig", "FSSDPConfig", "JobConfig", "MetricsConfig", "ModelConfig", "MoEConfig",
+           "DiLoCoConfig", "DistillConfig", "DraftHeadConfig", "FSSDPConfig", "JobConfig", "MetricsConfig",
+           "ModelConfig", "MoEConfig",
            "OptimConfig", "ParallelConfig", "TrainConfig", "apply_overrides", "check", "check_combinations",
            "check_elastic", "features_of", "from_dict", "load", "pp_microbatches", "save", "suggest"]

@@ -109,6 +109,7 @@ def check(cfg: JobConfig) -> None:
     check_diloco(cfg)
     check_fssdp(cfg)
     check_distill(cfg)
+    check_draft_head(cfg)
     check_combinations(cfg)
 
 
@@ -223,6 +224,30 @@ def check_fssdp(cfg: JobConfig) -> None:
     if f.window < 1 or f.reshard_every < 0 or f.extra_slots < -1:
         raise ConfigError(f"moe.fssdp.window={f.window} must be >= 1, moe.fssdp.reshard_every={f.reshard_every} "
                           f">= 0 and moe.fssdp.extra_slots={f.extra_slots} >= -1 (-1 = E / ep)")
+
+
+def draft_head_layers(cfg: JobConfig) -> list[int]:
+    """The blocks whose output feeds the draft head: `draft_head.layers`, or EAGLE-3's low, middle and high."""
+    n = cfg.model.n_layers
+    return list(cfg.draft_head.layers) or [min(max(i, 0), n - 1) for i in (2, n // 2, n - 3)]
+
+
+def check_draft_head(cfg: JobConfig) -> None:
+    h = cfg.draft_head
+    if not h.enabled:
+        return
+    n = cfg.model.n_layers
+    if h.layers and (len(h.layers) != 3 or not all(0 <= i < n for i in h.layers)):
+        raise ConfigError(f"draft_head.layers={h.layers} must name three blocks (low, middle, high) in "
+                          f"[0, model.n_layers={n})")
+    if h.decoder_layers < 1 or h.ttt_steps < 1 or h.lr <= 0 or h.warmup_steps < 0 or h.grad_clip < 0:
+        raise ConfigError(f"draft_head: decoder_layers={h.decoder_layers} and ttt_steps={h.ttt_steps} must be >= 1, "
+                          f"lr={h.lr} > 0, warmup_steps={h.warmup_steps} and grad_clip={h.grad_clip} >= 0")
+    if not 0 < h.step_decay <= 1:
+        raise ConfigError(f"draft_head.step_decay={h.step_decay} must be in (0, 1]")
+    if h.ttt_steps >= cfg.data.seq_len - 1:
+        raise ConfigError(f"draft_head.ttt_steps={h.ttt_steps} leaves no position to train at "
+                          f"data.seq_len={cfg.data.seq_len}")
 
 
 def check_diloco(cfg: JobConfig) -> None:

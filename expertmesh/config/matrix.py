@@ -34,12 +34,19 @@ FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] 
     "accum": ("train.grad_accum > 1", lambda c, w: c.train.grad_accum > 1),
     "bf16": ('train.mixed_precision="bf16"', lambda c, w: c.train.mixed_precision == "bf16"),
     "compile": ("train.compile=true", lambda c, w: c.train.compile),
+    "draft_head": ("draft_head.enabled=true", lambda c, w: c.draft_head.enabled),
 }
 
 # Pairs refused at config time, with the reason (one line names both keys).
 REFUSED: dict[frozenset[str], str] = {
     frozenset({"tp", "compile"}): "a compiled block's backward hands tensor parallelism's redistribution a plain "
                                   "tensor where it needs a DTensor (torch 2.13); run tp blocks eagerly",
+    frozenset({"pp", "draft_head"}): "the head needs the target's logits and three blocks' features on one rank; a "
+                                     "pipeline spreads them over its stages (not sent yet)",
+    frozenset({"diloco", "draft_head"}): "each worker would train a head of its own: the outer exchange does not "
+                                         "carry the head (not yet)",
+    frozenset({"topk", "draft_head"}): "topk is a DiLoCo exchange, and the outer exchange does not carry the head "
+                                       "(not yet)",
 }
 
 

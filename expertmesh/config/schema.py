@@ -344,6 +344,25 @@ class DistillConfig:
 
 
 @dataclass(kw_only=True)
+class DraftHeadConfig:
+    """An EAGLE-style draft head trained inside `expertmesh run` on the target's own features
+    (expertmesh/distill/head.py, docs/distillation.md#draft-heads)."""
+
+    enabled: bool = False  # train a draft head beside the target, on the detached features of the same forward
+    # the residual stream after these blocks (low, middle, high) feeds the head; empty: EAGLE-3's choice,
+    # blocks (2, n_layers // 2, n_layers - 3), each clamped into the model
+    layers: list[int] = field(default_factory=list)
+    decoder_layers: int = 1  # the head's decoder layers (attention + SwiGLU, the target's widths)
+    ttt_steps: int = 3  # training-time test: steps unrolled on the head's own features (1 = no unrolling)
+    step_decay: float = 0.8  # the loss of unrolled step j weighs `step_decay ** j`
+    # the loss between the target's next-position distribution p and the head's q (as `distill.divergence`)
+    divergence: Literal["fkl", "rkl", "jsd", "tvd"] = "fkl"
+    lr: float = 1e-3  # the head's AdamW peak learning rate (its own optimizer and schedule)
+    warmup_steps: int = 20  # the head's linear warmup, then cosine to `lr * optim.min_lr_ratio`
+    grad_clip: float = 1.0  # the head's gradient-norm clip (0 disables)
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -355,6 +374,7 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    draft_head: DraftHeadConfig = field(default_factory=DraftHeadConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

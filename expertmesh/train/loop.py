@@ -41,6 +41,7 @@ from expertmesh.parallel.fssdp import FSSDP
 from expertmesh.parallel.mesh import Mesh, ParallelDims
 from expertmesh.parallel.pipeline import build_pipeline, build_rank_model, rank_stages, stage_layout, stage_modules
 from expertmesh.train.control import Preemption, maybe_hold, maybe_inject_fault, requeue_slurm_job
+from expertmesh.train.draft import InLoopHead
 from expertmesh.train.pipelined import pipeline_eval_sums, pipeline_step
 from expertmesh.train.step import train_step
 from expertmesh.train.window import Window
@@ -134,6 +135,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     fssdp = None
     if cfg.moe.placement == "fssdp":  # the config check guarantees ep >= 2
         fssdp = FSSDP(moe_layers(model), cfg.moe.fssdp, mesh.group("dense_dp"), comm, moe_layer_ids(model))
+    draft = InLoopHead(cfg, model, mesh, comm, device) if cfg.draft_head.enabled else None  # pp: refused
     diloco_group = replica_group(dims) if cfg.diloco.enabled else None
     diloco = make_diloco(model, cfg, diloco_group, comm, env)
     checkpointer = Checkpointer(run_path, cfg.checkpoint.keep, env.rank, comm)
@@ -144,6 +146,10 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         set_rng_state(per_rank, device)
         if fssdp is not None and "fssdp" in per_rank:  # else: expert-ordered owners, no history yet
             fssdp.load_state_dict(per_rank["fssdp"], optimizer)
+        if draft is not None and "draft_head" in per_rank:
+            draft.load_state_dict(per_rank["draft_head"])
+        elif draft is not None:
+            log.warning("the checkpoint has no draft head: the head starts from its initial weights")
         if diloco is not None and "diloco" in per_rank:
             diloco.load_state_dict(per_rank["diloco"], optimizer)
         elif diloco is not None:
@@ -174,7 +180,7 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     metrics = Metrics(cfg, run_path, env.is_rank0)
     try:
         rec = train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_data, checkpointer, metrics,
-                         start_step, device, autocast, diloco, fssdp)
+                         start_step, device, autocast, diloco, fssdp, draft)
     finally:
         metrics.close()  # also on a failing peer or SIGTERM: W&B flushes what it was given
     last = run_path / f"step-{cfg.train.steps}"
@@ -187,12 +193,12 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
 
 
 def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_data, checkpointer, metrics,
-               start_step, device, autocast, diloco=None, fssdp=None) -> dict:
+               start_step, device, autocast, diloco=None, fssdp=None, draft=None) -> dict:
     model = par.model
     preemption = Preemption(control_group(device))
     eval_loss = None
     pipe = par.pipeline
-    step_fn = train_step if pipe is None else functools.partial(pipeline_step, pipe)
+    step_fn = functools.partial(train_step, draft=draft) if pipe is None else functools.partial(pipeline_step, pipe)
     if start_step == 0:
         eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco, pipe)
         metrics.log_eval(0, eval_loss)
@@ -228,6 +234,8 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
                 rec["fssdp"] = fssdp.stats()
                 if mesh.dims.pp > 1:
                     rec["fssdp"] = FSSDP.merge_stages(comm.all_gather_object(rec["fssdp"], mesh.group("pp")))
+            if draft is not None:
+                rec["draft_head"] = draft.stats()
             if par.compiled is not None:  # this rank's: block forwards, calls into compiled graphs, graphs
                 rec["compile"] = par.compiled.take()
             metrics.log(rec)
@@ -238,6 +246,10 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
                 per_rank["diloco"] = diloco.state_dict(optimizer)
             if fssdp is not None:
                 per_rank["fssdp"] = fssdp.state_dict()
+            if draft is not None:
+                per_rank["draft_head"] = draft.state_dict()
+                if env.is_rank0:
+                    draft.save(cfg.run_path, step)
             with fssdp.canonical(optimizer) if fssdp is not None else nullcontext():  # expert order on disk
                 checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()}, per_rank, layout)
         maybe_inject_fault(step, env)

@@ -20,8 +20,10 @@ def moe_losses(stats) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s.aux_loss for s in stats]).mean(), torch.stack([s.z_loss for s in stats]).mean()
 
 
-def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp=None) -> torch.Tensor:
-    """Forward and backward over the micro-batches, gradient reduction, clip, optimizer step. Returns the
+def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp=None,
+               draft=None) -> torch.Tensor:
+    """Forward and backward over the micro-batches, gradient reduction, clip, optimizer step; a draft head
+    (train/draft.py) learns from each micro-batch's forward and steps after the target. Returns the
     gradient norm as a tensor: no host sync here beyond the ones the experts' split sizes need."""
     optimizer.zero_grad(set_to_none=True)
     step_load = []
@@ -35,7 +37,12 @@ def train_step(cfg, model, par, optimizer, loader, window, mesh, comm, device, a
         (loss / cfg.train.grad_accum).backward()
         window.add_micro(ce, aux, z, stats, x.numel())
         step_load.append([s.tokens_per_expert_E.detach() for s in stats])
-    return finish_step(cfg, model, par, optimizer, step_load, mesh, comm, fssdp)
+        if draft is not None:
+            draft.add_micro(logits.detach(), autocast)
+    grad_norm = finish_step(cfg, model, par, optimizer, step_load, mesh, comm, fssdp)
+    if draft is not None:
+        draft.step()
+    return grad_norm
 
 
 def finish_step(cfg, model, par, optimizer, step_load, mesh, comm, fssdp=None, across=None) -> torch.Tensor:

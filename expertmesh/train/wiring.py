@@ -68,14 +68,18 @@ def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
         no_decay = [p for p in params if p.ndim < 2]
         groups += [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    return optimizer, warmup_cosine(optimizer, o.warmup_steps, cfg.train.steps, o.min_lr_ratio)
 
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        progress = min((step - o.warmup_steps) / max(cfg.train.steps - o.warmup_steps, 1), 1.0)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+def warmup_cosine(optimizer, warmup_steps: int, steps: int, min_lr_ratio: float):
+    """Linear warmup over `warmup_steps`, then a cosine down to `min_lr_ratio` of the peak at `steps`."""
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min((step - warmup_steps) / max(steps - warmup_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
 def check_device_support(cfg: JobConfig, device: torch.device, env: DistEnv) -> None:

@@ -1,0 +1,156 @@
+"""A draft head trained inside the target's training run (`draft_head.enabled`).
+
+Hooks from outside the model keep what the step's own forward computes: the residual stream after three
+blocks and the embedding output (detached). After each micro-batch's backward the head takes its
+training-time-test loss against the target's logits of that forward (no second target forward) and
+backpropagates into its own weights only. After the target's optimizer step the head's gradients are
+averaged over the ranks that see different tokens (`dense_dp`, one all-reduce with its metrics), clipped,
+and its own AdamW steps on its own warmup + cosine schedule.
+
+The head is replicated: every rank holds all of it and applies the same averaged gradient, so every
+layout trains the head one process would train on the global batch (tests/distributed/test_draft_head.py).
+Under sequence parallelism a block's output is this rank's slice of the sequence: the slices are
+gathered over tp. The LM head is the target's, gathered whole (FSDP, vocab parallelism) once per step.
+Its state goes into every rank's checkpoint file; rank 0 also writes `runs/<name>/draft_head/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from expertmesh.config import JobConfig
+from expertmesh.config.checks import draft_head_layers
+from expertmesh.dist.comm_stats import Comm, group_size
+from expertmesh.distill.head import DraftHead, ttt_loss
+from expertmesh.parallel.mesh import Mesh
+from expertmesh.train.wiring import warmup_cosine
+
+HEAD_DIR = "draft_head"
+
+
+class InLoopHead:
+    def __init__(self, cfg: JobConfig, model: torch.nn.Module, mesh: Mesh, comm: Comm, device: torch.device) -> None:
+        h = cfg.draft_head
+        self.cfg, self.model, self.comm, self.device = cfg, model, comm, device
+        self.layers = draft_head_layers(cfg)
+        self.group, self.tp = mesh.group("dense_dp"), mesh.group("tp")
+        with torch.random.fork_rng(devices=[]):  # the same initial head on every rank, whatever the layout
+            torch.manual_seed(cfg.train.seed + 1)
+            self.head = DraftHead(cfg.model, h)
+        self.head.to(device)
+        decay = [p for p in self.head.parameters() if p.ndim >= 2]
+        rest = [p for p in self.head.parameters() if p.ndim < 2]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                            {"params": rest, "weight_decay": 0.0}],
+                                           lr=h.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.scheduler = warmup_cosine(self.optimizer, h.warmup_steps, cfg.train.steps, o.min_lr_ratio)
+        self.captured: dict[str, torch.Tensor] = {}
+        self.hooks = [model.tok_embeddings.register_forward_hook(self._keep("emb"))]
+        self.hooks += [model.layers[str(i)].register_forward_hook(self._keep(i)) for i in sorted(set(self.layers))]
+        self.lm_head: torch.Tensor | None = None
+        self.sums = torch.zeros(1 + 2 * h.ttt_steps, dtype=torch.float64, device=device)  # micros, loss/top-1 by step
+        self.last: dict = {}
+
+    def _keep(self, key):
+        def hook(module, args, out):
+            self.captured[key] = (out[0] if isinstance(out, tuple) else out).detach()
+        return hook
+
+    def _whole(self, t: torch.Tensor, S: int) -> torch.Tensor:
+        """A captured [B, S, D] tensor whole: sequence parallelism leaves each tp rank its slice."""
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        if t.shape[1] == S:
+            return t
+        n = group_size(self.tp)
+        parts = torch.empty((n * t.shape[1], *t.shape[:1], *t.shape[2:]), dtype=t.dtype, device=t.device)
+        self.comm.all_gather_into_tensor(parts, t.transpose(0, 1).contiguous(), self.tp, "draft_head")
+        return parts.transpose(0, 1)
+
+    def _lm_head(self) -> torch.Tensor:
+        if self.lm_head is None:
+            w = self.model.output.weight
+            self.lm_head = (w.full_tensor() if isinstance(w, DTensor) else w).detach()
+        return self.lm_head
+
+    def add_micro(self, logits_BSV: torch.Tensor, autocast) -> None:
+        """Trains on the micro-batch whose forward just ran (call after the target's backward)."""
+        if isinstance(logits_BSV, DTensor):
+            logits_BSV = logits_BSV.full_tensor()
+        S = logits_BSV.shape[1]
+        feats = [self._whole(self.captured[i], S) for i in self.layers]
+        emb = self._whole(self.captured["emb"], S)
+        with autocast:
+            loss, per_step, agree = ttt_loss(self.head, feats, emb, logits_BSV, self._lm_head(), self.cfg.draft_head)
+        (loss / self.cfg.train.grad_accum).backward()
+        self.sums += torch.cat([torch.ones(1, device=self.device), per_step.to(self.device), agree.to(self.device)])
+        self.captured.clear()
+
+    def step(self) -> None:
+        """Averages the head's gradients (and its metrics) over the data ranks, clips, and steps."""
+        params = [p for p in self.head.parameters()]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten().double() for g in grads] + [self.sums])
+        self.comm.all_reduce(flat, self.group, "draft_head")
+        n = group_size(self.group)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            p.grad = (flat[offset:offset + g.numel()] / n).view_as(g).to(g.dtype)
+            offset += g.numel()
+        sums = flat[offset:]
+        if self.cfg.draft_head.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.draft_head.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        steps = self.cfg.draft_head.ttt_steps
+        micros = sums[0].item()
+        by_step = (sums[1:] / max(micros, 1)).tolist()
+        self.last = {"loss": by_step[0], "loss_by_step": by_step[:steps], "top1_by_step": by_step[steps:]}
+        self.sums.zero_()
+        self.lm_head = None  # the target has stepped
+
+    def stats(self) -> dict:
+        """The last step's head loss (step 0 of the training-time test) and, per unrolled step, its loss and
+        top-1 agreement with the target, averaged over the data ranks' micro-batches."""
+        return dict(self.last, lr=self.scheduler.get_last_lr()[0])
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save(self, run_path: Path, step: int) -> Path:
+        """Writes the head beside the run (`draft_head/`: weights and what loading them needs), atomically."""
+        out = run_path / HEAD_DIR
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        meta = {"step": step, "layers": self.layers, "draft_head": vars(self.cfg.draft_head),
+                "model": vars(self.cfg.model)}
+        (tmp / "draft_head.json").write_text(json.dumps(meta, indent=1) + "\n")
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()

@@ -1,0 +1,84 @@
+"""The draft head's training-time test: what the unrolled training computes equals drafting token by token."""
+
+import pytest
+import torch
+
+from expertmesh import config
+from expertmesh.config import ConfigError, DraftHeadConfig, ModelConfig
+from expertmesh.config.checks import draft_head_layers
+from expertmesh.distill.head import DraftHead, ttt_loss, ttt_mask
+
+
+def test_ttt_mask_by_hand():
+    # step 2 at S=4: target-fed keys up to p-2, then the chain's own keys at p-1 (step 1) and p (step 2)
+    want = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+                         [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+                         [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+                         [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(ttt_mask(4, 2), want)
+    assert torch.equal(ttt_mask(5, 0), torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def _causal(head, x_BSD):
+    """The head's layers over a plain sequence, causally, with no earlier passes."""
+    S = x_BSD.shape[1]
+    mask = torch.ones(S, S, dtype=torch.bool).tril()
+    for layer in head.layers:
+        x_BSD = layer(x_BSD, head.rope_cos[:S], head.rope_sin[:S], [], mask)
+    return x_BSD
+
+
+@pytest.mark.parametrize("decoder_layers", [1, 2])
+def test_unrolled_steps_equal_drafting_token_by_token(decoder_layers):
+    """Step j at position p of the unrolled training = the head drafting j+1 tokens after position p-j: the
+    context fed by the target's features, then its own outputs, one token at a time (float64)."""
+    m = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    h = DraftHeadConfig(enabled=True, decoder_layers=decoder_layers, ttt_steps=4)
+    torch.manual_seed(0)
+    head = DraftHead(m, h).double()
+    B, S, D, V = 2, 9, 32, 50
+    feats = [torch.randn(B, S, D, dtype=torch.float64) for _ in range(3)]
+    emb_next = torch.randn(B, S, D, dtype=torch.float64)
+    lm_head = torch.randn(V, D, dtype=torch.float64)
+    with torch.no_grad():
+        got = head.unrolled(feats, emb_next, lm_head, h.ttt_steps)
+        context = head.inputs(head.fuse(torch.cat(feats, -1)), emb_next)
+        for t in range(S):
+            x = context[:, :t + 1]
+            out = _causal(head, x)[:, -1:]
+            for j in range(min(h.ttt_steps, S - t)):
+                if j:  # the chain's next input: its own last output, the next token's embedding
+                    x = torch.cat([x, head.inputs(out, emb_next[:, t + j:t + j + 1])], 1)
+                    out = _causal(head, x)[:, -1:]
+                torch.testing.assert_close(got[j][:, t + j], head.logits(out, lm_head)[:, 0], rtol=1e-12,
+                                           atol=1e-12, msg=f"step {j} from position {t}")
+
+
+def test_ttt_loss_trains_each_step_on_the_next_position():
+    """With a head that copies the target's distribution exactly the loss is zero; it counts each step at
+    positions j..S-2 against the target one position on."""
+    h = DraftHeadConfig(enabled=True, ttt_steps=2, step_decay=0.5)
+    head = DraftHead(ModelConfig(dim=16, n_heads=2, ffn_dim=16), h)
+    B, S = 1, 6
+    feats = [torch.randn(B, S, 16) for _ in range(3)]
+    emb = torch.randn(B, S, 16)
+    lm_head = torch.randn(11, 16)
+    with torch.no_grad():
+        steps = head.unrolled([f[:, :-1] for f in feats], emb[:, 1:], lm_head, 2)
+    # a target whose distribution at p+1 is what step 0 gives at p: step 0's loss is zero, step 1's is not
+    target = torch.cat([torch.zeros(B, 1, 11), steps[0]], 1)
+    loss, per_step, agree = ttt_loss(head, feats, emb, target, lm_head, h)
+    assert per_step[0].item() == pytest.approx(0.0, abs=1e-6) and agree[0].item() == 1.0
+    assert per_step[1].item() > 1e-3
+    assert loss.item() == pytest.approx((per_step[0] + 0.5 * per_step[1]).item() / 1.5, rel=1e-6)
+
+
+def test_draft_head_config_is_checked():
+    assert draft_head_layers(config.load(None, ["model.n_layers=8"])) == [2, 4, 5]
+    assert draft_head_layers(config.load(None, ["model.n_layers=2"])) == [1, 1, 0]
+    with pytest.raises(ConfigError, match=r"draft_head.layers=\[0, 9, 1\] must name three blocks"):
+        config.load(None, ["draft_head.enabled=true", "draft_head.layers=[0,9,1]"])
+    with pytest.raises(ConfigError, match="parallel.pp > 1 with draft_head.enabled=true is refused"):
+        config.load(None, ["draft_head.enabled=true", "parallel.pp=2", "model.n_layers=4"])
+    with pytest.raises(ConfigError, match="diloco.enabled=true with draft_head.enabled=true is refused"):
+        config.load(None, ["draft_head.enabled=true", "diloco.enabled=true", "parallel.dp_replicate=2"])
