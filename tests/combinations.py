@@ -120,6 +120,25 @@ DILOCO_COMBINED = {  # name -> (world, run, reference, reference world)
                              "moe.fssdp.window=2"], [*_DILOCO, "parallel.dp_shard=false"], 4),
 }
 
+# ---- tests/distributed/test_draft_head.py: the in-loop draft head under layouts, against one process reading
+# the same micro-batches (the ep x tp combination's own reference; the others a batch of 8, no load-balance
+# loss, as test_parallel_layouts.py): name -> (world, run, reference, tolerances). The head is on in both: what
+# is put to test is the head under the run's features. Tolerances (relative on the losses, absolute on top-1
+# agreement and on the final head's weights), against what rounding alone gave here over 5 steps: fp32 at most
+# 1.4e-7 on losses, 0 on top-1, 5.4e-6 on weights (Adam's first steps are near sign steps: a weight's rounding
+# shows whole); bf16 7.0e-4, 4.2e-3 (one argmax of 240 flipped), 5.6e-3.
+_NO_AUX = ["moe.aux_loss_coef=0.0"]
+_FP32_TOL, _BF16_TOL = (1e-5, 1e-2, 5e-5), (5e-3, 3e-2, 3e-2)
+DRAFT_HEAD_LAYOUTS = {
+    "ep2xtp2-ac-capacity-bias-residual-shared-accum": (*COMBINED["ep2xtp2-ac-capacity-bias-residual-shared-accum"],
+                                                       _FP32_TOL),
+    "dp2xep2-ac-compiled": (4, [*LAYOUTS["dp2xep2"][1], 'parallel.activation_checkpoint="full"', *COMPILED, *_NO_AUX],
+                            ["data.batch_size=8", *_NO_AUX], _FP32_TOL),
+    "ep4-fssdp": (4, [*LAYOUTS["ep4-fssdp"][1], *_NO_AUX], ["data.batch_size=8", *_NO_AUX], _FP32_TOL),
+    "dp2xtp2-bf16": (4, [*LAYOUTS["dp2xtp2"][1], 'train.mixed_precision="bf16"', *_NO_AUX],
+                     ["data.batch_size=8", 'train.mixed_precision="bf16"', *_NO_AUX], _BF16_TOL),
+}
+
 # ---- tests/distributed/test_diloco.py: the sparse (topk) exchange under layouts, each exchange checked against
 # a loop over its chunks (what each rank sent is a top-k of its error feedback + pseudo-gradient at 2 bits, and
 # every rank's mean is the rank-order mean of what its outer group's members sent). Not against a dense run:
@@ -212,6 +231,9 @@ def proofs() -> list[Proof]:
                      (*PIPELINE_COMMON, *PIPELINE_BF16)))
     for name, layout in TOPK_LAYOUTS.items():  # the same workers exchanging dense fp32: what is put to test is topk
         out.append(Proof(f"diloco topk exchange {name}", 4, (*layout, *TOPK_EXCHANGE), tuple(layout), 4))
+    for name, (world, run, ref, _) in DRAFT_HEAD_LAYOUTS.items():
+        out.append(Proof(f"draft_head {name}", world, (*run, "draft_head.enabled=true"),
+                         (*ref, "draft_head.enabled=true"), tests=frozenset({"draft_head"})))
     out.append(Proof("diloco as plain training", 1, (*DILOCO_AS_PLAIN, *DILOCO_PLAIN_FEATURES),
                      tuple(DILOCO_PLAIN_FEATURES)))
     out.append(Proof("diloco compiled", 2, (*DILOCO_WORKERS, *COMPILED), tuple(DILOCO_WORKERS), 2))

@@ -124,3 +124,95 @@ def ttt_loss(head: DraftHead, feats: list[torch.Tensor], emb_BSD: torch.Tensor, 
     weights = [h.step_decay**j for j in range(len(losses))]
     loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
     return loss, torch.stack(losses).detach(), torch.stack(agree)
+
+
+def _decode(head: DraftHead, x_BSD: torch.Tensor, start: int, cache: list) -> tuple[torch.Tensor, list]:
+    """The head's layers over positions start..start+S-1 after the cached ones (decoding): causal, each layer's
+    keys and values appended to a copy of `cache` ([(K, V) or None] per layer), which is returned."""
+    S = x_BSD.shape[1]
+    cos, sin = head.rope_cos[start:start + S], head.rope_sin[start:start + S]
+    mask = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
+    out = []
+    for layer, kv in zip(head.layers, cache, strict=True):
+        past = [kv] if kv is not None else []
+        x_BSD = layer(x_BSD, cos, sin, past, mask)
+        out.append((torch.cat([k for k, _ in past], 2), torch.cat([v for _, v in past], 2)))
+    return x_BSD, out
+
+
+@torch.no_grad()
+def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.Tensor, max_new: int, gamma: int,
+                  greedy: bool = False, temperature: float = 1.0, generator: torch.Generator | None = None):
+    """Speculative decoding with a draft head over `target` (an expertmesh Transformer): each round the head
+    catches up on the positions the target has verified (their features from the target's own forward, kept
+    by hooks), drafts a chain of `gamma` tokens on its own features, and the target verifies them in one
+    forward (the acceptance rule of `speculative.verify`: lossless). Requests advance in lockstep as in
+    `speculative_generate`. Returns (generated tokens [B, max_new], DecodeStats)."""
+    from expertmesh.distill.speculative import DecodeStats, _probs, advance, verify
+
+    if gamma < 1 or max_new < 1 or prompt_BP.shape[1] < 2:
+        raise ValueError(f"gamma={gamma} and max_new={max_new} must be >= 1, and a prompt at least 2 tokens "
+                         f"(got {prompt_BP.shape[1]}): the head starts from the target's features of a position")
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(module, args, out):
+            kept[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    hooks = [target.layers[str(i)].register_forward_hook(keep(i)) for i in sorted(set(layers))]
+    emb, lm_head = target.tok_embeddings, target.output.weight
+    dtype = head.fuse.weight.dtype
+
+    def fused():
+        return head.fuse(torch.cat([kept[i].to(dtype) for i in layers], -1))
+
+    try:
+        P = prompt_BP.shape[1]
+        seq = prompt_BP.clone()
+        t_cache = target.make_cache()
+        target(seq[:, :-1], t_cache)
+        feats = fused()  # [B, n, D]: the target's features of positions 0..n-1, n = t_cache.length = L - 1
+        h_cache: list = [None] * len(head.layers)
+        h_len = 0
+        stats = DecodeStats(accepted_lengths=[])
+        while seq.shape[1] - P < max_new:
+            L = seq.shape[1]
+            x = head.inputs(feats[:, h_len:L - 1], emb(seq[:, h_len + 1:L]).to(dtype))
+            out, h_cache = _decode(head, x, h_len, h_cache)
+            h_len = L - 1
+            o, chain = out[:, -1:], h_cache
+            drafts, q = [], []
+            for i in range(gamma):
+                qi = _probs(head.logits(o, lm_head.to(dtype))[:, 0], temperature)
+                xi = qi.argmax(-1) if greedy else torch.multinomial(qi, 1, generator=generator)[:, 0]
+                drafts.append(xi)
+                q.append(qi)
+                if i + 1 < gamma:
+                    o, chain = _decode(head, head.inputs(o, emb(xi[:, None]).to(dtype)), h_len + i, chain)
+            drafts_BG = torch.stack(drafts, 1)
+            t_logits, _ = target(torch.cat([seq[:, t_cache.length:], drafts_BG], 1), t_cache)
+            feats = torch.cat([feats, fused()], 1)
+            p_BG1V = _probs(t_logits[:, -(gamma + 1):], temperature)
+            v = verify(p_BG1V, torch.stack(q, 1), drafts_BG, greedy=greedy, generator=generator)
+            seq = advance(seq, drafts_BG, v, stats)
+            t_cache.crop(seq.shape[1] - 1)
+            feats = feats[:, :seq.shape[1] - 1]
+        return seq[:, P:P + max_new], stats
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def load_head(path, device=None) -> tuple[DraftHead, list[int], dict]:
+    """A head saved beside a run (`runs/<name>/draft_head/`): the head, the target blocks it reads, its metadata."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / "draft_head.json").read_text())
+    head = DraftHead(ModelConfig(**meta["model"]), DraftHeadConfig(**meta["draft_head"]))
+    head.load_state_dict(load_file(str(path / "model.safetensors")))
+    return head.to(device) if device is not None else head, list(meta["layers"]), meta

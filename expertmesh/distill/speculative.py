@@ -107,6 +107,24 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.double() / temperature, -1)
 
 
+def advance(seq_BL: torch.Tensor, drafts_BG: torch.Tensor, v: Verdict, stats: DecodeStats) -> torch.Tensor:
+    """One round's tokens appended in lockstep: every request keeps m = the fewest drafts any request accepted,
+    then its own next token (its residual/bonus token when it accepted exactly m, else its own accepted draft
+    at position m, which is a valid draw too); the round counted in `stats`."""
+    B, gamma = drafts_BG.shape
+    m = int(v.accepted_B.min())
+    own = drafts_BG[:, m] if m < gamma else v.next_token_B
+    nxt = torch.where(v.accepted_B == m, v.next_token_B, own)
+    stats.rounds += 1
+    stats.drafted += gamma * B
+    stats.accepted += int(v.accepted_B.sum())
+    stats.alpha_sum += float(v.alpha_B.sum())
+    stats.rounds_requests += B
+    stats.emitted += (m + 1) * B
+    stats.accepted_lengths.extend(v.accepted_B.tolist())
+    return torch.cat([seq_BL, drafts_BG[:, :m], nxt[:, None]], 1)
+
+
 @torch.no_grad()
 def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, gamma: int | AdaptiveGamma,
                          greedy: bool = False,
@@ -126,7 +144,6 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
     gamma = adaptive.gamma if adaptive is not None else gamma
     if gamma < 1 or max_new < 1:
         raise ValueError(f"gamma={gamma} and max_new={max_new} must be >= 1")
-    B = prompt_BP.shape[0]
     seq = prompt_BP.clone()
     t_cache, d_cache = target.make_cache(), draft.make_cache()
     stats = DecodeStats(accepted_lengths=[])
@@ -150,19 +167,9 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
         v = verify(p_BG1V, torch.stack(q, 1), drafts_BG, greedy=greedy, generator=generator)
         if on_round is not None:
             on_round(seq, drafts_BG, p_BG1V, v)
-        m = int(v.accepted_B.min())
-        own = drafts_BG[:, m] if m < gamma else v.next_token_B
-        nxt = torch.where(v.accepted_B == m, v.next_token_B, own)
-        seq = torch.cat([seq, drafts_BG[:, :m], nxt[:, None]], 1)
+        seq = advance(seq, drafts_BG, v, stats)
         t_cache.crop(seq.shape[1] - 1)  # everything but the newest token, which is fed next round
         d_cache.crop(min(d_cache.length, seq.shape[1] - 1))
-        stats.rounds += 1
-        stats.drafted += gamma * B
-        stats.accepted += int(v.accepted_B.sum())
-        stats.alpha_sum += float(v.alpha_B.sum())
-        stats.rounds_requests += B
-        stats.emitted += (m + 1) * B
-        stats.accepted_lengths.extend(v.accepted_B.tolist())
         if adaptive is not None:
             gamma = adaptive.update(float(v.accepted_B.double().mean()) / gamma)
     return seq[:, P:P + max_new], stats

@@ -19,7 +19,8 @@ TURN_ON = {"ep": ["parallel.ep=2"], "tp": ["parallel.tp=2"], "pp": ["parallel.pp
            "diloco": ["diloco.enabled=true"], "topk": ["diloco.enabled=true", 'diloco.compress="topk"'],
            "ac": ['parallel.activation_checkpoint="full"'], "capacity": ["moe.capacity_factor=1.0"],
            "bias": ["moe.bias_update_rate=0.01"], "pr-moe": ["moe.residual=true"], "shared": ["moe.shared_experts=1"],
-           "accum": ["train.grad_accum=2"], "bf16": ['train.mixed_precision="bf16"'], "compile": ["train.compile=true"]}
+           "accum": ["train.grad_accum=2"], "bf16": ['train.mixed_precision="bf16"'], "compile": ["train.compile=true"],
+           "draft_head": ["draft_head.enabled=true"]}
 
 
 def test_every_pair_is_proven_or_refused_and_never_both():

@@ -47,7 +47,7 @@ def test_page_is_the_generators_output():
 def test_sections_follow_jobconfig_with_fssdp_after_moe():
     names = [name for name, _ in reference.sections()]
     assert names == ["model", "moe", "moe.fssdp", "parallel", "data", "optim", "train", "checkpoint", "metrics",
-                     "diloco", "distill"]
+                     "diloco", "distill", "draft_head"]
 
 
 def test_every_key_has_a_meaning_and_every_section_an_intro():

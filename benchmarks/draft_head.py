@@ -1,0 +1,196 @@
+"""Draft heads trained inside the target's run against a standalone draft model, on the same data budget.
+
+1. The target: `expertmesh run` of the default model (configs/default.toml, the model `make train` trains) for
+   `target_steps`, one process.
+2. The same data budget for both drafts, the target frozen (`optim.lr=1e-12`, no weight decay: the run goes on,
+   its steps fall below fp32's resolution of its weights) so that both learn one fixed distribution:
+   - head: the run resumed for `budget` more steps with `draft_head.enabled=true` (the in-loop path: features
+     and logits of the step's own forward);
+   - plain: the same resumed steps without a head (tokens/s: the head's cost, same steps, same data);
+   - draft: a standalone dense draft Transformer with at least as many parameters as the head outside its
+     embedding and LM head, distilled (forward KL on the target's full distributions) on the same batches,
+     with the head's optimizer settings.
+3. Decoding on held-out prompts (the eval split, 64 tokens each, 64 new, one request at a time, greedy, chains
+   of gamma = 4): tau (tokens per target forward) of the head (`head_generate`) and of the draft
+   (`speculative_generate`); wall-clock tokens/s of both and of plain decoding with a KV cache.
+
+Targets (issue "Draft heads"): tau head / tau draft >= 1.3; in-loop head <= 5% of the step time; a tree
+against a chain of as many verified tokens >= 1.2 (trees are not built yet: not measured).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+import torch
+
+from expertmesh import config as config_mod
+from expertmesh.data.loader import TokenLoader, split_tokens
+from expertmesh.distill.head import head_generate, load_head
+from expertmesh.distill.losses import divergence
+from expertmesh.distill.models import load_lm
+from expertmesh.distill.speculative import speculative_generate
+from expertmesh.models.transformer import Transformer, count_params
+from expertmesh.train.wiring import load_data, warmup_cosine
+
+FULL = dict(target_steps=600, budget=300, prompts=24, prompt_len=64, new=64, gamma=4, log_every=25)
+QUICK = dict(target_steps=20, budget=10, prompts=2, prompt_len=16, new=8, gamma=3, log_every=5)
+HEAD = ["draft_head.enabled=true", "draft_head.ttt_steps=3", "draft_head.lr=2e-3", "draft_head.warmup_steps=20"]
+
+
+def cli(run_dir: Path, overrides: list[str]) -> None:
+    argv = [sys.executable, "-m", "expertmesh.launch.cli", "run", "--nproc", "1", f'train.run_dir="{run_dir}"',
+            'metrics.wandb_mode="disabled"', *overrides]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=benchlib.ROOT)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def records(run: Path, after: int) -> list[dict]:
+    out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in out if r["kind"] == "train" and r["step"] > after]
+
+
+def draft_model(cfg, head_params: int) -> tuple[Transformer, int]:
+    """A dense draft of the target's width with the fewest layers whose own blocks hold at least the head's
+    parameters (embedding and LM head not counted, as the head shares the target's)."""
+    for n in range(1, 9):
+        dcfg = config_mod.load(None, ["model.n_layers=" + str(n), f"moe.first_k_dense={n}",
+                                      f"model.dim={cfg.model.dim}", f"model.n_heads={cfg.model.n_heads}",
+                                      f"model.ffn_dim={cfg.model.ffn_dim}"])
+        with torch.device("meta"):
+            blocks = sum(p.numel() for p in Transformer(dcfg).layers.parameters())
+        if blocks >= head_params:
+            break
+    torch.manual_seed(11)
+    model = Transformer(dcfg)
+    model.init_weights()
+    return model, blocks
+
+
+def distill_draft(draft, target, cfg, tokens, start_batch: int, steps: int, h) -> float:
+    """Forward KL on the target's full distributions over the batches the head run read (its loader,
+    fast-forwarded to the resume), with the head's optimizer and schedule."""
+    train_tokens, _ = split_tokens(tokens, cfg.data.eval_fraction)
+    loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, 0, 1, cfg.train.seed, 1)
+    loader.load_state_dict({"batches_served": start_batch})
+    opt = torch.optim.AdamW(draft.parameters(), lr=h["lr"], betas=(cfg.optim.beta1, cfg.optim.beta2))
+    sched = warmup_cosine(opt, h["warmup_steps"], steps, cfg.optim.min_lr_ratio)
+    loss = float("nan")
+    for _ in range(steps):
+        x, _ = loader.next_batch()
+        with torch.no_grad():
+            p = target(x)[0].float().softmax(-1)
+        logits, _ = draft(x)
+        loss_t = divergence("fkl", logits.flatten(0, 1), p.flatten(0, 1))
+        opt.zero_grad()
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss = loss_t.item()
+    return loss
+
+
+@torch.no_grad()
+def plain_decode(target, prompt, new: int) -> torch.Tensor:
+    cache = target.make_cache()
+    logits, _ = target(prompt, cache)
+    out = []
+    for _ in range(new):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+        logits, _ = target(nxt, cache)
+    return torch.cat(out, 1)
+
+
+def main() -> None:
+    args = benchlib.parse_args(__doc__)
+    p = QUICK if args.quick else FULL
+    h = {"lr": 2e-3, "warmup_steps": 20}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        total = p["target_steps"] + p["budget"]
+        common = [f"metrics.log_every={p['log_every']}", f"train.eval_every={total}", "train.eval_batches=2"]
+        if args.quick:
+            common += ["data.max_bytes=400000", "model.dim=64", "model.n_layers=2", "model.ffn_dim=128",
+                       "moe.expert_dim=64", "data.seq_len=64"]
+        t0 = time.perf_counter()
+        cli(root, [*common, "train.name=target", f"train.steps={p['target_steps']}",
+                   f"checkpoint.every={p['target_steps']}"])
+        target_s = time.perf_counter() - t0
+        frozen = [*common, f"train.steps={total}", "optim.lr=1e-12", "optim.weight_decay=0",
+                  f"checkpoint.every={total}"]
+        for name in ("plain", "head"):  # each resumes a copy of the target run
+            subprocess.run(["cp", "-r", str(root / "target"), str(root / name)], check=True)
+        cli(root, [*frozen, "train.name=plain"])
+        cli(root, [*frozen, *HEAD, "train.name=head"])
+        warm = p["target_steps"] + p["log_every"]  # the first window of each resumed run holds its start
+        cli_tok = {n: statistics.median(r["tokens_per_s"] for r in records(root / n, warm)) for n in ("plain", "head")}
+        head_rec = records(root / "head", p["target_steps"])[-1]["draft_head"]
+
+        cfg = config_mod.from_dict(json.loads((root / "target" / "config.json").read_text()))
+        target, _, _ = load_lm(root / "head", torch.device("cpu"), "target")
+        head, layers, _ = load_head(root / "head" / "draft_head")
+        head.eval()
+        head_params = sum(t.numel() for t in head.parameters())
+        draft, draft_blocks = draft_model(cfg, head_params)
+        _, tokens, _ = load_data(cfg, None, None)
+        draft_loss = distill_draft(draft, target, cfg, tokens, p["target_steps"], p["budget"], h)
+        draft.eval()
+
+        _, eval_tokens = split_tokens(tokens, cfg.data.eval_fraction)
+        stride = (len(eval_tokens) - p["prompt_len"]) // p["prompts"]
+        prompts = [eval_tokens[i * stride:i * stride + p["prompt_len"]][None].long() for i in range(p["prompts"])]
+        runs = {"head": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], greedy=True),
+                "draft": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], greedy=True),
+                "plain": lambda x: (plain_decode(target, x, p["new"]), None)}
+        emitted = {k: 0 for k in runs}
+        forwards = {k: 0 for k in runs}
+        seconds = {k: 0.0 for k in runs}
+        for x in prompts:  # alternating the arms per prompt
+            outs = {}
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                out, stats = fn(x)
+                seconds[name] += time.perf_counter() - t0
+                outs[name] = out
+                if stats is not None:
+                    emitted[name] += stats.emitted
+                    forwards[name] += stats.rounds
+            assert torch.equal(outs["head"], outs["plain"]) and torch.equal(outs["draft"], outs["plain"])
+    tau = {k: emitted[k] / forwards[k] for k in ("head", "draft")}
+    decode_tps = {k: p["prompts"] * p["new"] / seconds[k] for k in runs}
+    results = [
+        {"case": "decode greedy, chain", "impl": "draft head (in-loop)", "tau": tau["head"],
+         "tokens_per_s": decode_tps["head"], "params": head_params, "head_loss": head_rec["loss"],
+         "head_top1_by_step": head_rec["top1_by_step"]},
+        {"case": "decode greedy, chain", "impl": "standalone draft", "tau": tau["draft"],
+         "tokens_per_s": decode_tps["draft"], "params": count_params(draft)["total"], "params_blocks": draft_blocks,
+         "draft_loss": draft_loss},
+        {"case": "decode greedy", "impl": "plain (KV cache)", "tau": 1.0, "tokens_per_s": decode_tps["plain"]},
+        {"case": "training, target frozen", "impl": "with head", "tokens_per_s": cli_tok["head"]},
+        {"case": "training, target frozen", "impl": "without head", "tokens_per_s": cli_tok["plain"]},
+    ]
+    claims = [
+        {"metric": "tau, draft head (chain) / standalone draft (chain), same data budget",
+         "value": tau["head"] / tau["draft"], "op": ">=", "target": 1.3},
+        {"metric": "in-loop head: step time with / without - 1 (tokens/s, same steps)",
+         "value": cli_tok["plain"] / cli_tok["head"] - 1, "op": "<=", "target": 0.05},
+        {"metric": "decoding tokens/s, draft head chain / plain", "value": decode_tps["head"] / decode_tps["plain"],
+         "op": ">=", "target": 0.0},
+    ]
+    benchlib.write("draft_head", {**p, "head": HEAD, "target_s": round(target_s, 1),
+                                  "model": "configs/default.toml" + (" (quick: smaller)" if args.quick else "")},
+                   results, claims, args.out)
+
+
+if __name__ == "__main__":
+    main()

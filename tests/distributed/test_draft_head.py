@@ -1,0 +1,72 @@
+"""A draft head trained inside the target's run (draft_head.enabled) trains, under every layout of the
+compatibility matrix's draft_head row, the head one process trains on the same micro-batches; it leaves the
+target's training untouched; it resumes exactly."""
+
+import shutil
+
+import pytest
+import torch
+from combinations import DRAFT_HEAD_LAYOUTS
+from helpers import read_metrics, tiny_overrides
+from safetensors.torch import load_file
+
+from expertmesh import config
+from expertmesh.dist.env import DistEnv
+from expertmesh.train.loop import run
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 5
+HEAD = ["draft_head.enabled=true", "draft_head.ttt_steps=2", "draft_head.warmup_steps=1", "draft_head.lr=3e-3"]
+
+
+def _train(rank, world, overrides):
+    run(config.load(None, overrides), DistEnv(rank, rank, world, world, "torchrun"))
+
+
+def _common(tmp_path, steps=STEPS):
+    return tiny_overrides(tmp_path) + [f"train.steps={steps}", "metrics.log_every=1", f"checkpoint.every={steps}",
+                                       "moe.every=1", "optim.grad_clip=0.5", "train.threads=1", "train.eval_every=100"]
+
+
+def _head(run_path):
+    return load_file(str(run_path / "draft_head" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", list(DRAFT_HEAD_LAYOUTS))
+def test_draft_head_under_a_layout_is_the_single_process_head(run_distributed, tmp_path, name):
+    """Every step's target loss and head losses (each unrolled step), and the final head, against one process
+    reading the same micro-batches."""
+    world, layout, ref, (rel, top1, atol) = DRAFT_HEAD_LAYOUTS[name]
+    common = _common(tmp_path) + HEAD
+    _train(0, 1, common + ["train.name=single", *ref])
+    run_distributed(_train, world, common + [f"train.name={name}", *layout], timeout=300)
+    want, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / name)
+    for step in range(1, STEPS + 1):
+        assert got[step]["loss_avg"] == pytest.approx(want[step]["loss_avg"], rel=rel), step
+        head, ref_head = got[step]["draft_head"], want[step]["draft_head"]
+        assert head["loss_by_step"] == pytest.approx(ref_head["loss_by_step"], rel=rel), step
+        assert head["top1_by_step"] == pytest.approx(ref_head["top1_by_step"], abs=top1), step
+    assert want[STEPS]["draft_head"]["loss"] < want[1]["draft_head"]["loss"]  # the head learns
+    ref_head, head = _head(tmp_path / "single"), _head(tmp_path / name)
+    assert sorted(head) == sorted(ref_head)
+    for key, w in ref_head.items():
+        torch.testing.assert_close(head[key], w, rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_the_head_leaves_the_target_untouched_and_resumes_exactly(tmp_path):
+    """The target trains bit for bit as without a head (the head's init draws from its own generator, its
+    hooks only read); the run resumed from its step-3 checkpoint ends with the head and head metrics it had."""
+    common = _common(tmp_path, steps=6) + ["checkpoint.every=3"]
+    _train(0, 1, common + ["train.name=plain"])
+    _train(0, 1, common + HEAD + ["train.name=head"])
+    plain, first = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "head")
+    assert [plain[s]["loss"] for s in range(1, 7)] == [first[s]["loss"] for s in range(1, 7)]
+    assert "draft_head" not in plain[6]
+    head = _head(tmp_path / "head")
+    shutil.rmtree(tmp_path / "head" / "step-6")
+    _train(0, 1, common + HEAD + ["train.name=head"])  # resumes at step 3
+    again = read_metrics(tmp_path / "head")
+    assert again[6]["draft_head"] == first[6]["draft_head"]
+    resumed = _head(tmp_path / "head")
+    assert all(torch.equal(resumed[k], head[k]) for k in head)
