@@ -140,19 +140,103 @@ def _decode(head: DraftHead, x_BSD: torch.Tensor, start: int, cache: list) -> tu
     return x_BSD, out
 
 
-@torch.no_grad()
-def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.Tensor, max_new: int, gamma: int,
-                  greedy: bool = False, temperature: float = 1.0, generator: torch.Generator | None = None):
-    """Speculative decoding with a draft head over `target` (an expertmesh Transformer): each round the head
-    catches up on the positions the target has verified (their features from the target's own forward, kept
-    by hooks), drafts a chain of `gamma` tokens on its own features, and the target verifies them in one
-    forward (the acceptance rule of `speculative.verify`: lossless). Requests advance in lockstep as in
-    `speculative_generate`. Returns (generated tokens [B, max_new], DecodeStats)."""
-    from expertmesh.distill.speculative import DecodeStats, _probs, advance, verify
+class Tree:
+    """A static tree of drafts: `branch[d]` children for every node at depth d (a chain: all ones). Slots in
+    level order, slot 0 the root (the newest accepted token, which the target has not seen yet)."""
 
-    if gamma < 1 or max_new < 1 or prompt_BP.shape[1] < 2:
-        raise ValueError(f"gamma={gamma} and max_new={max_new} must be >= 1, and a prompt at least 2 tokens "
-                         f"(got {prompt_BP.shape[1]}): the head starts from the target's features of a position")
+    def __init__(self, branch: list[int]) -> None:
+        if not branch or any(b < 1 for b in branch):
+            raise ValueError(f"a tree needs one or more depths of >= 1 children each, got {branch}")
+        self.branch = list(branch)
+        self.parent, self.depth, self.children = [-1], [0], [[]]
+        level = [0]
+        self.levels: list[list[int]] = []
+        for d, b in enumerate(branch, start=1):
+            nxt = []
+            for parent in level:
+                for _ in range(b):
+                    slot = len(self.parent)
+                    self.parent.append(parent)
+                    self.depth.append(d)
+                    self.children.append([])
+                    self.children[parent].append(slot)
+                    nxt.append(slot)
+            self.levels.append(nxt)
+            level = nxt
+        n = len(self.parent)
+        self.ancestors = torch.zeros(n, n, dtype=torch.bool)  # [slot, slot]: ancestor or itself
+        for slot in range(n):
+            a = slot
+            while a >= 0:
+                self.ancestors[slot, a] = True
+                a = self.parent[a]
+
+    @property
+    def size(self) -> int:
+        """Drafted tokens (the nodes below the root)."""
+        return len(self.parent) - 1
+
+
+def verify_tree(p_BNV: torch.Tensor, q_BNV: torch.Tensor, tokens_BN: torch.Tensor, tree: Tree, greedy: bool,
+                generator: torch.Generator | None = None) -> list[tuple[list[int], int]]:
+    """Per request: the accepted path (slots, from the root down) and the token after it. `p_BNV`: the target's
+    distribution after each slot; `q_BNV`: the draft's distribution each slot's children were drawn from.
+    Greedy: follow the child that is the target's argmax. Sampling (the children of a node drawn i.i.d. from
+    its q): try them in turn, each accepted with probability min(1, p(x) / q(x)), p replaced by
+    norm(max(0, p - q)) after each rejection; the token after the path is drawn from the last p. Every
+    emitted token is then distributed as the target's (SpecInfer's multi-draft rule; a chain is the usual
+    speculative sampling)."""
+    out = []
+    for b in range(tokens_BN.shape[0]):
+        slot, path = 0, []
+        while True:
+            p = p_BNV[b, slot].double()
+            kids = tree.children[slot]
+            if greedy:
+                best = int(p.argmax())
+                match = [c for c in kids if int(tokens_BN[b, c]) == best]
+                if not match:
+                    out.append((path, best))
+                    break
+                slot = match[0]
+                path.append(slot)
+                continue
+            q = q_BNV[b, slot].double()
+            taken = None
+            for c in kids:
+                x = int(tokens_BN[b, c])
+                u = torch.rand((), dtype=torch.float64, generator=generator, device=p.device)
+                if u * q[x] < p[x]:
+                    taken = c
+                    break
+                residual = (p - q).clamp_min(0.0)
+                if residual.sum() > 0:
+                    p = residual / residual.sum()
+            if taken is None:
+                out.append((path, int(torch.multinomial(p, 1, generator=generator))))
+                break
+            slot = taken
+            path.append(slot)
+    return out
+
+
+@torch.no_grad()
+def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.Tensor, max_new: int,
+                  gamma: int = 4, tree: list[int] | None = None, greedy: bool = False, temperature: float = 1.0,
+                  generator: torch.Generator | None = None):
+    """Speculative decoding with a draft head over `target` (an expertmesh Transformer). Each round the head
+    catches up on the positions the target has verified (their features from the target's own verification
+    forward, kept by hooks), drafts a tree (`tree`: children per depth; default a chain of `gamma`) level by
+    level on its own features, and the target verifies the whole tree in one forward (tree positions and an
+    ancestor mask over its KV cache; `verify_tree`: lossless). Requests advance in lockstep as in
+    `speculative_generate`: a round keeps the shortest accepted path's length. Returns (generated tokens
+    [B, max_new], DecodeStats)."""
+    from expertmesh.distill.speculative import DecodeStats, _probs
+
+    shape = Tree(tree if tree is not None else [1] * gamma)
+    if max_new < 1 or prompt_BP.shape[1] < 2:
+        raise ValueError(f"max_new={max_new} must be >= 1 and a prompt at least 2 tokens (got {prompt_BP.shape[1]}):"
+                         " the head starts from the target's features of a position")
     kept: dict[int, torch.Tensor] = {}
 
     def keep(i):
@@ -163,12 +247,18 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     hooks = [target.layers[str(i)].register_forward_hook(keep(i)) for i in sorted(set(layers))]
     emb, lm_head = target.tok_embeddings, target.output.weight
     dtype = head.fuse.weight.dtype
+    N1 = shape.size + 1
+    anc = shape.ancestors.to(prompt_BP.device)
+    depth = torch.tensor(shape.depth, device=prompt_BP.device)
 
     def fused():
         return head.fuse(torch.cat([kept[i].to(dtype) for i in layers], -1))
 
+    def probs(o):
+        return _probs(head.logits(o, lm_head.to(dtype)), temperature)
+
     try:
-        P = prompt_BP.shape[1]
+        B, P = prompt_BP.shape
         seq = prompt_BP.clone()
         t_cache = target.make_cache()
         target(seq[:, :-1], t_cache)
@@ -181,27 +271,62 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
             x = head.inputs(feats[:, h_len:L - 1], emb(seq[:, h_len + 1:L]).to(dtype))
             out, h_cache = _decode(head, x, h_len, h_cache)
             h_len = L - 1
-            o, chain = out[:, -1:], h_cache
-            drafts, q = [], []
-            for i in range(gamma):
-                qi = _probs(head.logits(o, lm_head.to(dtype))[:, 0], temperature)
-                xi = qi.argmax(-1) if greedy else torch.multinomial(qi, 1, generator=generator)[:, 0]
-                drafts.append(xi)
-                q.append(qi)
-                if i + 1 < gamma:
-                    o, chain = _decode(head, head.inputs(o, emb(xi[:, None]).to(dtype)), h_len + i, chain)
-            drafts_BG = torch.stack(drafts, 1)
-            t_logits, _ = target(torch.cat([seq[:, t_cache.length:], drafts_BG], 1), t_cache)
-            feats = torch.cat([feats, fused()], 1)
-            p_BG1V = _probs(t_logits[:, -(gamma + 1):], temperature)
-            v = verify(p_BG1V, torch.stack(q, 1), drafts_BG, greedy=greedy, generator=generator)
-            seq = advance(seq, drafts_BG, v, stats)
-            t_cache.crop(seq.shape[1] - 1)
-            feats = feats[:, :seq.shape[1] - 1]
+            tokens = torch.zeros(B, N1, dtype=torch.long, device=seq.device)
+            tokens[:, 0] = seq[:, -1]
+            q = torch.zeros(B, N1, lm_head.shape[0], dtype=torch.float64, device=seq.device)
+            outs = {0: out[:, -1:]}  # slot -> the head's output there
+            tree_kv: list = [None] * len(head.layers)
+            parents = [0]
+            for d, level in enumerate(shape.levels, start=1):
+                for parent in parents:  # its children: the top-b of its q (greedy), or b draws from it
+                    q[:, parent] = probs(outs[parent])[:, 0]
+                    kids = shape.children[parent]
+                    tokens[:, kids] = q[:, parent].topk(len(kids), -1).indices if greedy else \
+                        torch.multinomial(q[:, parent], len(kids), replacement=True, generator=generator)
+                if d < len(shape.levels):  # the leaves' own outputs are never read
+                    x = head.inputs(torch.cat([outs[shape.parent[s]] for s in level], 1),
+                                    emb(tokens[:, level]).to(dtype))
+                    o, tree_kv = _decode_level(head, x, h_len, h_cache, tree_kv, anc[level][:, 1:level[-1] + 1], d)
+                    outs.update({s: o[:, i:i + 1] for i, s in enumerate(level)})
+                parents = level
+            t_logits, _ = target(tokens, t_cache, tree=(depth, anc))
+            verdicts = verify_tree(_probs(t_logits, temperature), q, tokens, shape, greedy, generator)
+            m = min(len(path) for path, _ in verdicts)
+            # each request keeps m nodes of its path, then its own next token (its bonus/residual token when
+            # it accepted exactly m, else its accepted node m: a draw from the target's distribution too)
+            slots = torch.tensor([[0, *path[:m]] for path, _ in verdicts], dtype=torch.long, device=seq.device)
+            nxt = torch.tensor([nt if len(path) == m else int(tokens[b, path[m]])
+                                for b, (path, nt) in enumerate(verdicts)], device=seq.device)
+            seq = torch.cat([seq, tokens.gather(1, slots[:, 1:]), nxt[:, None]], 1)
+            t_cache.keep(torch.cat([torch.arange(L - 1, device=seq.device).expand(B, -1), L - 1 + slots], 1))
+            feats = torch.cat([feats, fused().gather(1, slots[..., None].expand(-1, -1, feats.shape[-1]))], 1)
+            stats.rounds += 1
+            stats.drafted += shape.size * B
+            stats.accepted += sum(len(path) for path, _ in verdicts)
+            stats.rounds_requests += B
+            stats.emitted += (m + 1) * B
+            stats.accepted_lengths.extend(len(path) for path, _ in verdicts)
         return seq[:, P:P + max_new], stats
     finally:
         for h in hooks:
             h.remove()
+
+
+def _decode_level(head: DraftHead, x_BnD: torch.Tensor, ctx: int, h_cache: list, tree_kv: list,
+                  mask_tree: torch.Tensor, depth: int) -> tuple[torch.Tensor, list]:
+    """One level of a tree of drafts through the head: its nodes at position ctx + depth - 1 attend to the
+    head's cached positions and to their ancestors among the tree nodes so far (`mask_tree`: [n, nodes])."""
+    n = x_BnD.shape[1]
+    cos = head.rope_cos[ctx + depth - 1].expand(n, -1)
+    sin = head.rope_sin[ctx + depth - 1].expand(n, -1)
+    mask = torch.cat([torch.ones(n, ctx, dtype=torch.bool, device=x_BnD.device), mask_tree], 1)
+    out = []
+    for layer, kv, tkv in zip(head.layers, h_cache, tree_kv, strict=True):
+        past = [t for t in (kv, tkv) if t is not None]
+        x_BnD = layer(x_BnD, cos, sin, past, mask)
+        k_new, v_new = past[-1]
+        out.append((k_new, v_new) if tkv is None else (torch.cat([tkv[0], k_new], 2), torch.cat([tkv[1], v_new], 2)))
+    return x_BnD, out
 
 
 def load_head(path, device=None) -> tuple[DraftHead, list[int], dict]:

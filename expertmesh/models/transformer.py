@@ -81,7 +81,11 @@ def _attend(q, k, v, cache: KVCache | None, layer: int | None, scale: float | No
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     S = q.shape[2]
     k, v = cache.append(layer, k, v)
-    mask_SL = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - S)
+    if cache.tree_mask is not None:  # a tree of drafts: the cached prefix, then each node's ancestors and itself
+        prefix = torch.ones(S, k.shape[2] - S, dtype=torch.bool, device=q.device)
+        mask_SL = torch.cat([prefix, cache.tree_mask.to(q.device)], 1)
+    else:
+        mask_SL = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SL, scale=scale, enable_gqa=gqa)
 
 
@@ -178,6 +182,7 @@ class KVCache:
     def __init__(self) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer index -> (keys, values)
         self.length = 0
+        self.tree_mask: torch.Tensor | None = None  # [S, S] during a forward over a tree of drafts
 
     def append(self, layer: int, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor):
         if layer in self.kv:
@@ -191,6 +196,18 @@ class KVCache:
             raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
         self.kv = {key: (k[:, :, :length], v[:, :, :length]) for key, (k, v) in self.kv.items()}
         self.length = length
+
+    def keep(self, index_BK: torch.Tensor) -> None:
+        """Keeps, per sequence of the batch, the cached positions `index_BK` (in that order): after a tree of
+        drafts, the prefix and each sequence's accepted path."""
+        if index_BK.numel() and not 0 <= int(index_BK.min()) <= int(index_BK.max()) < self.length:
+            raise ValueError(f"positions {index_BK.min()}..{index_BK.max()} are outside a cache of {self.length}")
+
+        def take(t):
+            return t.gather(2, index_BK[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]).to(t.device))
+
+        self.kv = {key: (take(k), take(v)) for key, (k, v) in self.kv.items()}
+        self.length = index_BK.shape[1]
 
 
 class Block(nn.Module):
@@ -270,18 +287,34 @@ class Transformer(nn.Module):
     def max_positions(self) -> int:
         return self.cfg.max_seq_len
 
-    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
-        """Logits for every position. With a `cache` (decoding) the tokens continue the cached ones."""
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None,
+                tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        """Logits for every position. With a `cache` (decoding) the tokens continue the cached ones. With a
+        `tree` (decoding): (depth_S, mask_SS), the tokens are a tree after the cached prefix, token i at
+        position `cache.length + depth_S[i]` attending to the prefix and to the tokens `mask_SS[i]` marks (its
+        ancestors and itself); every token is cached, `KVCache.keep` keeps the accepted path."""
         h_BSD = self.tok_embeddings(tokens_BS)
         stats: list[MoEStats] = []
         start, S = (cache.length if cache is not None else 0), tokens_BS.shape[1]
-        if start + S > self.rope_cos.shape[0]:
-            raise ValueError(f"position {start + S} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
-        for block in self.layers.values():
-            h_BSD, s = block(h_BSD, cos, sin, cache=cache)
-            if s is not None:
-                stats.append(s)
+        if tree is not None and cache is None:
+            raise ValueError("a tree of tokens continues a cached prefix: pass a cache")
+        end = start + (S if tree is None else int(tree[0].max()) + 1)
+        if end > self.rope_cos.shape[0]:
+            raise ValueError(f"position {end} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
+        if tree is None:
+            cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        else:
+            at = start + tree[0].to(self.rope_cos.device)
+            cos, sin = self.rope_cos[at], self.rope_sin[at]
+            cache.tree_mask = tree[1]
+        try:
+            for block in self.layers.values():
+                h_BSD, s = block(h_BSD, cos, sin, cache=cache)
+                if s is not None:
+                    stats.append(s)
+        finally:
+            if cache is not None:
+                cache.tree_mask = None
         if cache is not None:
             cache.length += S
         return self.output(self.norm(h_BSD)), stats

@@ -97,9 +97,11 @@ def _target_and_head(vocab=256, layers=3, seed=0):
     return target.eval(), head, draft_head_layers(cfg)
 
 
-def test_head_drafting_greedy_equals_the_targets_greedy_decoding():
-    """Chains drafted by an (untrained) head and verified by the target: the output is the target's own greedy
-    decoding token for token, for every request of a lockstep batch, whatever the head proposes."""
+@pytest.mark.parametrize("tree", [None, [3, 2, 1]], ids=["chain", "tree"])
+def test_head_drafting_greedy_equals_the_targets_greedy_decoding(tree):
+    """Chains (gamma 3) or trees drafted by an (untrained) head and verified by the target: the output is the
+    target's own greedy decoding token for token, for every request of a lockstep batch, whatever the head
+    proposes."""
     from expertmesh.distill.head import head_generate
 
     target, head, layers = _target_and_head()
@@ -108,20 +110,24 @@ def test_head_drafting_greedy_equals_the_targets_greedy_decoding():
     with torch.no_grad():
         for _ in range(12):
             seq = torch.cat([seq, target(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
-        out, stats = head_generate(target, head, layers, prompt, 12, gamma=3, greedy=True)
+        out, stats = head_generate(target, head, layers, prompt, 12, gamma=3, tree=tree, greedy=True)
     assert torch.equal(out, seq[:, 5:])
     assert stats.rounds >= 12 / 4 and stats.emitted >= 12 * 3
 
 
-def test_head_drafting_samples_the_targets_distribution():
+@pytest.mark.parametrize("tree", [None, [3, 2]], ids=["chain", "tree"])
+def test_head_drafting_samples_the_targets_distribution(tree):
     """Sampling: two tokens after a prompt, drawn by 4000 requests in one lockstep batch, against the target's
-    exact distribution over the 8 x 8 pairs (chi-square, 63 degrees of freedom, p = 0.001 at 103.4)."""
+    exact distribution over the 8 x 8 pairs (chi-square, 63 degrees of freedom, p = 0.001 at 103.4). Trees
+    draw 3 candidates for the first token, 2 for the second, from the head's q (several of them often the same
+    token); chains one."""
     from expertmesh.distill.head import head_generate
 
     target, head, layers = _target_and_head(vocab=8, seed=3)
     prompt = torch.tensor([[1, 5, 2, 7]]).repeat(4000, 1)
     with torch.no_grad():
-        out, _ = head_generate(target, head, layers, prompt, 2, gamma=2, generator=torch.Generator().manual_seed(5))
+        out, _ = head_generate(target, head, layers, prompt, 2, gamma=2, tree=tree,
+                               generator=torch.Generator().manual_seed(5))
         p1 = target(prompt[:1])[0][0, -1].double().softmax(-1)
         pairs = torch.cat([prompt[:1].repeat(8, 1), torch.arange(8)[:, None]], 1)
         p2 = target(pairs)[0][:, -1].double().softmax(-1)
@@ -130,3 +136,52 @@ def test_head_drafting_samples_the_targets_distribution():
     expected = exact * 4000
     chi2 = ((seen - expected) ** 2 / expected).sum().item()
     assert chi2 < 103.4, chi2
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_a_tree_forward_scores_each_node_as_its_own_sequence(variant):
+    """The target over a tree of tokens after a cached prefix (tree positions, ancestor mask): each node's
+    logits equal a plain forward of the prefix and the node's path; keeping one path in the cache, decoding
+    goes on as if only that path had been fed (grouped-query attention, and multi-head latent attention)."""
+    from expertmesh.config import JobConfig, MoEConfig
+    from expertmesh.distill.head import Tree
+    from expertmesh.models.transformer import Transformer
+
+    extra = dict(attention="mla", q_lora_rank=8, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                 v_head_dim=12) if variant == "mla" else dict(n_kv_heads=2)
+    cfg = JobConfig(model=ModelConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64, **extra),
+                    moe=MoEConfig(num_experts=4, expert_dim=32, every=2))
+    torch.manual_seed(0)
+    model = Transformer(cfg).double().eval()
+    model.init_weights()
+    model.double()
+    tree = Tree([2, 2])
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, 256, (2, 6), generator=g)
+    tokens = torch.randint(0, 256, (2, tree.size + 1), generator=g)  # slot 0: the token after the prefix
+    with torch.no_grad():
+        cache = model.make_cache()
+        model(prefix, cache)
+        got, _ = model(tokens, cache, tree=(torch.tensor(tree.depth), tree.ancestors))
+        for slot in range(tree.size + 1):
+            path = [a for a in range(slot + 1) if tree.ancestors[slot, a]]
+            want, _ = model(torch.cat([prefix, tokens[:, path]], 1))
+            torch.testing.assert_close(got[:, slot], want[:, -1], rtol=1e-10, atol=1e-10, msg=f"slot {slot}")
+        leaf = tree.levels[-1][-1]
+        path = [a for a in range(leaf + 1) if tree.ancestors[leaf, a]]
+        cache.keep(torch.cat([torch.arange(6), 6 + torch.tensor(path)]).expand(2, -1))
+        nxt = torch.randint(0, 256, (2, 1), generator=g)
+        got, _ = model(nxt, cache)
+        want, _ = model(torch.cat([prefix, tokens[:, path], nxt], 1))
+    torch.testing.assert_close(got[:, -1], want[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_tree_shape_by_hand():
+    from expertmesh.distill.head import Tree
+
+    t = Tree([2, 1])
+    assert t.parent == [-1, 0, 0, 1, 2] and t.depth == [0, 1, 1, 2, 2] and t.levels == [[1, 2], [3, 4]]
+    assert t.size == 4 and t.children[0] == [1, 2] and t.children[2] == [4]
+    assert t.ancestors[4].tolist() == [True, False, True, False, True]
+    with pytest.raises(ValueError, match="children each"):
+        Tree([2, 0])
