@@ -194,7 +194,9 @@ def check_distill(cfg: JobConfig) -> None:
                 "update_every", "update_steps", "update_batch", "window"):
         if getattr(g, key) < 1:
             raise ConfigError(f"distill.{key}={getattr(g, key)} must be >= 1")
-    if g.adaptive_gamma and not g.gamma_min <= g.gamma <= g.gamma_max:
+    if g.adaptive_gamma and g.gamma_by_cost:
+        raise ConfigError("distill.adaptive_gamma and distill.gamma_by_cost are two rules for one gamma: choose one")
+    if (g.adaptive_gamma or g.gamma_by_cost) and not g.gamma_min <= g.gamma <= g.gamma_max:
         raise ConfigError(f"distill.adaptive_gamma needs gamma_min={g.gamma_min} <= gamma={g.gamma} <= "
                           f"gamma_max={g.gamma_max}")
     if g.save_every < 0:

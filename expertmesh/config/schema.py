@@ -315,6 +315,10 @@ class DistillConfig:
     overlap: bool = True  # trainers update while the servers decode; new weights arrive one exchange later
     gamma: int = 4  # tokens the draft proposes per round
     adaptive_gamma: bool = False  # grow/shrink gamma within `[gamma_min, gamma_max]` from the recent acceptance
+    # choose gamma within `[gamma_min, gamma_max]` each round from the verification costs measured at start (this
+    # target, `batch_size` requests, gamma+1 tokens a pass, against the draft's) and the recent acceptance: the
+    # gamma with the most expected tokens per second (MoESD: a MoE target's passes cost more per token)
+    gamma_by_cost: bool = False
     gamma_min: int = 1  # `adaptive_gamma`'s lower bound
     gamma_max: int = 8  # `adaptive_gamma`'s upper bound
     greedy: bool = False  # argmax decoding (accept only the target's argmax); else sampling at `temperature`

@@ -51,7 +51,7 @@ from expertmesh.distill.online import (
     weights_digest,
     weights_vector,
 )
-from expertmesh.distill.speculative import AdaptiveGamma, speculative_generate
+from expertmesh.distill.speculative import AdaptiveGamma, CostGamma, measure_costs, speculative_generate
 from expertmesh.distill.stream import Request, requests
 from expertmesh.metrics import Metrics
 
@@ -79,6 +79,7 @@ def summarize(stats: list[RequestStats]) -> dict:
         "accepted_per_drafted": sum(s.accepted for s in stats) / max(sum(s.drafted for s in stats), 1),
         "mean_accepted_len": sum(s.accepted for s in stats) / max(rounds, 1),
         "tokens_per_target_forward": sum(s.emitted for s in stats) / max(rounds, 1),
+        "mean_gamma": sum(s.drafted for s in stats) / max(rounds, 1),  # drafts per round (adaptive rules move it)
     }
 
 
@@ -101,6 +102,16 @@ class Server:
         self.stream, self.device, self.rank = iter(stream), device, rank
         self.pending: Request | None = None
         self.gamma = AdaptiveGamma(g.gamma, g.gamma_min, g.gamma_max) if g.adaptive_gamma else g.gamma
+        self.costs = None
+        if g.gamma_by_cost:  # measured here, on this rank's device, at the batch size it serves
+            self.costs = measure_costs(target, draft, g.batch_size, g.prompt_len,
+                                       list(range(g.gamma_min + 1, g.gamma_max + 2)),
+                                       min(target.vocab_size, draft.vocab_size), device=device)
+            self.gamma = CostGamma(self.costs, g.gamma_min, g.gamma_max, g.gamma)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"spec-costs-rank{rank}.json").write_text(json.dumps(self.costs) + "\n")
+            log.info("verification costs at batch %d (seconds per pass of n tokens): %s; draft token %.2e s",
+                     g.batch_size, {n: round(t, 5) for n, t in self.costs["verify_s"].items()}, self.costs["draft_s"])
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
         self.recorder = Recorder(g.positions, g.topk) if g.online else None
         self.version = version
@@ -135,7 +146,8 @@ class Server:
         if max(req.tokens) >= vocab:
             return f"token id {max(req.tokens)} is outside the models' vocabulary of {vocab}"
         g = self.cfg.distill
-        need = len(req.tokens) + g.max_new_tokens + (g.gamma_max if g.adaptive_gamma else g.gamma) + 1
+        longest = g.gamma_max if g.adaptive_gamma or g.gamma_by_cost else g.gamma
+        need = len(req.tokens) + g.max_new_tokens + longest + 1
         if need > self.limit:
             return (f"{len(req.tokens)} prompt tokens + distill.max_new_tokens={g.max_new_tokens} + drafts exceed "
                     f"the models' {self.limit} positions")
@@ -335,6 +347,8 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
         index = 0 if single else env.rank - g.trainers
         stream = (r for r in requests(g, tokenizer, cfg.train.seed, index, servers) if r.index not in done)
         server = Server(cfg, target, draft, tokenizer, stream, run_path, env.rank, device, start["version"], resume)
+    if server is not None and server.costs is not None and env.is_rank0:
+        metrics.write({"kind": "spec_costs", "time": time.time(), **server.costs})
     log.info("distill: %s, %d trainer(s), %d server(s), target %s, draft %s (%s), %s, online=%s",
              "one process" if single else f"{env.world_size} ranks", 1 if single else g.trainers,
              1 if single else env.world_size - g.trainers, g.target, g.draft, kind,

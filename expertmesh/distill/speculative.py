@@ -12,6 +12,8 @@ accepted one, so the output equals the target's own greedy decoding token for to
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +103,67 @@ class AdaptiveGamma:
         return self.gamma
 
 
+@torch.no_grad()
+def measure_costs(target, draft, batch: int, prompt_len: int, sizes: list[int], vocab: int, reps: int = 3,
+                  device=None) -> dict:
+    """Seconds of one target forward over n new tokens per request after a cached prompt, at this batch size
+    (the median of `reps`), for each n in `sizes`; and of one draft forward over one token. A MoE target
+    wakes more experts the more tokens a pass carries, so its n-token pass costs more than a dense one's
+    against its one-token pass (MoESD); that, not acceptance alone, decides how much to draft."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+
+    def timed(model, n):
+        times = []
+        for _ in range(reps + 1):  # the first warms up
+            cache = model.make_cache()
+            model(prompt, cache)
+            chunk = torch.randint(0, vocab, (batch, n), generator=g).to(device)
+            if device is not None and torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(chunk, cache)
+            if device is not None and torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    verify = {n: timed(target, n) for n in sorted(set(sizes))}
+    return {"batch": batch, "prompt_len": prompt_len, "verify_s": verify, "draft_s": timed(draft, 1),
+            "verify_relative": {n: t / verify[min(verify)] for n, t in verify.items()}}
+
+
+class CostGamma:
+    """Draft length from the measured costs and the recent acceptance: after each round, the gamma in [lo, hi]
+    that maximizes the expected tokens per second of a round, (1 - a^(gamma+1)) / (1 - a) tokens for
+    gamma * draft_s + verify_s[gamma + 1] seconds, where a is the per-token acceptance estimated over the last
+    `window` rounds (accepted drafts over accepted drafts plus rejections: each round's first rejection ends
+    it). The same interface as AdaptiveGamma."""
+
+    def __init__(self, costs: dict, lo: int, hi: int, gamma: int, window: int = 16, prior: float = 0.5) -> None:
+        missing = [n for n in range(lo + 1, hi + 2) if n not in costs["verify_s"]]
+        if not 1 <= lo <= gamma <= hi or missing:
+            raise ValueError(f"cost gamma needs 1 <= lo={lo} <= gamma={gamma} <= hi={hi} and verify costs for "
+                             f"{lo + 1}..{hi + 1} tokens (missing {missing})")
+        self.costs, self.lo, self.hi, self.gamma, self.window = costs, lo, hi, gamma, window
+        self.recent: list[tuple[int, int]] = []  # (accepted, rejected) per round
+        self.alpha = prior
+
+    def best(self, alpha: float) -> int:
+        a = min(max(alpha, 0.0), 1.0 - 1e-9)
+        rate = {g: (1 - a ** (g + 1)) / (1 - a) / (g * self.costs["draft_s"] + self.costs["verify_s"][g + 1])
+                for g in range(self.lo, self.hi + 1)}
+        return max(rate, key=rate.get)
+
+    def update(self, accepted_fraction: float) -> int:
+        accepted = round(accepted_fraction * self.gamma)
+        self.recent = (self.recent + [(accepted, int(accepted < self.gamma))])[-self.window:]
+        kept, rejected = sum(a for a, _ in self.recent), sum(r for _, r in self.recent)
+        self.alpha = kept / max(kept + rejected, 1)
+        self.gamma = self.best(self.alpha)
+        return self.gamma
+
+
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (greedy=True for argmax decoding)")
@@ -140,7 +203,7 @@ def speculative_generate(target, draft, prompt_BP: torch.Tensor, max_new: int, g
     rectangular and every request's output is still distributed exactly as the target's.
     `on_round(seq_BL, drafts_BG, p_BG1V, verdict)` sees each round's verification data (distillation).
     Returns (generated tokens [B, max_new], DecodeStats)."""
-    adaptive = gamma if isinstance(gamma, AdaptiveGamma) else None
+    adaptive = gamma if isinstance(gamma, AdaptiveGamma | CostGamma) else None
     gamma = adaptive.gamma if adaptive is not None else gamma
     if gamma < 1 or max_new < 1:
         raise ValueError(f"gamma={gamma} and max_new={max_new} must be >= 1")

@@ -190,3 +190,23 @@ def test_the_readme_path_to_distill_runs(tmp_path, monkeypatch):
     assert summary["requests"] == 2 and summary["draft_updates"] == 1
     assert (tmp_path / "runs" / "distill" / "draft" / "config.json").is_file()
 
+
+
+def test_gamma_by_cost_measures_the_target_and_drafts_what_pays(tmp_path):
+    """distill.gamma_by_cost: the verification costs measured at start are in the metrics and beside the
+    responses, and every round drafts a gamma within [gamma_min, gamma_max]."""
+    target, _ = make_run(tmp_path / "target", 32, 2, 0, moe_every=1)
+    draft, _ = make_run(tmp_path / "draft", 16, 1, 1)
+    cfg = distill_cfg(tmp_path, target, draft, 'distill.synthetic=["stdlib:4"]', "distill.batch_size=2",
+                      "distill.gamma_by_cost=true", "distill.gamma_min=1", "distill.gamma=2", "distill.gamma_max=4",
+                      "distill.greedy=true", "distill.online=false")
+    distill.run(cfg, SINGLE)
+    costs = records(cfg.run_path, "spec_costs")[0]
+    assert costs["batch"] == 2 and sorted(costs["verify_s"], key=int) == ["2", "3", "4", "5"]
+    assert json.loads((cfg.run_path / "spec-costs-rank0.json").read_text())["verify_s"] == costs["verify_s"]
+    window = records(cfg.run_path, "distill_summary")[0]
+    assert 1 <= window["mean_gamma"] <= 4
+    for r in map(json.loads, (cfg.run_path / "responses-rank0.jsonl").read_text().splitlines()):
+        assert r["rounds"] <= r["drafted"] <= 4 * r["rounds"] and len(r["tokens"]) == 12
+    with pytest.raises(ConfigError, match="two rules for one gamma"):
+        distill_cfg(tmp_path, target, draft, "distill.gamma_by_cost=true", "distill.adaptive_gamma=true")

@@ -97,3 +97,27 @@ def test_adaptive_gamma_follows_acceptance():
     adaptive = AdaptiveGamma(2, hi=5, window=1)  # the target drafting for itself: all kept, gamma grows
     _, stats = speculative_generate(target, target, prompt, 20, adaptive, greedy=True)
     assert adaptive.gamma == 5 and stats.accepted == stats.drafted
+
+
+def test_cost_gamma_picks_the_most_tokens_per_second():
+    """The rule against a brute-force count: expected tokens of a round (sum over i <= gamma of a^i) per second
+    of it. A pass whose cost grows with its tokens (a MoE target waking more experts) gets shorter drafts than
+    one that costs the same for 1 or 9 tokens, at the same acceptance."""
+    from expertmesh.distill.speculative import CostGamma
+
+    def brute(costs, a, lo, hi):
+        return max(range(lo, hi + 1), key=lambda g: sum(a**i for i in range(g + 1)) /
+                   (g * costs["draft_s"] + costs["verify_s"][g + 1]))
+
+    flat = {"draft_s": 0.01, "verify_s": {n: 0.1 for n in range(1, 10)}}
+    steep = {"draft_s": 0.01, "verify_s": {n: 0.1 * n for n in range(1, 10)}}
+    for costs in (flat, steep):
+        for a in (0.2, 0.5, 0.8, 0.95):
+            assert CostGamma(costs, 1, 8, 4).best(a) == brute(costs, a, 1, 8), (a, costs)
+    assert CostGamma(flat, 1, 8, 4).best(0.8) > CostGamma(steep, 1, 8, 4).best(0.8)
+    rule = CostGamma(flat, 1, 8, 4, window=4)
+    for _ in range(4):  # each round accepts 2 of 4 and then rejects: a = 2 / 3
+        rule.update(0.5)
+    assert rule.alpha == pytest.approx(2 / 3) and rule.gamma == brute(flat, 2 / 3, 1, 8)
+    with pytest.raises(ValueError, match="verify costs"):
+        CostGamma({"draft_s": 0.1, "verify_s": {2: 1.0}}, 1, 3, 2)
