@@ -248,10 +248,11 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
                 per_rank["fssdp"] = fssdp.state_dict()
             if draft is not None:
                 per_rank["draft_head"] = draft.state_dict()
-                if env.is_rank0:
-                    draft.save(cfg.run_path, step)
             with fssdp.canonical(optimizer) if fssdp is not None else nullcontext():  # expert order on disk
                 checkpointer.save(step, model, optimizer, scheduler, {"loader": loader.state_dict()}, per_rank, layout)
+        if draft is not None and env.is_rank0 and (step == cfg.train.steps or stop or (
+                cfg.checkpoint.enabled and step % cfg.checkpoint.every == 0)):
+            draft.save(cfg.run_path, step)  # beside the run, also without checkpoints
         maybe_inject_fault(step, env)
         maybe_hold(step)
         if stop:

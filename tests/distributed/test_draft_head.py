@@ -2,6 +2,7 @@
 compatibility matrix's draft_head row, the head one process trains on the same micro-batches; it leaves the
 target's training untouched; it resumes exactly."""
 
+import json
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from expertmesh import config
 from expertmesh.dist.env import DistEnv
+from expertmesh.distill.head import load_head
 from expertmesh.train.loop import run
 
 pytestmark = pytest.mark.distributed
@@ -70,3 +72,11 @@ def test_the_head_leaves_the_target_untouched_and_resumes_exactly(tmp_path):
     assert again[6]["draft_head"] == first[6]["draft_head"]
     resumed = _head(tmp_path / "head")
     assert all(torch.equal(resumed[k], head[k]) for k in head)
+
+
+def test_the_head_is_written_beside_a_run_without_checkpoints(tmp_path):
+    _train(0, 1, _common(tmp_path, steps=2) + HEAD + ["checkpoint.enabled=false", "train.name=nockpt"])
+    meta = json.loads((tmp_path / "nockpt" / "draft_head" / "draft_head.json").read_text())
+    assert meta["step"] == 2 and not list((tmp_path / "nockpt").glob("step-*"))
+    head, layers, _ = load_head(tmp_path / "nockpt" / "draft_head")
+    assert layers == meta["layers"] and torch.equal(head.fuse.weight, _head(tmp_path / "nockpt")["fuse.weight"])
