@@ -55,6 +55,8 @@ def format_line(rec: dict, total_steps: int) -> str:
         f"dropped {rec['dropped_tokens']}",
         f"comm {_fmt_bytes(sum(rec['comm_bytes_per_step'].values()))}/step",
     ]
+    if "draft_head" in rec:  # the in-loop draft head: its loss and top-1 agreement with the target (first step)
+        parts.append(f"head {rec['draft_head']['loss']:.3f} top1 {rec['draft_head']['top1_by_step'][0]:.2f}")
     return " | ".join(parts)
 
 
@@ -106,6 +108,11 @@ class Metrics:
                 d = rec["diloco"]
                 flat.update({"diloco/outer_steps": d["outer_steps"], "diloco/bytes_last_sync": d["bytes_last_sync"],
                              **{f"diloco/staleness_{i}": v for i, v in enumerate(d["staleness"])}})
+            if "draft_head" in rec:
+                h = rec["draft_head"]
+                flat.update({"draft_head/loss": h["loss"], "draft_head/lr": h["lr"],
+                             **{f"draft_head/loss_step{j}": v for j, v in enumerate(h["loss_by_step"])},
+                             **{f"draft_head/top1_step{j}": v for j, v in enumerate(h["top1_by_step"])}})
             if "fssdp" in rec:
                 f = rec["fssdp"]
                 flat.update({"fssdp/reshards": f["reshards"],  # per MoE layer, named by its layer index

@@ -185,3 +185,11 @@ def test_tree_shape_by_hand():
     assert t.ancestors[4].tolist() == [True, False, True, False, True]
     with pytest.raises(ValueError, match="children each"):
         Tree([2, 0])
+
+
+def test_the_metrics_line_shows_the_head():
+    from expertmesh.metrics import format_line
+
+    rec = {"step": 5, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 100.0, "aux_loss": 1.0, "dropped_tokens": 0,
+           "comm_bytes_per_step": {}, "draft_head": {"loss": 0.4321, "top1_by_step": [0.76, 0.7]}}
+    assert format_line(rec, 10).endswith("| head 0.432 top1 0.76")
