@@ -139,6 +139,7 @@ class Metrics:
         if self.wandb_run is not None:
             keys = ("alpha", "accepted_per_drafted", "mean_accepted_len", "tokens_per_target_forward")
             flat = {f"distill/{k}": rec[k] for k in keys + ("draft_updates", "buffer", "distill_loss")}
+            flat.update({f"distill/acceptance_position{i}": v for i, v in enumerate(rec["acceptance_by_position"])})
             for domain, d in rec["domains"].items():
                 flat.update({f"distill/{domain}/{k}": d[k] for k in keys})
             self.wandb_run.log(flat, step=rec["requests"])

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -69,6 +69,9 @@ class RequestStats:
     alpha_sum: float = 0.0
     rounds: int = 0  # target forwards spent on this request
     emitted: int = 0
+    # per draft position i: rounds that reached it (every draft before it accepted), and that accepted it
+    reached: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
 
 
 def summarize(stats: list[RequestStats]) -> dict:
@@ -80,7 +83,32 @@ def summarize(stats: list[RequestStats]) -> dict:
         "mean_accepted_len": sum(s.accepted for s in stats) / max(rounds, 1),
         "tokens_per_target_forward": sum(s.emitted for s in stats) / max(rounds, 1),
         "mean_gamma": sum(s.drafted for s in stats) / max(rounds, 1),  # drafts per round (adaptive rules move it)
+        "acceptance_by_position": by_position(stats),
     }
+
+
+def count_round(stats: list[RequestStats], gamma: int, verdict) -> None:
+    """One round of `gamma` drafts per request into each request's statistics."""
+    for b, s in enumerate(stats):
+        a = int(verdict.accepted_B[b])
+        s.rounds += 1
+        s.drafted += gamma
+        s.accepted += a
+        s.alpha_sum += float(verdict.alpha_B[b])
+        grow = gamma - len(s.reached)
+        s.reached += [0] * grow
+        s.kept += [0] * grow
+        for i in range(min(a + 1, gamma)):  # position i is tried when the i drafts before it were kept
+            s.reached[i] += 1
+            s.kept[i] += i < a
+
+
+def by_position(stats: list[RequestStats]) -> list[float]:
+    """The acceptance rate of each draft position, over the rounds that reached it."""
+    n = max((len(s.reached) for s in stats), default=0)
+    reached = [sum(s.reached[i] for s in stats if i < len(s.reached)) for i in range(n)]
+    kept = [sum(s.kept[i] for s in stats if i < len(s.kept)) for i in range(n)]
+    return [k / r if r else 0.0 for k, r in zip(kept, reached, strict=True)]
 
 
 def summarize_by_domain(stats: list[RequestStats]) -> dict:
@@ -165,11 +193,7 @@ class Server:
         recorder = self.recorder
 
         def on_round(seq, drafts, p, verdict):
-            for b, s in enumerate(stats):
-                s.rounds += 1
-                s.drafted += drafts.shape[1]
-                s.accepted += int(verdict.accepted_B[b])
-                s.alpha_sum += float(verdict.alpha_B[b])
+            count_round(stats, drafts.shape[1], verdict)
             if recorder is not None:
                 recorder(seq, drafts, p, verdict)
 

@@ -59,6 +59,7 @@ def test_single_process_serves_every_request_and_distills(tmp_path):
     assert set(windows[-1]["domains"]) == {"headers"} and set(windows[1]["domains"]) == {"stdlib", "headers"}
     for w in windows:  # lockstep batches keep the fewest accepted drafts: at most 1 + the mean accepted
         assert 0 < w["alpha"] <= 1 and 0 <= w["accepted_per_drafted"] <= 1
+        assert len(w["acceptance_by_position"]) == 4 and all(0 <= a <= 1 for a in w["acceptance_by_position"])
         assert 1 <= w["tokens_per_target_forward"] <= 1 + w["mean_accepted_len"] + 1e-9
     updates = records(run_path, "draft_update")
     assert summary["draft_updates"] == len(updates) == 18 // 4  # one per update_every requests
@@ -210,3 +211,17 @@ def test_gamma_by_cost_measures_the_target_and_drafts_what_pays(tmp_path):
         assert r["rounds"] <= r["drafted"] <= 4 * r["rounds"] and len(r["tokens"]) == 12
     with pytest.raises(ConfigError, match="two rules for one gamma"):
         distill_cfg(tmp_path, target, draft, "distill.gamma_by_cost=true", "distill.adaptive_gamma=true")
+
+
+def test_acceptance_by_draft_position_by_hand():
+    """Rounds of 3 drafts: request 0 keeps 1 then 3, request 1 keeps 0 then 2. Position 0 is tried in all 4
+    rounds and kept in 3; position 1 tried 3 times (after a kept position 0), kept 2; position 2 tried twice,
+    kept once."""
+    from expertmesh.distill.server import RequestStats, by_position, count_round
+    from expertmesh.distill.speculative import Verdict
+
+    stats = [RequestStats("a", 0, "d", 0), RequestStats("b", 1, "d", 0)]
+    for kept in ([1, 0], [3, 2]):
+        count_round(stats, 3, Verdict(torch.tensor(kept), torch.zeros(2, dtype=torch.long), torch.ones(2)))
+    assert by_position(stats) == [3 / 4, 2 / 3, 1 / 2]
+    assert [s.accepted for s in stats] == [4, 2] and [s.drafted for s in stats] == [6, 6]
