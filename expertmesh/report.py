@@ -1,7 +1,7 @@
 """`expertmesh report RUN_DIR`: plots and a short summary of a run, from its metrics.jsonl.
 
 Writes RUN_DIR/report/{loss,throughput,comm,expert_load,imbalance}.png for a training run, acceptance.png for an
-`expertmesh distill` run (800x450 px), and
+`expertmesh distill` run (with tau.png and acceptance_by_position.png; 800x450 px), and
 RUN_DIR/report/summary.md, and logs the same images to the run's W&B run when it has one.
 """
 
@@ -186,14 +186,44 @@ def log_to_wandb(run_dir: Path, plots: list[Path]) -> bool:
     return True
 
 
+def plot_tau(distill, out: Path) -> Path | None:
+    """Tokens per target forward (accepted length + 1) per window of requests, overall and per domain."""
+    if not distill:
+        return None
+    plt, fig, ax = _figure("tokens per target forward (per window of requests)", xlabel="requests answered",
+                           ylabel="tau")
+    ax.plot([r["requests"] for r in distill], [r["tokens_per_target_forward"] for r in distill], "k-", label="all")
+    for domain in sorted({d for r in distill for d in r["domains"]}):
+        rows = [r for r in distill if domain in r["domains"]]
+        ax.plot([r["requests"] for r in rows], [r["domains"][domain]["tokens_per_target_forward"] for r in rows],
+                "o--", label=domain)
+    ax.legend()
+    return _save(plt, fig, out / "tau.png")
+
+
+def plot_acceptance_by_position(distill, out: Path) -> Path | None:
+    """Acceptance rate of each draft position: the first and the last window, overall and per domain."""
+    rows = [r for r in distill if r.get("acceptance_by_position")]
+    if not rows:
+        return None
+    plt, fig, ax = _figure("acceptance by draft position", xlabel="draft position", ylabel="kept / reached")
+    for name, r in (("first window", rows[0]), ("last window", rows[-1])):
+        ax.plot(range(len(r["acceptance_by_position"])), r["acceptance_by_position"], "o-", label=name)
+        for domain, d in sorted(r["domains"].items()):
+            ax.plot(range(len(d["acceptance_by_position"])), d["acceptance_by_position"], ".--",
+                    label=f"{name}, {domain}")
+    ax.legend()
+    return _save(plt, fig, out / "acceptance_by_position.png")
+
+
 def report(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     train, evals, distill = load_records(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     plots = [plot_loss(train, evals, out), plot_throughput(train, out), plot_comm(train, out)] if train else []
-    plots += [p for p in (plot_expert_load(train, out), plot_imbalance(train, out), plot_acceptance(distill, out))
-              if p is not None]
+    plots += [p for p in (plot_expert_load(train, out), plot_imbalance(train, out), plot_acceptance(distill, out),
+                          plot_tau(distill, out), plot_acceptance_by_position(distill, out)) if p is not None]
     (out / "summary.md").write_text(summary(run_dir, train, evals, plots, distill))
     log_to_wandb(run_dir, plots)
     return [*plots, out / "summary.md"]

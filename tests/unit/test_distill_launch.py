@@ -67,10 +67,10 @@ def test_single_process_serves_every_request_and_distills(tmp_path):
     assert weights_digest(saved) == updates[-1]["digest"]  # the saved draft is the last version
     from expertmesh.report import report
 
-    paths = report(run_path)  # a distillation run: the acceptance plot and a summary, no training plots
-    assert [p.name for p in paths] == ["acceptance.png", "summary.md"]
+    paths = report(run_path)  # a distillation run: acceptance, tau and by-position plots and a summary
+    assert [p.name for p in paths] == ["acceptance.png", "tau.png", "acceptance_by_position.png", "summary.md"]
     # the last window closes with the batch ending at request 18, before the update it triggers (the 4th)
-    assert "requests answered: 18 (3 windows), draft updates: 3" in paths[1].read_text()
+    assert "requests answered: 18 (3 windows), draft updates: 3" in paths[-1].read_text()
 
 
 def test_jsonl_prompts_domains_and_errors(tmp_path):
