@@ -126,18 +126,28 @@ def ttt_loss(head: DraftHead, feats: list[torch.Tensor], emb_BSD: torch.Tensor, 
     return loss, torch.stack(losses).detach(), torch.stack(agree)
 
 
+def _layers(head: DraftHead, x_BSD: torch.Tensor, cos_SH, sin_SH, mask_SK: torch.Tensor, pasts: list[list]):
+    """The head's layers in decoding: each attends to its earlier keys (`pasts`: per layer, (K, V) tensors or
+    None, in order) and its own. Returns the output and each layer's new (K, V)."""
+    new = []
+    for layer, past in zip(head.layers, pasts, strict=True):
+        past = [kv for kv in past if kv is not None]
+        x_BSD = layer(x_BSD, cos_SH, sin_SH, past, mask_SK)
+        new.append(past[-1])
+    return x_BSD, new
+
+
+def _joined(old: tuple | None, new: tuple) -> tuple:
+    return new if old is None else (torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2))
+
+
 def _decode(head: DraftHead, x_BSD: torch.Tensor, start: int, cache: list) -> tuple[torch.Tensor, list]:
-    """The head's layers over positions start..start+S-1 after the cached ones (decoding): causal, each layer's
-    keys and values appended to a copy of `cache` ([(K, V) or None] per layer), which is returned."""
+    """Positions start..start+S-1 after the cached ones, causally; returns the output and the longer cache."""
     S = x_BSD.shape[1]
-    cos, sin = head.rope_cos[start:start + S], head.rope_sin[start:start + S]
     mask = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
-    out = []
-    for layer, kv in zip(head.layers, cache, strict=True):
-        past = [kv] if kv is not None else []
-        x_BSD = layer(x_BSD, cos, sin, past, mask)
-        out.append((torch.cat([k for k, _ in past], 2), torch.cat([v for _, v in past], 2)))
-    return x_BSD, out
+    x_BSD, new = _layers(head, x_BSD, head.rope_cos[start:start + S], head.rope_sin[start:start + S], mask,
+                         [[kv] for kv in cache])
+    return x_BSD, [_joined(kv, n) for kv, n in zip(cache, new, strict=True)]
 
 
 class Tree:
@@ -147,7 +157,6 @@ class Tree:
     def __init__(self, branch: list[int]) -> None:
         if not branch or any(b < 1 for b in branch):
             raise ValueError(f"a tree needs one or more depths of >= 1 children each, got {branch}")
-        self.branch = list(branch)
         self.parent, self.depth, self.children = [-1], [0], [[]]
         level = [0]
         self.levels: list[list[int]] = []
@@ -300,12 +309,7 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
             seq = torch.cat([seq, tokens.gather(1, slots[:, 1:]), nxt[:, None]], 1)
             t_cache.keep(torch.cat([torch.arange(L - 1, device=seq.device).expand(B, -1), L - 1 + slots], 1))
             feats = torch.cat([feats, fused().gather(1, slots[..., None].expand(-1, -1, feats.shape[-1]))], 1)
-            stats.rounds += 1
-            stats.drafted += shape.size * B
-            stats.accepted += sum(len(path) for path, _ in verdicts)
-            stats.rounds_requests += B
-            stats.emitted += (m + 1) * B
-            stats.accepted_lengths.extend(len(path) for path, _ in verdicts)
+            stats.count(shape.size, [len(path) for path, _ in verdicts], m)
         return seq[:, P:P + max_new], stats
     finally:
         for h in hooks:
@@ -315,18 +319,14 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
 def _decode_level(head: DraftHead, x_BnD: torch.Tensor, ctx: int, h_cache: list, tree_kv: list,
                   mask_tree: torch.Tensor, depth: int) -> tuple[torch.Tensor, list]:
     """One level of a tree of drafts through the head: its nodes at position ctx + depth - 1 attend to the
-    head's cached positions and to their ancestors among the tree nodes so far (`mask_tree`: [n, nodes])."""
+    head's cached positions and to their ancestors among the tree nodes so far (`mask_tree`: [n, nodes]).
+    Returns the output and the tree's keys with this level's."""
     n = x_BnD.shape[1]
     cos = head.rope_cos[ctx + depth - 1].expand(n, -1)
     sin = head.rope_sin[ctx + depth - 1].expand(n, -1)
     mask = torch.cat([torch.ones(n, ctx, dtype=torch.bool, device=x_BnD.device), mask_tree], 1)
-    out = []
-    for layer, kv, tkv in zip(head.layers, h_cache, tree_kv, strict=True):
-        past = [t for t in (kv, tkv) if t is not None]
-        x_BnD = layer(x_BnD, cos, sin, past, mask)
-        k_new, v_new = past[-1]
-        out.append((k_new, v_new) if tkv is None else (torch.cat([tkv[0], k_new], 2), torch.cat([tkv[1], v_new], 2)))
-    return x_BnD, out
+    x_BnD, new = _layers(head, x_BnD, cos, sin, mask, [[kv, tkv] for kv, tkv in zip(h_cache, tree_kv, strict=True)])
+    return x_BnD, [_joined(tkv, n) for tkv, n in zip(tree_kv, new, strict=True)]
 
 
 def load_head(path, device=None) -> tuple[DraftHead, list[int], dict]:

@@ -13,6 +13,7 @@ tokenizer; an HF directory's tokenizer.json, else bytes).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def save_lm(model, kind: str, source: str | Path, out: Path, step: int, meta: di
         save_model(tmp, step, model)
     if meta is not None:
         (tmp / "distill.json").write_text(json.dumps(meta) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    return publish_dir(tmp, out)
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Puts the finished directory `tmp` at `out`: the old one is moved aside first and removed after, so a
+    crash at any point leaves `out` whole (old or new) or absent with `out.old` whole."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out

@@ -66,6 +66,17 @@ class DecodeStats:
     rounds_requests: int = 0  # rounds x requests: the alpha_sum's count
     accepted_lengths: list[int] | None = None
 
+    def count(self, drafted: int, accepted: list[int], kept: int, alpha_sum: float = 0.0) -> None:
+        """One round: `drafted` tokens per request, each request's accepted drafts, `kept` per request (lockstep)."""
+        B = len(accepted)
+        self.rounds += 1
+        self.drafted += drafted * B
+        self.accepted += sum(accepted)
+        self.alpha_sum += alpha_sum
+        self.rounds_requests += B
+        self.emitted += (kept + 1) * B
+        self.accepted_lengths.extend(accepted)
+
     @property
     def alpha(self) -> float:
         return self.alpha_sum / max(self.rounds_requests, 1)
@@ -174,17 +185,11 @@ def advance(seq_BL: torch.Tensor, drafts_BG: torch.Tensor, v: Verdict, stats: De
     """One round's tokens appended in lockstep: every request keeps m = the fewest drafts any request accepted,
     then its own next token (its residual/bonus token when it accepted exactly m, else its own accepted draft
     at position m, which is a valid draw too); the round counted in `stats`."""
-    B, gamma = drafts_BG.shape
+    gamma = drafts_BG.shape[1]
     m = int(v.accepted_B.min())
     own = drafts_BG[:, m] if m < gamma else v.next_token_B
     nxt = torch.where(v.accepted_B == m, v.next_token_B, own)
-    stats.rounds += 1
-    stats.drafted += gamma * B
-    stats.accepted += int(v.accepted_B.sum())
-    stats.alpha_sum += float(v.alpha_B.sum())
-    stats.rounds_requests += B
-    stats.emitted += (m + 1) * B
-    stats.accepted_lengths.extend(v.accepted_B.tolist())
+    stats.count(gamma, v.accepted_B.tolist(), m, float(v.alpha_B.sum()))
     return torch.cat([seq_BL, drafts_BG[:, :m], nxt[:, None]], 1)
 
 

@@ -17,7 +17,6 @@ Its state goes into every rank's checkpoint file; rank 0 also writes `runs/<name
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from expertmesh.config import JobConfig
 from expertmesh.config.checks import draft_head_layers
 from expertmesh.dist.comm_stats import Comm, group_size
 from expertmesh.distill.head import DraftHead, ttt_loss
+from expertmesh.distill.models import publish_dir
 from expertmesh.parallel.mesh import Mesh
 from expertmesh.train.wiring import warmup_cosine
 
@@ -57,7 +57,7 @@ class InLoopHead:
         self.hooks += [model.layers[str(i)].register_forward_hook(self._keep(i)) for i in sorted(set(self.layers))]
         self.lm_head: torch.Tensor | None = None
         self.sums = torch.zeros(1 + 2 * h.ttt_steps, dtype=torch.float64, device=device)  # micros, loss/top-1 by step
-        self.last: dict = {}
+        self.last = torch.zeros_like(self.sums)  # the last step's sums, over the data ranks
 
     def _keep(self, key):
         def hook(module, args, out):
@@ -66,8 +66,6 @@ class InLoopHead:
 
     def _whole(self, t: torch.Tensor, S: int) -> torch.Tensor:
         """A captured [B, S, D] tensor whole: sequence parallelism leaves each tp rank its slice."""
-        if isinstance(t, DTensor):
-            t = t.full_tensor()
         if t.shape[1] == S:
             return t
         n = group_size(self.tp)
@@ -83,8 +81,6 @@ class InLoopHead:
 
     def add_micro(self, logits_BSV: torch.Tensor, autocast) -> None:
         """Trains on the micro-batch whose forward just ran (call after the target's backward)."""
-        if isinstance(logits_BSV, DTensor):
-            logits_BSV = logits_BSV.full_tensor()
         S = logits_BSV.shape[1]
         feats = [self._whole(self.captured[i], S) for i in self.layers]
         emb = self._whole(self.captured["emb"], S)
@@ -105,23 +101,22 @@ class InLoopHead:
         for p, g in zip(params, grads, strict=True):
             p.grad = (flat[offset:offset + g.numel()] / n).view_as(g).to(g.dtype)
             offset += g.numel()
-        sums = flat[offset:]
+        self.last = flat[offset:]  # read on the host only when a record is logged
         if self.cfg.draft_head.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.draft_head.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        steps = self.cfg.draft_head.ttt_steps
-        micros = sums[0].item()
-        by_step = (sums[1:] / max(micros, 1)).tolist()
-        self.last = {"loss": by_step[0], "loss_by_step": by_step[:steps], "top1_by_step": by_step[steps:]}
         self.sums.zero_()
         self.lm_head = None  # the target has stepped
 
     def stats(self) -> dict:
         """The last step's head loss (step 0 of the training-time test) and, per unrolled step, its loss and
         top-1 agreement with the target, averaged over the data ranks' micro-batches."""
-        return dict(self.last, lr=self.scheduler.get_last_lr()[0])
+        steps = self.cfg.draft_head.ttt_steps
+        by_step = (self.last[1:] / self.last[0].clamp_min(1)).tolist()
+        return {"loss": by_step[0], "loss_by_step": by_step[:steps], "top1_by_step": by_step[steps:],
+                "lr": self.scheduler.get_last_lr()[0]}
 
     def state_dict(self) -> dict:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -143,13 +138,7 @@ class InLoopHead:
         meta = {"step": step, "layers": self.layers, "draft_head": vars(self.cfg.draft_head),
                 "model": vars(self.cfg.model)}
         (tmp / "draft_head.json").write_text(json.dumps(meta, indent=1) + "\n")
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return out
+        return publish_dir(tmp, out)
 
     def close(self) -> None:
         for h in self.hooks:
