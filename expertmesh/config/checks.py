@@ -4,6 +4,7 @@ the numbers involved."""
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 
 from expertmesh.config.matrix import check_combinations
 from expertmesh.config.schema import ConfigError, JobConfig, ModelConfig, ParallelConfig, suggest
@@ -199,6 +200,16 @@ def check_distill(cfg: JobConfig) -> None:
     if (g.adaptive_gamma or g.gamma_by_cost) and not g.gamma_min <= g.gamma <= g.gamma_max:
         raise ConfigError(f"distill.adaptive_gamma needs gamma_min={g.gamma_min} <= gamma={g.gamma} <= "
                           f"gamma_max={g.gamma_max}")
+    head = g.draft == "head" or (Path(g.draft) / "draft_head.json").is_file() if g.draft else False
+    if any(b < 1 for b in g.tree):
+        raise ConfigError(f"distill.tree={g.tree} must give >= 1 children per depth")
+    if g.tree and not head:
+        raise ConfigError(f"distill.tree={g.tree} needs a draft head as distill.draft (got {g.draft!r}): draft "
+                          "models propose chains")
+    if head and (g.adaptive_gamma or g.gamma_by_cost):
+        rule = "adaptive_gamma" if g.adaptive_gamma else "gamma_by_cost"
+        raise ConfigError(f"distill.{rule}=true with a draft head (distill.draft={g.draft!r}) is refused: a head "
+                          "drafts a fixed chain (distill.gamma) or tree (distill.tree)")
     if g.save_every < 0:
         raise ConfigError(f"distill.save_every={g.save_every} must be >= 0 (0 = only at the end)")
     if g.temperature <= 0 or g.lr <= 0:

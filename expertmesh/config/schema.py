@@ -307,13 +307,17 @@ class DistillConfig:
     """`expertmesh distill`: speculative decoding that keeps distilling its draft online (expertmesh/distill/)."""
 
     target: str = ""  # an expertmesh run directory (its newest intact checkpoint) or a Hugging Face model directory
-    draft: str = ""  # the same kinds; target and draft must share the vocabulary
+    # the same kinds (target and draft must share the vocabulary), or a draft head over the target: "head" (a new
+    # one, shaped by `draft_head.*`) or a directory holding one (`runs/<name>/draft_head`)
+    draft: str = ""
     # trainer ranks: with N > 1 processes (`--nproc`), ranks `[0, trainers)` train the draft (gradients averaged),
     # the others serve
     trainers: int = 1
     online: bool = True  # distill the draft while serving; false: serve with the draft as loaded (a static draft)
     overlap: bool = True  # trainers update while the servers decode; new weights arrive one exchange later
     gamma: int = 4  # tokens the draft proposes per round
+    # a draft head's tree: children per depth (e.g. [3, 2, 1, 1]); empty: a chain of `gamma`
+    tree: list[int] = field(default_factory=list)
     adaptive_gamma: bool = False  # grow/shrink gamma within `[gamma_min, gamma_max]` from the recent acceptance
     # choose gamma within `[gamma_min, gamma_max]` each round from the verification costs measured at start (this
     # target, `batch_size` requests, gamma+1 tokens a pass, against the draft's) and the recent acceptance: the

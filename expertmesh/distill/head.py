@@ -112,18 +112,29 @@ def ttt_loss(head: DraftHead, feats: list[torch.Tensor], emb_BSD: torch.Tensor, 
     at positions 0..S-1, the target's logits at the same positions. Step j is trained at positions
     j..S-2 against the target's distribution one position on. Returns the loss (the steps weighed by
     `step_decay ** j`) and, per step, the mean divergence and the top-1 agreement with the target (detached)."""
-    target = target_logits_BSV[:, 1:].detach().float()
-    p = target.softmax(-1)
-    top = target.argmax(-1)
-    steps = head.unrolled([f[:, :-1] for f in feats], emb_BSD[:, 1:], lm_head_VD, h.ttt_steps)
+    return ttt_loss_p(head, feats, emb_BSD, target_logits_BSV.detach().float().softmax(-1), lm_head_VD,
+                      h.ttt_steps, h.step_decay, h.divergence)
+
+
+def ttt_loss_p(head: DraftHead, feats: list[torch.Tensor], emb_BSD: torch.Tensor, p_BSV: torch.Tensor,
+               lm_head_VD: torch.Tensor, steps: int, step_decay: float, kind: str, beta: float = 0.5,
+               valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ttt_loss` against the target's probabilities `p_BSV` (e.g. top-k kept by a verification pass), with
+    `valid_BS` marking the positions that exist in right-padded rows (padding only ever follows a row's
+    positions, so causal attention keeps it out of theirs)."""
+    p = p_BSV[:, 1:].detach().float()
+    top = p.argmax(-1)
+    valid = torch.ones(p.shape[:2], device=p.device) if valid_BS is None else valid_BS[:, 1:].float()
+    outs = head.unrolled([f[:, :-1] for f in feats], emb_BSD[:, 1:], lm_head_VD, steps)
     losses, agree = [], []
-    for j, logits in enumerate(steps):
-        per = divergence(h.divergence, logits[:, j:].flatten(0, 1), p[:, j:].flatten(0, 1), reduction="none")
-        losses.append(per.mean())
-        agree.append((logits[:, j:].argmax(-1) == top[:, j:]).float().mean())
-    weights = [h.step_decay**j for j in range(len(losses))]
+    for j, logits in enumerate(outs):
+        w = valid[:, j:].flatten()
+        per = divergence(kind, logits[:, j:].flatten(0, 1), p[:, j:].flatten(0, 1), beta=beta, reduction="none")
+        losses.append((per * w).sum() / w.sum().clamp_min(1))
+        agree.append(((logits[:, j:].argmax(-1) == top[:, j:]).float().flatten() * w).sum() / w.sum().clamp_min(1))
+    weights = [step_decay**j for j in range(len(losses))]
     loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
-    return loss, torch.stack(losses).detach(), torch.stack(agree)
+    return loss, torch.stack(losses).detach(), torch.stack(agree).detach()
 
 
 def _layers(head: DraftHead, x_BSD: torch.Tensor, cos_SH, sin_SH, mask_SK: torch.Tensor, pasts: list[list]):
@@ -229,17 +240,46 @@ def verify_tree(p_BNV: torch.Tensor, q_BNV: torch.Tensor, tokens_BN: torch.Tenso
     return out
 
 
+class HeadTrace:
+    """What decoding saw of the target, per request: the final sequence (`tokens`, [B, L]) and, for positions
+    0..L-2, the target's raw features there (the three blocks' outputs side by side, [B, L-1, 3D]) and its
+    distribution for the next token, top-k kept ([B, L-1, K] ids and probabilities)."""
+
+    def __init__(self, topk: int = 32) -> None:
+        self.topk = topk
+        self.feats: list[torch.Tensor] = []
+        self.idx: list[torch.Tensor] = []
+        self.p: list[torch.Tensor] = []
+        self.tokens: torch.Tensor | None = None
+
+    def add(self, raw_BnF: torch.Tensor, p_BnV: torch.Tensor) -> None:
+        top_p, top_i = p_BnV.float().topk(min(self.topk, p_BnV.shape[-1]), dim=-1)
+        self.feats.append(raw_BnF.float())
+        self.idx.append(top_i)
+        self.p.append(top_p)
+
+    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per request (tokens [L], features [L-1, 3D], top-k ids and probabilities [L-1, K]), on the CPU."""
+        n = self.tokens.shape[1] - 1
+        f, i, p = (torch.cat(x, 1)[:, :n].cpu() for x in (self.feats, self.idx, self.p))
+        return [(self.tokens[b].cpu(), f[b], i[b], p[b]) for b in range(self.tokens.shape[0])]
+
+
 @torch.no_grad()
 def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.Tensor, max_new: int,
                   gamma: int = 4, tree: list[int] | None = None, greedy: bool = False, temperature: float = 1.0,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, on_round=None, trace: HeadTrace | None = None):
     """Speculative decoding with a draft head over `target` (an expertmesh Transformer). Each round the head
     catches up on the positions the target has verified (their features from the target's own verification
     forward, kept by hooks), drafts a tree (`tree`: children per depth; default a chain of `gamma`) level by
     level on its own features, and the target verifies the whole tree in one forward (tree positions and an
     ancestor mask over its KV cache; `verify_tree`: lossless). Requests advance in lockstep as in
-    `speculative_generate`: a round keeps the shortest accepted path's length. Returns (generated tokens
-    [B, max_new], DecodeStats)."""
+    `speculative_generate`: a round keeps the shortest accepted path's length.
+    `on_round(drafted, depth, accepted, alpha_B)` sees each round: tokens drafted per request, the tree's depth,
+    each request's accepted path length and its expected acceptance (the mean over the tree's inner nodes of
+    sum_v min(p, q); a chain's is `verify`'s alpha). `trace` collects, for every position of the final
+    sequences, the target's raw features and top-k distribution from the passes that verified it (training
+    data for the head, no extra target forward). Returns (generated tokens [B, max_new], DecodeStats)."""
     from expertmesh.distill.speculative import DecodeStats, _probs
 
     shape = Tree(tree if tree is not None else [1] * gamma)
@@ -259,9 +299,13 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     N1 = shape.size + 1
     anc = shape.ancestors.to(prompt_BP.device)
     depth = torch.tensor(shape.depth, device=prompt_BP.device)
+    inner = [s for s in range(N1) if shape.children[s]]  # the slots whose children were drafted from their q
 
-    def fused():
-        return head.fuse(torch.cat([kept[i].to(dtype) for i in layers], -1))
+    def raw():
+        return torch.cat([kept[i] for i in layers], -1)
+
+    def fused(raw_BnF):
+        return head.fuse(raw_BnF.to(dtype))
 
     def probs(o):
         return _probs(head.logits(o, lm_head.to(dtype)), temperature)
@@ -270,8 +314,10 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
         B, P = prompt_BP.shape
         seq = prompt_BP.clone()
         t_cache = target.make_cache()
-        target(seq[:, :-1], t_cache)
-        feats = fused()  # [B, n, D]: the target's features of positions 0..n-1, n = t_cache.length = L - 1
+        t_logits, _ = target(seq[:, :-1], t_cache)
+        if trace is not None:
+            trace.add(raw(), _probs(t_logits, temperature))
+        feats = fused(raw())  # [B, n, D]: the target's features of positions 0..n-1, n = t_cache.length = L - 1
         h_cache: list = [None] * len(head.layers)
         h_len = 0
         stats = DecodeStats(accepted_lengths=[])
@@ -299,7 +345,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
                     outs.update({s: o[:, i:i + 1] for i, s in enumerate(level)})
                 parents = level
             t_logits, _ = target(tokens, t_cache, tree=(depth, anc))
-            verdicts = verify_tree(_probs(t_logits, temperature), q, tokens, shape, greedy, generator)
+            p = _probs(t_logits, temperature)
+            verdicts = verify_tree(p, q, tokens, shape, greedy, generator)
             m = min(len(path) for path, _ in verdicts)
             # each request keeps m nodes of its path, then its own next token (its bonus/residual token when
             # it accepted exactly m, else its accepted node m: a draw from the target's distribution too)
@@ -308,8 +355,17 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
                                 for b, (path, nt) in enumerate(verdicts)], device=seq.device)
             seq = torch.cat([seq, tokens.gather(1, slots[:, 1:]), nxt[:, None]], 1)
             t_cache.keep(torch.cat([torch.arange(L - 1, device=seq.device).expand(B, -1), L - 1 + slots], 1))
-            feats = torch.cat([feats, fused().gather(1, slots[..., None].expand(-1, -1, feats.shape[-1]))], 1)
-            stats.count(shape.size, [len(path) for path, _ in verdicts], m)
+            kept_raw = raw().gather(1, slots[..., None].expand(-1, -1, len(layers) * feats.shape[-1]))
+            feats = torch.cat([feats, fused(kept_raw)], 1)
+            accepted = [len(path) for path, _ in verdicts]
+            stats.count(shape.size, accepted, m)
+            if on_round is not None:
+                on_round(shape.size, len(shape.levels), accepted,
+                         torch.minimum(p[:, inner], q[:, inner]).sum(-1).mean(-1).tolist())
+            if trace is not None:
+                trace.add(kept_raw, p.gather(1, slots[..., None].expand(-1, -1, p.shape[-1])))
+        if trace is not None:
+            trace.tokens = seq
         return seq[:, P:P + max_new], stats
     finally:
         for h in hooks:
@@ -327,6 +383,27 @@ def _decode_level(head: DraftHead, x_BnD: torch.Tensor, ctx: int, h_cache: list,
     mask = torch.cat([torch.ones(n, ctx, dtype=torch.bool, device=x_BnD.device), mask_tree], 1)
     x_BnD, new = _layers(head, x_BnD, cos, sin, mask, [[kv, tkv] for kv, tkv in zip(h_cache, tree_kv, strict=True)])
     return x_BnD, [_joined(tkv, n) for tkv, n in zip(tree_kv, new, strict=True)]
+
+
+def save_head(head: DraftHead, layers: list[int], model: ModelConfig, h: DraftHeadConfig, out, extra: dict):
+    """Writes a head where `load_head` reads it (`model.safetensors` + `draft_head.json` with the blocks it reads,
+    its shape, the target's model config and `extra`), atomically: a temp directory put in place whole."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from expertmesh.distill.models import publish_dir
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / "model.safetensors"))
+    meta = {**extra, "layers": list(layers), "draft_head": vars(h), "model": vars(model)}
+    (tmp / "draft_head.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return publish_dir(tmp, out)
 
 
 def load_head(path, device=None) -> tuple[DraftHead, list[int], dict]:

@@ -22,7 +22,7 @@ Outputs in runs/<name>/: metrics.jsonl (rank 0: `distill` records per window of 
 responses-rank{R}.jsonl (one line per answered request; a prompt too long for the models gets an
 `error` instead of tokens), swaps-rank{R}.jsonl (the version and
 digest of every draft a server swapped in), and draft/ (the distilled draft, loadable as
-`distill.draft`).
+`distill.draft`), or draft_head/ when the draft is a head (head_online.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ from expertmesh import config as config_mod
 from expertmesh.config import ConfigError, JobConfig
 from expertmesh.dist.comm_stats import Comm, group_device
 from expertmesh.dist.env import DistEnv, init_distributed, pick_device, set_threads
+from expertmesh.distill.head import HeadTrace, Tree, head_generate
+from expertmesh.distill.head_online import (
+    HeadDistiller,
+    HeadDraft,
+    is_head,
+    load_head_draft,
+    save_head_draft,
+    saved_progress,
+    trace_examples,
+)
 from expertmesh.distill.models import load_lm, save_lm
 from expertmesh.distill.online import (
     OnlineDistiller,
@@ -87,18 +97,20 @@ def summarize(stats: list[RequestStats]) -> dict:
     }
 
 
-def count_round(stats: list[RequestStats], gamma: int, verdict) -> None:
-    """One round of `gamma` drafts per request into each request's statistics."""
-    for b, s in enumerate(stats):
-        a = int(verdict.accepted_B[b])
+def count_round(stats: list[RequestStats], drafted: int, accepted: list[int], alpha: list[float],
+                depth: int | None = None) -> None:
+    """One round into each request's statistics: `drafted` tokens per request, each one's accepted drafts and
+    expected acceptance. Positions are depths: a chain's `drafted`, a tree's `depth`."""
+    depth = drafted if depth is None else depth
+    for s, a, al in zip(stats, accepted, alpha, strict=True):
         s.rounds += 1
-        s.drafted += gamma
+        s.drafted += drafted
         s.accepted += a
-        s.alpha_sum += float(verdict.alpha_B[b])
-        grow = gamma - len(s.reached)
+        s.alpha_sum += al
+        grow = depth - len(s.reached)
         s.reached += [0] * grow
         s.kept += [0] * grow
-        for i in range(min(a + 1, gamma)):  # position i is tried when the i drafts before it were kept
+        for i in range(min(a + 1, depth)):  # depth i is tried when the i drafts before it were kept
             s.reached[i] += 1
             s.kept[i] += i < a
 
@@ -175,6 +187,10 @@ class Server:
             return f"token id {max(req.tokens)} is outside the models' vocabulary of {vocab}"
         g = self.cfg.distill
         longest = g.gamma_max if g.adaptive_gamma or g.gamma_by_cost else g.gamma
+        if isinstance(self.draft, HeadDraft):  # a tree's nodes all sit in the target's cache while verified
+            longest = len(Tree(g.tree).parent) - 1 if g.tree else g.gamma
+            if len(req.tokens) < 2:
+                return "a draft head needs prompts of at least 2 tokens (it starts from the target's features)"
         need = len(req.tokens) + g.max_new_tokens + longest + 1
         if need > self.limit:
             return (f"{len(req.tokens)} prompt tokens + distill.max_new_tokens={g.max_new_tokens} + drafts exceed "
@@ -193,13 +209,22 @@ class Server:
         recorder = self.recorder
 
         def on_round(seq, drafts, p, verdict):
-            count_round(stats, drafts.shape[1], verdict)
+            count_round(stats, drafts.shape[1], verdict.accepted_B.tolist(), verdict.alpha_B.tolist())
             if recorder is not None:
                 recorder(seq, drafts, p, verdict)
 
         prompt = torch.tensor([r.tokens for r in batch], dtype=torch.int64, device=self.device)
-        out, _ = speculative_generate(self.target, self.draft, prompt, g.max_new_tokens, self.gamma, greedy=g.greedy,
-                                      temperature=g.temperature, generator=self.generator, on_round=on_round)
+        trace = None
+        if isinstance(self.draft, HeadDraft):
+            trace = HeadTrace(g.topk) if g.online else None
+            out, _ = head_generate(self.target, self.draft.head, self.draft.layers, prompt, g.max_new_tokens, g.gamma,
+                                   tree=g.tree or None, greedy=g.greedy, temperature=g.temperature,
+                                   generator=self.generator, trace=trace,
+                                   on_round=lambda n, depth, acc, alpha: count_round(stats, n, acc, alpha, depth))
+        else:
+            out, _ = speculative_generate(self.target, self.draft, prompt, g.max_new_tokens, self.gamma,
+                                          greedy=g.greedy, temperature=g.temperature, generator=self.generator,
+                                          on_round=on_round)
         for r, s, tokens in zip(batch, stats, out.tolist(), strict=True):
             s.emitted = len(tokens)
             self.responses.write(json.dumps({"id": r.id, "index": r.index, "domain": r.domain,
@@ -208,7 +233,10 @@ class Server:
                                              "alpha": s.alpha_sum / max(s.rounds, 1),
                                              "accepted": s.accepted, "drafted": s.drafted}) + "\n")
         self.responses.flush()
-        examples = merge_on_path(recorder.take(), torch.cat([prompt, out], 1)) if recorder is not None else []
+        if trace is not None:
+            examples = trace_examples(trace)
+        else:
+            examples = merge_on_path(recorder.take(), torch.cat([prompt, out], 1)) if recorder is not None else []
         return examples, stats
 
     def swap(self, flat: torch.Tensor, version: int) -> None:
@@ -231,7 +259,8 @@ class Trainer:
         self.cfg, self.draft, self.metrics, self.group = cfg, draft, metrics, group
         self.offset = offset  # requests answered by earlier attempts of this run
         self.saver = None  # rank 0: writes the draft to runs/<name>/draft
-        self.distiller = OnlineDistiller(draft, draft.vocab_size, kind=g.divergence, beta=g.beta, lr=g.lr,
+        kind = HeadDistiller if isinstance(draft, HeadDraft) else OnlineDistiller
+        self.distiller = kind(draft, draft.vocab_size, kind=g.divergence, beta=g.beta, lr=g.lr,
                                          buffer=g.buffer, batch=g.update_batch, steps=g.update_steps,
                                          update_every=g.update_every, seed=cfg.train.seed)
         self.version = 0
@@ -336,17 +365,25 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     single = env.world_size == 1
     serving = single or env.rank >= g.trainers
     resume = cfg.checkpoint.resume and (run_path / "config.json").is_file()
-    saved = run_path / "draft"
-    start = json.loads((saved / "distill.json").read_text()) if resume and (saved / "distill.json").is_file() \
-        else {"version": 0, "updates": 0}
-    draft, tokenizer, kind = load_lm(saved if start["version"] else g.draft, device, "draft")
-    target = None
-    if serving:
-        target, tokenizer, _ = load_lm(g.target, device, "target")
-        if target.vocab_size != draft.vocab_size:
-            raise ConfigError(f"target vocabulary {target.vocab_size} != draft vocabulary {draft.vocab_size} "
-                              f"({g.target}, {g.draft})")
+    head = is_head(g.draft)
+    saved = run_path / ("draft_head" if head else "draft")
+    start = {"version": 0, "updates": 0}
+    if resume and head:
+        start = saved_progress(saved)
+    elif resume and (saved / "distill.json").is_file():
+        start = json.loads((saved / "distill.json").read_text())
+    target, tokenizer = None, None
+    if serving or head:  # a head's trainers need the target's embedding and LM head too
+        target, tokenizer, _ = load_lm(g.target, device, "target")  # the servers' tokenizer is the target's
         target.requires_grad_(False)
+    if head:
+        draft, kind = load_head_draft(saved if start["version"] else g.draft, target, cfg, device), "head"
+    else:
+        draft, draft_tokenizer, kind = load_lm(saved if start["version"] else g.draft, device, "draft")
+        tokenizer = tokenizer or draft_tokenizer
+    if target is not None and target.vocab_size != draft.vocab_size:
+        raise ConfigError(f"target vocabulary {target.vocab_size} != draft vocabulary {draft.vocab_size} "
+                          f"({g.target}, {g.draft})")
     done = answered_requests(run_path, env.rank if serving else None) if resume else set()
     if not single:
         comm.barrier()  # every server has tidied its files before anyone reads them (rank 0: config below)
@@ -362,9 +399,13 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     if env.rank < g.trainers or single:
         trainer = Trainer(cfg, draft, metrics, group, offset=len(done))
         trainer.version, trainer.distiller.updates = start["version"], start["updates"]
-        trainer.saver = (lambda: save_lm(draft, kind, g.draft, saved, trainer.distiller.updates,
-                                         {"version": trainer.version, "updates": trainer.distiller.updates})) \
-            if env.is_rank0 and g.online and g.save_draft else None
+        def save():
+            progress = {"version": trainer.version, "updates": trainer.distiller.updates}
+            if head:
+                return save_head_draft(draft, saved, progress)
+            return save_lm(draft, kind, g.draft, saved, trainer.distiller.updates, progress)
+
+        trainer.saver = save if env.is_rank0 and g.online and g.save_draft else None
     server = None
     if serving:
         servers = 1 if single else env.world_size - g.trainers

@@ -16,19 +16,15 @@ Its state goes into every rank's checkpoint file; rank 0 also writes `runs/<name
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from expertmesh.config import JobConfig
 from expertmesh.config.checks import draft_head_layers
 from expertmesh.dist.comm_stats import Comm, group_size
-from expertmesh.distill.head import DraftHead, ttt_loss
-from expertmesh.distill.models import publish_dir
+from expertmesh.distill.head import DraftHead, save_head, ttt_loss
 from expertmesh.parallel.mesh import Mesh
 from expertmesh.train.wiring import warmup_cosine
 
@@ -129,16 +125,8 @@ class InLoopHead:
 
     def save(self, run_path: Path, step: int) -> Path:
         """Writes the head beside the run (`draft_head/`: weights and what loading them needs), atomically."""
-        out = run_path / HEAD_DIR
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        meta = {"step": step, "layers": self.layers, "draft_head": vars(self.cfg.draft_head),
-                "model": vars(self.cfg.model)}
-        (tmp / "draft_head.json").write_text(json.dumps(meta, indent=1) + "\n")
-        return publish_dir(tmp, out)
+        return save_head(self.head, self.layers, self.cfg.model, self.cfg.draft_head, run_path / HEAD_DIR,
+                         {"step": step})
 
     def close(self) -> None:
         for h in self.hooks:

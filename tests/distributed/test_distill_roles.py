@@ -87,3 +87,45 @@ def test_a_resumed_job_with_two_servers_continues_the_stream_and_the_draft(tmp_p
         assert {v: d for v, d in updates.items() if v > first} == {v: d for v, d in swapped.items() if v > first}
     answered = [r["index"] for rank in (1, 2) for r in lines(run / f"responses-rank{rank}.jsonl")]
     assert sorted(answered) == list(range(12))
+
+
+def test_a_draft_head_is_distilled_by_a_trainer_and_served_by_two_servers(tmp_path):
+    """`distill.draft = "head"` with one trainer and two servers (trees, greedy, overlapped updates): the servers
+    send the features and distributions their verification passes computed, the trainer (which runs no target
+    forward) trains the head on them, and every version reaches both servers bit for bit; the answers stay the
+    target's greedy decoding; the saved head is the last version."""
+    import torch
+
+    from expertmesh.distill.head import load_head
+    from expertmesh.distill.online import weights_digest
+
+    target, model = make_run(tmp_path / "target", 32, 4, 0, moe_every=2)
+    cmd = [sys.executable, "-m", "expertmesh.launch.cli", "distill", "--nproc", "3", f"distill.target={target}",
+           "distill.draft=head", f"train.run_dir={tmp_path / 'runs'}", 'distill.synthetic=["stdlib:12"]',
+           "distill.max_new_tokens=8", "distill.prompt_len=10", "distill.update_every=2", "distill.batch_size=2",
+           "distill.tree=[2,1]", "distill.greedy=true", "distill.trainers=1", "metrics.wandb_mode=disabled",
+           "train.threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, failure(proc)
+    run = tmp_path / "runs" / "default"
+    updates = {r["version"]: r["digest"] for r in lines(run / "metrics.jsonl") if r["kind"] == "draft_update"}
+    assert len(updates) >= 3
+    for rank in (1, 2):
+        assert {s["version"]: s["digest"] for s in lines(run / f"swaps-rank{rank}.jsonl")} == updates
+    head, _, meta = load_head(run / "draft_head")
+    assert meta["version"] == max(updates) and weights_digest(head) == updates[max(updates)]
+    answered = [r for rank in (1, 2) for r in lines(run / f"responses-rank{rank}.jsonl")]
+    assert sorted(r["index"] for r in answered) == list(range(12))
+    from expertmesh import config
+    from expertmesh.data.tokenizer import ByteTokenizer
+    from expertmesh.distill.stream import requests
+
+    cfg = config.load(None, ['distill.synthetic=["stdlib:12"]', "distill.prompt_len=10"])
+    prompts = {r.index: r.tokens for r in requests(cfg.distill, ByteTokenizer(), cfg.train.seed)}
+    model.eval()
+    with torch.no_grad():
+        for r in answered:
+            seq = torch.tensor([prompts[r["index"]]])
+            for _ in range(8):
+                seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+            assert r["tokens"] == seq[0, 10:].tolist(), r["index"]

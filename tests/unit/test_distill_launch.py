@@ -218,10 +218,9 @@ def test_acceptance_by_draft_position_by_hand():
     rounds and kept in 3; position 1 tried 3 times (after a kept position 0), kept 2; position 2 tried twice,
     kept once."""
     from expertmesh.distill.server import RequestStats, by_position, count_round
-    from expertmesh.distill.speculative import Verdict
 
     stats = [RequestStats("a", 0, "d", 0), RequestStats("b", 1, "d", 0)]
     for kept in ([1, 0], [3, 2]):
-        count_round(stats, 3, Verdict(torch.tensor(kept), torch.zeros(2, dtype=torch.long), torch.ones(2)))
+        count_round(stats, 3, kept, [1.0, 1.0])
     assert by_position(stats) == [3 / 4, 2 / 3, 1 / 2]
     assert [s.accepted for s in stats] == [4, 2] and [s.drafted for s in stats] == [6, 6]
