@@ -7,6 +7,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # helpers importable by name in spawned children too
 os.environ.setdefault("WANDB_SILENT", "true")
+if not Path("/dev/nvidiactl").exists():  # Triton's interpreter runs moe.backend="triton" on CPU tensors: the flag
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede triton's import, which any test may cause
 
 
 @pytest.fixture

@@ -116,8 +116,10 @@ class MoEConfig:
     residual: bool = False
     # expert count of each MoE layer (PR-MoE's pyramid); empty = `num_experts` everywhere
     num_experts_per_layer: list[int] = field(default_factory=list)
-    # dispatch/combine: `auto` (CUDA kernels on GPU, C++ on CPU), `cpp`, `cuda`, or `reference` (pure torch)
-    backend: Literal["auto", "reference", "cpp", "cuda"] = "auto"
+    # dispatch/combine: `auto` (Triton kernels on GPU when triton is installed, else the CUDA kernels; C++ on CPU),
+    # `cpp`, `cuda`, `reference` (pure torch), `triton` (dispatch, combine and the grouped expert GEMMs in Triton;
+    # on a CPU through Triton's interpreter), or `triton_fused` (a local MoE layer's forward in one Triton kernel)
+    backend: Literal["auto", "reference", "cpp", "cuda", "triton", "triton_fused"] = "auto"
     # `ep`: experts split evenly over the `parallel.ep` ranks; `fssdp`: fully sharded sparse data parallelism, owner
     # shards over the ep group plus per-step replicas of hot experts (docs/fssdp.md)
     placement: Literal["ep", "fssdp"] = "ep"

@@ -85,21 +85,31 @@ class GroupedExperts(nn.Module):
         nn.init.trunc_normal_(self.w3, std=std)
         nn.init.trunc_normal_(self.w2, std=out_std)
 
+    backend = "auto"  # the layer's moe.backend: "triton" runs the grouped GEMMs in Triton (any row count)
+
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Rows of x_ND are grouped by expert, `tokens_per_expert_E[e]` rows for local expert e."""
-        return compute(x_ND, tokens_per_expert_E, self.w1, self.w3, self.w2)
+        return compute(x_ND, tokens_per_expert_E, self.w1, self.w3, self.w2, self.backend)
 
     def forward_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """One matmul chain per expert: the reference the grouped path is tested against."""
         return compute_loop(x_ND, tokens_per_expert_E, self.w1, self.w3, self.w2)
 
 
-def compute(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
+def compute(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD, backend: str = "auto") -> torch.Tensor:
     """The experts' SwiGLU on rows grouped by expert, with the weights given (this rank's experts, or
     under FSSDP the experts it holds this step: its own and the replicas it received). Rows in a lower
-    precision than the weights (bf16 rows of mixed precision, fp32 weights) cast the weights to them."""
+    precision than the weights (bf16 rows of mixed precision, fp32 weights) cast the weights to them.
+    With a Triton backend the rows may run past the experts' (the zero rows Triton's dispatch appends)."""
     if x_ND.dtype != w1_EDF.dtype:
         w1_EDF, w3_EDF, w2_EFD = (w.to(x_ND.dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
+    if backend.startswith("triton"):
+        from expertmesh.moe import triton_ops
+
+        counts = tokens_per_expert_E.to(torch.int32)
+        offs_E = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+        gate, up = (triton_ops.gmm_op(x_ND, w, tokens_per_expert_E, offs_E) for w in (w1_EDF, w3_EDF))
+        return triton_ops.gmm_op(F.silu(gate) * up, w2_EFD, tokens_per_expert_E, offs_E)
     if _can_group(x_ND, w1_EDF):
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         h_NF = F.silu(grouped_mm(x_ND, w1_EDF, offs_E)) * grouped_mm(x_ND, w3_EDF, offs_E)

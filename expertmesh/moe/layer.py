@@ -47,6 +47,7 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk, cfg.capacity_factor,
                                  cfg.bias_update_rate, cfg.n_groups, cfg.topk_groups, cfg.routed_scaling_factor)
         self.experts = GroupedExperts(E, dim, cfg.expert_dim)
+        self.experts.backend = cfg.backend
         self.shared = SwiGLU(dim, cfg.shared_hidden) if cfg.shared_hidden else None
         # Qwen2-MoE: the shared expert's output is scaled per token by sigmoid(x . w)
         self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_gate else None
@@ -73,10 +74,13 @@ class MoELayer(nn.Module):
         xe_TD = x_TD
         if torch.is_autocast_enabled(x_TD.device.type):  # bf16 rows through dispatch, all-to-all and experts
             xe_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(xe_TD, r.topk_idx_TK, self.num_experts,
-                                                                    self.backend)
-        y_sorted_ND = self.dispatcher(x_sorted_ND, tokens_per_expert_E, self.experts)
-        out_TD = ops.combine(y_sorted_ND, row_map_TK, r.topk_w_TK, self.backend)
+        if self.backend.startswith("triton"):
+            out_TD = self._triton(xe_TD, r)
+        else:
+            x_sorted_ND, tokens_per_expert_E, row_map_TK = ops.dispatch(xe_TD, r.topk_idx_TK, self.num_experts,
+                                                                        self.backend)
+            y_sorted_ND = self.dispatcher(x_sorted_ND, tokens_per_expert_E, self.experts)
+            out_TD = ops.combine(y_sorted_ND, row_map_TK, r.topk_w_TK, self.backend)
         if self.residual_mlp is not None:
             c_T2 = self.coefficient(x_TD).softmax(dim=-1)
             out_TD = out_TD * c_T2[:, :1] + self.residual_mlp(xe_TD) * c_T2[:, 1:]
@@ -87,3 +91,20 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
         stats = MoEStats(r.aux_loss, r.z_loss, r.tokens_per_expert_E, r.dropped, r.entropy)
         return out_TD.view(B, S, D), stats
+
+    def _triton(self, xe_TD: torch.Tensor, r) -> torch.Tensor:
+        """Dispatch, experts and combine through the Triton kernels (moe/triton_ops.py). Local experts take the
+        dispatched matrix as it is (T*K rows, the routed ones first: no host sync), or, with `triton_fused`, the
+        whole layer is one kernel over the tokens; a dispatcher that moves rows to other ranks gets the N
+        routed rows (N read on the host: its split sizes are host values anyway)."""
+        from expertmesh.moe import triton_ops
+
+        xs, counts, row_map, slot_of_row, offsets = ops.dispatch_triton(xe_TD, r.topk_idx_TK, self.num_experts)
+        w_TK = r.topk_w_TK.float()
+        if isinstance(self.dispatcher, LocalDispatcher) and self.backend == "triton_fused":
+            w1, w3, w2 = (getattr(self.experts, n).to(xe_TD.dtype) for n in ("w1", "w3", "w2"))
+            return triton_ops.fused_moe_op(xe_TD, row_map, slot_of_row, w_TK, w1, w3, w2, counts,
+                                           offsets).to(xe_TD.dtype)
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            xs = xs[:int(counts.sum())]
+        return triton_ops.combine(self.dispatcher(xs, counts, self.experts), row_map, w_TK)

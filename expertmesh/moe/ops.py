@@ -7,10 +7,10 @@ expert) and returns `x_sorted_ND`, `tokens_per_expert_E` and `row_map_TK`, the r
 `x_sorted_ND` that slot (t, k) went to (-1 for a dropped slot). `combine(y_sorted_ND, row_map_TK,
 w_TK)` returns `out_TD = sum_k w[t, k] * y_sorted[row_map[t, k]]`, summed in k order.
 
-Three implementations behind one API: the pure-torch reference below (kept for tests and as the
-`moe.backend = "reference"` fallback), and the fused ops of `expertmesh._C` registered as
+Implementations behind one API: the pure-torch reference below (kept for tests and as the
+`moe.backend = "reference"` fallback), the fused ops of `expertmesh._C` registered as
 `expertmesh::moe_dispatch` / `expertmesh::moe_combine` (C++ on CPU, CUDA on GPU), given fake
-tensors and autograd here.
+tensors and autograd here, and the Triton kernels of moe/triton_ops.py (`moe.backend = "triton"`).
 
 Combine weights are fp32 (fp64 for fp64 rows) whatever the rows' dtype: the router computes them in
 fp32, as Hugging Face's DeepSeek-V3 and Qwen MoE do, and every backend multiplies and accumulates in
@@ -22,8 +22,12 @@ construction).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: its interpreter runs moe.backend="triton" here
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (moe/triton_ops.py)
 
 try:
     import expertmesh._C  # noqa: F401  (registers torch.ops.expertmesh.*)
@@ -150,9 +154,23 @@ def cuda_ops_available() -> bool:
     return True
 
 
+@functools.cache
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> the fused op for the device (CUDA kernels on GPU, C++ on CPU), else the reference."""
+    """'auto' -> on GPU the Triton kernels (their source is proven on CPU by Triton's interpreter; the CUDA C++
+    kernels have never run: no GPU has measured either yet), else the CUDA kernels; C++ on CPU; else the
+    reference. 'triton' on a CPU runs the kernels in Triton's interpreter (slow: for proofs)."""
     if backend == "reference":
+        return backend
+    if backend in ("triton", "triton_fused"):
+        if not triton_available():
+            raise RuntimeError(f"moe.backend={backend!r} needs the triton package (pip install triton; the dev "
+                               "extra has it)")
         return backend
     if backend in ("cpp", "cuda") and not HAVE_EXTENSION:
         raise RuntimeError(f"moe.backend={backend!r} needs expertmesh._C, which is not built "
@@ -161,20 +179,38 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise RuntimeError("moe.backend='cuda' but expertmesh._C has no CUDA kernels or no GPU is visible")
     if backend == "auto":
         if device.type == "cuda":
-            return "cuda" if cuda_ops_available() else "reference"
+            return "triton" if triton_available() else "cuda" if cuda_ops_available() else "reference"
         return "cpp" if HAVE_EXTENSION else "reference"
     return backend
 
 
 def dispatch(x_TD, topk_idx_TK, num_experts: int, backend: str = "auto"):
-    """-> (x_sorted_ND, tokens_per_expert_E, row_map_TK); see the module docstring."""
-    if resolve_backend(backend, x_TD.device) == "reference":
+    """-> (x_sorted_ND, tokens_per_expert_E, row_map_TK); see the module docstring. The Triton ops return T*K rows,
+    the N routed ones first (moe/triton_ops.py: no host sync); use `dispatch_triton` for all they return."""
+    b = resolve_backend(backend, x_TD.device)
+    if b == "reference":
         return dispatch_reference(x_TD, topk_idx_TK, num_experts)
+    if b.startswith("triton"):
+        return dispatch_triton(x_TD, topk_idx_TK, num_experts)[:3]
     return torch.ops.expertmesh.moe_dispatch(x_TD, topk_idx_TK, num_experts)
+
+
+def dispatch_triton(x_TD, topk_idx_TK, num_experts: int):
+    """-> (x_sorted [T*K, D], tokens_per_expert_E, row_map_TK, slot_of_row, offsets_E): moe/triton_ops.py."""
+    from expertmesh.moe import triton_ops
+
+    _check(x_TD, topk_idx_TK, num_experts)
+    return triton_ops.dispatch(x_TD, topk_idx_TK, num_experts)
 
 
 def combine(y_sorted_ND, row_map_TK, w_TK, backend: str = "auto"):
     """-> out_TD = sum_k w_TK[t, k] * y_sorted_ND[row_map_TK[t, k]]."""
-    if resolve_backend(backend, y_sorted_ND.device) == "reference":
+    b = resolve_backend(backend, y_sorted_ND.device)
+    if b == "reference":
         return combine_reference(y_sorted_ND, row_map_TK, w_TK)
-    return torch.ops.expertmesh.moe_combine(y_sorted_ND, row_map_TK, w_TK.to(accumulation_dtype(y_sorted_ND.dtype)))
+    w_TK = w_TK.to(accumulation_dtype(y_sorted_ND.dtype))
+    if b.startswith("triton"):
+        from expertmesh.moe import triton_ops
+
+        return triton_ops.combine(y_sorted_ND, row_map_TK, w_TK.float())
+    return torch.ops.expertmesh.moe_combine(y_sorted_ND, row_map_TK, w_TK)

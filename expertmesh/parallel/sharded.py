@@ -37,7 +37,8 @@ class ShardedExperts(GroupedExperts):
     of F under expert tensor parallelism (the output then a partial sum), or both."""
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return compute(x_ND, tokens_per_expert_E, *(local_shard(w) for w in (self.w1, self.w3, self.w2)))
+        return compute(x_ND, tokens_per_expert_E, *(local_shard(w) for w in (self.w1, self.w3, self.w2)),
+                       self.backend)
 
 
 class ShardedSwiGLU(SwiGLU):
