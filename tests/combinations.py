@@ -201,6 +201,29 @@ PIPELINE_COMBINED["pp2-diloco"] = (4, ["parallel.pp=2", "parallel.pp_microbatche
                                    [*_PP_DILOCO, "parallel.dp_shard=false"], 2)
 PIPELINE_BF16 = ['train.mixed_precision="bf16"']  # pp2 in bf16 against one process in bf16: losses within 2%
 
+# ---- tests/distributed/test_triton_backend.py: moe.backend="triton" (Triton's interpreter on the CPU ranks) against
+# the same run on the C++ backend, step by step (test_combinations.py's comparison). name -> (world, run, reference,
+# reference world, (relative tolerance of losses, of gradient norms)). Measured here over 5 steps, Triton against
+# C++: fp32 at most 6.2e-8 in loss and 1.6e-8 in gradient norm (sums in another order: allowed 1e-5 and 1e-4, as the
+# combinations); bf16 0 and 5.1e-12 (both accumulate in fp32 and round once), but a CPU whose bf16 GEMMs sum in
+# another order (AMX) moves that to the bf16 noise the draft head's layouts measured (7.0e-4 on losses): allowed
+# 3e-3 and 2e-2.
+TRITON = ['moe.backend="triton"']
+_FP32, _BF16 = (1e-5, 1e-4), (3e-3, 2e-2)
+_TRITON_RUNS = {
+    "triton-ep2xtp2-fssdp-ac-capacity-bias-residual-shared-accum": (
+        4, COMBINED["ep2xtp2-fssdp-ac-capacity-bias-residual-shared-accum"][1], 1, _FP32),
+    "triton-compiled-bf16-draft_head": (1, [*COMPILE_FEATURES, *COMPILED, 'train.mixed_precision="bf16"',
+                                            "draft_head.enabled=true"], 1, _BF16),
+    "triton-pp2": (2, [*PIPELINE_LAYOUTS["pp2"][1], *_MODEL], 2, _FP32),
+    "triton-diloco-topk": (2, [*_TOPK_WORKERS, *TOPK_EXCHANGE, *_MODEL], 2, _FP32),
+}
+TRITON_COMBINED = {name: (world, [*run, *TRITON], run if ref_world > 1 else
+                          COMBINED["ep2xtp2-fssdp-ac-capacity-bias-residual-shared-accum"][2], ref_world, tol)
+                   for name, (world, run, ref_world, tol) in _TRITON_RUNS.items()}
+TRITON_COMBINED["triton-compiled-bf16-draft_head"] = (1, [*_TRITON_RUNS["triton-compiled-bf16-draft_head"][1], *TRITON],
+                                                      _TRITON_RUNS["triton-compiled-bf16-draft_head"][1], 1, _BF16)
+
 # ---- tests/unit/test_model.py: the MoE layer against a loop over tokens and experts ----
 LAYER_FEATURES = list(_MODEL)
 
@@ -234,6 +257,9 @@ def proofs() -> list[Proof]:
     for name, (world, run, ref, _) in DRAFT_HEAD_LAYOUTS.items():
         out.append(Proof(f"draft_head {name}", world, (*run, "draft_head.enabled=true"),
                          (*ref, "draft_head.enabled=true"), tests=frozenset({"draft_head"})))
+    for name, (world, run, ref, ref_world, _) in TRITON_COMBINED.items():  # with "accum": the reference accumulates
+        out.append(Proof(f"triton {name}", world, tuple(run), tuple(ref), ref_world,  # other micro-batches
+                         tests=frozenset({"accum"} if name.endswith("accum") else ())))
     out.append(Proof("diloco as plain training", 1, (*DILOCO_AS_PLAIN, *DILOCO_PLAIN_FEATURES),
                      tuple(DILOCO_PLAIN_FEATURES)))
     out.append(Proof("diloco compiled", 2, (*DILOCO_WORKERS, *COMPILED), tuple(DILOCO_WORKERS), 2))

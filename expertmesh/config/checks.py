@@ -111,7 +111,20 @@ def check(cfg: JobConfig) -> None:
     check_fssdp(cfg)
     check_distill(cfg)
     check_draft_head(cfg)
+    check_fused_moe(cfg)
     check_combinations(cfg)
+
+
+def check_fused_moe(cfg: JobConfig) -> None:
+    """The fused Triton kernel computes a whole MoE layer on one rank: every expert, its whole hidden dim."""
+    if cfg.moe.backend != "triton_fused":
+        return
+    p = cfg.parallel
+    for key, on in (("parallel.ep > 1", p.ep > 1), ("parallel.tp > 1", p.tp > 1),
+                    ('moe.placement="fssdp"', cfg.moe.placement == "fssdp")):
+        if on:
+            raise ConfigError(f'moe.backend="triton_fused" with {key} is refused: the fused kernel runs a whole MoE '
+                              'layer on one rank (every expert, its whole hidden dim); use moe.backend="triton"')
 
 
 # Pipeline schedules: name -> (stages per rank it takes: exactly n, or at least n when negative; style)

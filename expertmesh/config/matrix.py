@@ -35,6 +35,7 @@ FEATURES: dict[str, tuple[str, typing.Callable[[JobConfig, int | None], bool]]] 
     "bf16": ('train.mixed_precision="bf16"', lambda c, w: c.train.mixed_precision == "bf16"),
     "compile": ("train.compile=true", lambda c, w: c.train.compile),
     "draft_head": ("draft_head.enabled=true", lambda c, w: c.draft_head.enabled),
+    "triton": ('moe.backend="triton"', lambda c, w: c.moe.backend in ("triton", "triton_fused")),
 }
 
 # Pairs refused at config time, with the reason (one line names both keys).

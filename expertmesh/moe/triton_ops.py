@@ -176,9 +176,9 @@ if HAVE_TRITON:
             return
         count = tl.load(counts_ptr + e)
         start = tl.load(offs_ptr + e).to(tl.int64)
-        local = i * BM + tl.arange(0, BM)
-        rows = start + local
-        rin = local < count
+        within = i * BM + tl.arange(0, BM)
+        rows = start + within
+        rin = within < count
         cols = j * BN + tl.arange(0, BN)
         cin = cols < MD
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -205,9 +205,9 @@ if HAVE_TRITON:
         kin, cin = ks < KD, cols < MD
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         for r0 in range(0, count, BR):
-            local = r0 + tl.arange(0, BR)
-            rows = start + local
-            rin = local < count
+            within = r0 + tl.arange(0, BR)
+            rows = start + within
+            rin = within < count
             a = tl.load(x_ptr + rows[:, None] * sx_n + ks[None, :], mask=rin[:, None] & kin[None, :], other=0)
             b = tl.load(g_ptr + rows[:, None] * sg_n + cols[None, :], mask=rin[:, None] & cin[None, :], other=0)
             acc += _dot(tl.trans(a), b, INTERPRET)
@@ -219,16 +219,17 @@ if HAVE_TRITON:
                           tiles_ptr, E, K, D, F, sx, s1_e, s1_d, s2_e, s2_f, so, H_BF16: tl.constexpr,
                           INTERPRET: tl.constexpr, EB: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                           BF: tl.constexpr):
-        """Row tile i of expert e (`_tile`): the tile's tokens gathered from x (no dispatched matrix), SwiGLU through the
-        expert's w1/w3 and w2 over F in blocks with the hidden tile kept on chip, each row times its routing
-        weight added into its token's fp32 output row (atomically: a token's k slots may be in flight at once)."""
+        """Row tile i of expert e (`_tile`): the tile's tokens gathered from x (no dispatched matrix), SwiGLU
+        through the expert's w1/w3 and w2 over F in blocks with the hidden tile kept on chip, each row times its
+        routing weight added into its token's fp32 output row (atomically: a token's k slots may be in flight at
+        once)."""
         e, i = _tile(tiles_ptr, E, EB)
         if e >= E:
             return
         count = tl.load(counts_ptr + e)
-        local = i * BM + tl.arange(0, BM)
-        rin = local < count
-        slot = tl.load(slot_of_row_ptr + tl.load(offs_ptr + e).to(tl.int64) + local, mask=rin, other=0)
+        within = i * BM + tl.arange(0, BM)
+        rin = within < count
+        slot = tl.load(slot_of_row_ptr + tl.load(offs_ptr + e).to(tl.int64) + within, mask=rin, other=0)
         tok = (slot // K).to(tl.int64)
         dims = tl.arange(0, BD)
         din = dims < D
@@ -248,7 +249,8 @@ if HAVE_TRITON:
                          other=0)
             acc += _dot(_to_out(h, H_BF16), w2, INTERPRET)  # the hidden rounded as the composed path rounds it
         weight = tl.load(w_ptr + slot, mask=rin, other=0).to(tl.float32)
-        tl.atomic_add(out_ptr + tok[:, None] * so + dims[None, :], acc * weight[:, None], mask=rin[:, None] & din[None, :])
+        tl.atomic_add(out_ptr + tok[:, None] * so + dims[None, :], acc * weight[:, None],
+                      mask=rin[:, None] & din[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -98,9 +98,13 @@ def check_device_support(cfg: JobConfig, device: torch.device, env: DistEnv) -> 
         raise ConfigError("moe.backend='cuda' but " + ("the job runs on the CPU" if device.type != "cuda" else
                           "expertmesh._C was built without CUDA kernels (rebuild on a machine with nvcc, or "
                           "moe.backend='auto')"))
-    if b == "auto" and device.type == "cuda" and not moe_ops.cuda_ops_available() and env.is_rank0:
-        log.warning("moe.backend='auto': expertmesh._C has no CUDA kernels, so dispatch and combine run the "
-                    "pure-torch reference on the GPU (rebuild with nvcc for the fused kernels)")
+    if b.startswith("triton") and not moe_ops.triton_available():
+        raise ConfigError(f"moe.backend={b!r} needs the triton package, which is not installed (pip install "
+                          "triton, or moe.backend='auto')")
+    if b == "auto" and device.type == "cuda" and not moe_ops.triton_available() and not moe_ops.cuda_ops_available() \
+            and env.is_rank0:
+        log.warning("moe.backend='auto': no triton and expertmesh._C has no CUDA kernels, so dispatch and combine "
+                    "run the pure-torch reference on the GPU (pip install triton, or rebuild with nvcc)")
 
 
 def make_diloco(model, cfg: JobConfig, group, comm: Comm, env: DistEnv) -> DiLoCo | None:

@@ -38,7 +38,7 @@ def _train(rank, world, overrides):
     return held
 
 
-def _compare(run_distributed, tmp_path, name, world, run, ref, ref_world=1):
+def _compare(run_distributed, tmp_path, name, world, run, ref, ref_world=1, rel=(1e-5, 1e-4)):
     common = _common(tmp_path)
     ref_biases = run_distributed(_train, ref_world, common + ref + ["train.name=ref"], timeout=300)
     got_biases = run_distributed(_train, world, common + run + [f"train.name={name}"], timeout=300)
@@ -49,9 +49,9 @@ def _compare(run_distributed, tmp_path, name, world, run, ref, ref_world=1):
         assert (got[STEPS]["fssdp"]["reshards"] >= 1) != ("diloco" in name)
     for step in range(1, STEPS + 1):
         assert got[step]["dropped_tokens"] == want[step]["dropped_tokens"], step
-        assert got[step]["loss_avg"] == pytest.approx(want[step]["loss_avg"], rel=1e-5), step
-        assert got[step]["aux_loss"] == pytest.approx(want[step]["aux_loss"], rel=1e-5), step
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
+        assert got[step]["loss_avg"] == pytest.approx(want[step]["loss_avg"], rel=rel[0]), step
+        assert got[step]["aux_loss"] == pytest.approx(want[step]["aux_loss"], rel=rel[0]), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=rel[1]), step
     assert any(any(b) for b in ref_biases[0])
     per_worker = len(got_biases) // len(ref_biases)  # DiLoCo: each worker's ranks against that worker's reference
     for rank, biases in enumerate(got_biases):

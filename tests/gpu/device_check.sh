@@ -7,7 +7,7 @@
 #
 # Steps: GPU and torch info; the toolchain; build expertmesh._C with its CUDA kernels for sm_90 (H100/H200)
 # and check they registered; tests/gpu; 30 training steps on CUDA in bf16 with and without torch.compile;
-# the moe_ops and moe_layer benchmarks. Each step logs to <logs>/<step>.log, <logs> being $OUT/device_check
+# the Triton kernels' tests compiled for the GPU and their benchmark; the moe_ops and moe_layer benchmarks. Each step logs to <logs>/<step>.log, <logs> being $OUT/device_check
 # when OUT is set, else ./device_check_out. A failed step does not stop the ones after it (a failed build
 # still leaves the reference MoE path to train and benchmark); the exit status is 1 if any step failed, and
 # <logs>/summary.json lists every step's name, rc and seconds. Each step has its own timeout, and together
@@ -32,7 +32,7 @@ RUNS=${TMPDIR:-/tmp}/expertmesh_device_check_runs.$$  # checkpoints stay here, o
 # Everything the steps below read or run; --dry fails naming any that is missing.
 PATHS=(setup.py pyproject.toml csrc csrc/build_flags.py configs/default.toml tests/gpu tests/gpu/test_cuda_compile.py
        expertmesh/launch/cli.py expertmesh/moe/ops.py benchmarks/benchlib.py benchmarks/moe_ops.py
-       benchmarks/moe_layer.py)
+       benchmarks/moe_layer.py tests/unit/test_triton_ops.py benchmarks/triton_moe.py expertmesh/moe/triton_ops.py)
 MODULES=(pip pytest torch expertmesh.launch.cli)
 
 cd "$ROOT" || { echo "device_check: no repository at $ROOT"; exit 1; }
@@ -156,6 +156,8 @@ if [[ $DRY == 1 ]] || (($(nvidia-smi -L 2>/dev/null | wc -l) >= 2)); then
 else
     echo "== diloco_overlap: skipped, one GPU (two workers need two)"
 fi
+run_step pytest_triton 120 "$PY" -m pytest -q -rA tests/unit/test_triton_ops.py -p no:cacheprovider
+run_step bench_triton_moe 90 "$PY" benchmarks/triton_moe.py
 run_step bench_moe_ops 60 "$PY" benchmarks/moe_ops.py
 run_step bench_moe_layer 90 "$PY" benchmarks/moe_layer.py
 

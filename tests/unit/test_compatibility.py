@@ -20,7 +20,7 @@ TURN_ON = {"ep": ["parallel.ep=2"], "tp": ["parallel.tp=2"], "pp": ["parallel.pp
            "ac": ['parallel.activation_checkpoint="full"'], "capacity": ["moe.capacity_factor=1.0"],
            "bias": ["moe.bias_update_rate=0.01"], "pr-moe": ["moe.residual=true"], "shared": ["moe.shared_experts=1"],
            "accum": ["train.grad_accum=2"], "bf16": ['train.mixed_precision="bf16"'], "compile": ["train.compile=true"],
-           "draft_head": ["draft_head.enabled=true"]}
+           "draft_head": ["draft_head.enabled=true"], "triton": ['moe.backend="triton"']}
 
 
 def test_every_pair_is_proven_or_refused_and_never_both():

@@ -16,7 +16,7 @@ from helpers import failure
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "gpu" / "device_check.sh"
 STEPS = ["nvidia_smi", "torch_cuda", "toolchain", "build", "cuda_ops", "pytest_gpu", "train_compile", "train_eager",
-         "bench_moe_ops", "bench_moe_layer"]
+         "pytest_triton", "bench_triton_moe", "bench_moe_ops", "bench_moe_layer"]
 
 
 def _env(**extra) -> dict:

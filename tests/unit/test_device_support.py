@@ -44,6 +44,7 @@ def test_auto_backend_warns_on_rank_0_when_the_gpu_has_no_kernels(monkeypatch, c
     from expertmesh.moe import ops
 
     monkeypatch.setattr(ops, "cuda_ops_available", lambda: False)
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
     cfg = config.load(None, ['train.mixed_precision="fp32"'])
     gpu = torch.device("cuda", 0)
     with caplog.at_level("WARNING", logger="expertmesh"):
@@ -51,6 +52,23 @@ def test_auto_backend_warns_on_rank_0_when_the_gpu_has_no_kernels(monkeypatch, c
         assert not caplog.records  # rank 1 says nothing
         check_device_support(cfg, gpu, DistEnv(0, 0, 2, 2, "torchrun"))
     (record,) = caplog.records
-    assert "no CUDA kernels" in record.message and "reference" in record.message
+    assert "no triton" in record.message and "no CUDA kernels" in record.message and "reference" in record.message
     with pytest.raises(ConfigError, match=r"moe.backend='cuda' but expertmesh._C was built without CUDA kernels"):
         check_device_support(config.load(None, ['moe.backend="cuda"', 'train.mixed_precision="fp32"']), gpu, ONE)
+
+
+def test_auto_picks_triton_on_a_gpu_and_triton_needs_its_package(monkeypatch):
+    """On a GPU `auto` runs the Triton kernels when triton is installed (their source is the one proven on CPU),
+    else the CUDA kernels, else the reference; a Triton backend without the package is refused."""
+    from expertmesh.moe import ops
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "cuda_ops_available", lambda: True)
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    assert ops.resolve_backend("auto", gpu) == "triton" and ops.resolve_backend("auto", CPU) == "cpp"
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    assert ops.resolve_backend("auto", gpu) == "cuda"
+    with pytest.raises(ConfigError, match=r"moe.backend='triton' needs the triton package"):
+        check_device_support(config.load(None, ['moe.backend="triton"']), CPU, ONE)
+    with pytest.raises(ConfigError, match=r'moe.backend="triton_fused" with parallel.ep > 1 is refused'):
+        config.load(None, ['moe.backend="triton_fused"', "parallel.ep=2"])

@@ -5,7 +5,10 @@ K = 1 and K = 8, dropped slots, D not a power of two), in fp32 and bf16; `torch.
 
 Tolerances: fp32 against the float64 loop, what fp32 rounding of sums of <= 64 products gives (relative 2e-6
 measured here at most; allowed 2e-5); bf16 against the loop run on the bf16-rounded inputs, one bf16 rounding of
-the output plus the inputs' rounding inside (relative 8e-3 allowed, 2^-7 = one bf16 ulp)."""
+the output plus the inputs' rounding inside (relative 8e-3 allowed, 2^-7 = one bf16 ulp).
+
+On a GPU (tests/gpu/device_check.sh) the same tests run the compiled kernels on CUDA tensors (`DEV`), the C++
+ops and the loop staying on the CPU."""
 
 import importlib.util
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from expertmesh.moe import ops
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if importlib.util.find_spec("triton") is not None:
     from expertmesh.moe import triton_ops as tri
 
@@ -70,7 +74,7 @@ def test_dispatch_and_combine_equal_the_cpp_ops_and_their_gradients(shape, dtype
     and the float64 loop, and so do the gradients of both inputs."""
     T, K, E, D, _ = shape
     idx, x, *_, w = inputs(shape, dtype)
-    xs, counts, row_map, slot_of_row, offsets = ops.dispatch_triton(x, idx, E)
+    xs, counts, row_map, slot_of_row, offsets = (t.cpu() for t in ops.dispatch_triton(x.to(DEV), idx.to(DEV), E))
     ref_xs, ref_counts, ref_map = ops.dispatch(x, idx, E, "cpp")
     n = ref_xs.shape[0]
     assert torch.equal(xs[:n], ref_xs) and not xs[n:].any()
@@ -83,13 +87,14 @@ def test_dispatch_and_combine_equal_the_cpp_ops_and_their_gradients(shape, dtype
     y = torch.randn(xs.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     y[n:] = 0
     for impl in ("triton", "cpp"):
-        yy = (y if impl == "triton" else y[:n]).clone().requires_grad_(True)
-        ww = w.clone().requires_grad_(True)
-        out = ops.combine(yy, row_map, ww, impl)
+        dev = DEV if impl == "triton" else torch.device("cpu")
+        yy = (y if impl == "triton" else y[:n]).to(dev, copy=True).requires_grad_(True)
+        ww = w.to(dev, copy=True).requires_grad_(True)
+        out = ops.combine(yy, row_map.to(dev), ww, impl)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
-        out.backward(grad)
+        out.backward(grad.to(dev))
         if impl == "triton":
-            got = (out.detach(), yy.grad[:n], ww.grad)
+            got = (out.detach().cpu(), yy.grad[:n].cpu(), ww.grad.cpu())
             assert not yy.grad[n:].any()  # rows no slot reads get no gradient
         else:
             want = (out.detach(), yy.grad, ww.grad)
@@ -102,16 +107,16 @@ def test_dispatch_and_combine_equal_the_cpp_ops_and_their_gradients(shape, dtype
         for a, b in zip(got, (out64.detach(), y64.grad, w64.grad), strict=True):
             close(a, b, dtype)
 
-    xg = x.clone().requires_grad_(True)
-    xs2 = ops.dispatch_triton(xg, idx, E)[0]
+    xg = x.to(DEV, copy=True).requires_grad_(True)
+    xs2 = ops.dispatch_triton(xg, idx.to(DEV), E)[0]
     g_rows = torch.randn(xs2.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-    xs2.backward(g_rows)
+    xs2.backward(g_rows.to(DEV))
     want = torch.zeros(T, D, dtype=torch.float64)
     for t in range(T):
         for k in range(K):
             if row_map[t, k] >= 0:
                 want[t] += g_rows[row_map[t, k]].double()
-    close(xg.grad, want, dtype)
+    close(xg.grad.cpu(), want, dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -123,13 +128,13 @@ def test_the_composed_and_the_fused_layer_equal_the_loop_with_every_gradient(sha
     idx, x, w1, w3, w2, w = inputs(shape, dtype)
 
     def composed(x, w, w1, w3, w2):
-        xs, counts, row_map, _, _ = ops.dispatch_triton(x, idx, E)
+        xs, counts, row_map, _, _ = ops.dispatch_triton(x, idx.to(DEV), E)
         from expertmesh.moe.experts import compute
 
         return ops.combine(compute(xs, counts, w1, w3, w2, "triton"), row_map, w, "triton")
 
     def fused(x, w, w1, w3, w2):
-        _, counts, row_map, slot_of_row, offsets = ops.dispatch_triton(x.detach(), idx, E)
+        _, counts, row_map, slot_of_row, offsets = ops.dispatch_triton(x.detach(), idx.to(DEV), E)
         return tri.fused_moe_op(x, row_map, slot_of_row, w, w1, w3, w2, counts, offsets)
 
     leaves = [t.detach().double().requires_grad_(True) for t in (x, w, w1, w3, w2)]
@@ -137,13 +142,13 @@ def test_the_composed_and_the_fused_layer_equal_the_loop_with_every_gradient(sha
     grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(6))
     want.backward(grad.double())
     for fn in (composed, fused):
-        args = [t.detach().clone().requires_grad_(True) for t in (x, w, w1, w3, w2)]
+        args = [t.detach().to(DEV).requires_grad_(True) for t in (x, w, w1, w3, w2)]
         out = fn(*args)
-        out.backward(grad.to(out.dtype))
-        close(out.detach(), want.detach(), dtype)
+        out.backward(grad.to(out.dtype).to(DEV))
+        close(out.detach().cpu(), want.detach(), dtype)
         for name, a, b in zip(("x", "w", "w1", "w3", "w2"), args, leaves, strict=True):
             assert a.grad is not None, (fn.__name__, name)
-            close(a.grad, b.grad, dtype)
+            close(a.grad.cpu(), b.grad, dtype)
 
 
 def test_the_cpu_backends_and_triton_train_a_layer_alike():
@@ -160,9 +165,11 @@ def test_the_cpu_backends_and_triton_train_a_layer_alike():
         torch.manual_seed(0)
         model = Transformer(cfg)
         model.init_weights()
-        logits, _ = model(x)
+        dev = torch.device("cpu") if backend == "cpp" else DEV
+        model.to(dev)
+        logits, _ = model(x.to(dev))
         logits.float().logsumexp(-1).mean().backward()
-        out[backend] = [logits.detach(), *(p.grad for p in model.parameters())]
+        out[backend] = [logits.detach().cpu(), *(p.grad.cpu() for p in model.parameters())]
     for backend in ("triton", "triton_fused"):
         for a, b in zip(out[backend], out["cpp"], strict=True):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item())
@@ -172,9 +179,9 @@ def test_opcheck_every_op():
     """Schemas, fake tensors (static shapes: no data-dependent sizes), autograd registration and AOT dispatch."""
     shape = SHAPES["T13-K2-E6-D20"]
     T, K, E, D, _ = shape
-    idx, x, w1, w3, w2, w = inputs(shape)
+    idx, x, w1, w3, w2, w = (t.to(DEV) for t in inputs(shape))
     xs, counts, row_map, slot_of_row, offsets = ops.dispatch_triton(x, idx, E)
-    h = torch.randn(xs.shape[0], w1.shape[-1])
+    h = torch.randn(xs.shape[0], w1.shape[-1], device=DEV)
     def grad(t):
         return t.detach().clone().requires_grad_(True)
 
@@ -183,7 +190,7 @@ def test_opcheck_every_op():
         (tri.gather_sum_op, (xs, row_map)),
         (tri.gather_rows_op, (x, slot_of_row, K)),
         (tri.combine, (grad(xs), row_map, grad(w))),
-        (tri.combine_backward_op, (torch.randn(T, D), xs, row_map, w)),
+        (tri.combine_backward_op, (torch.randn(T, D, device=DEV), xs, row_map, w)),
         (tri.gmm_op, (grad(xs), grad(w1), counts, offsets)),
         (tri.gmm_wgrad_op, (xs, h, counts, offsets)),
         (tri.fused_moe_op, (grad(x), row_map, slot_of_row, grad(w), grad(w1), grad(w3), grad(w2), counts, offsets)),
