@@ -52,6 +52,14 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+# Launch tiles: rows per program, and the widest column block. The GPU's are the usual sizes; under the interpreter
+# every program costs milliseconds of Python, so there larger tiles mean fewer of them (tests/unit/test_triton_ops.py
+# sets the GPU's, to cross the tile edges the GPU crosses).
+GPU_TILES = {"rows": 16, "gmm_rows": 64, "fused_rows": 32, "cols": 128, "gmm_cols": 64, "fused_f": 32}
+BIG_TILES = {"rows": 128, "gmm_rows": 128, "fused_rows": 128, "cols": 256, "gmm_cols": 256, "fused_f": 256}
+TILES = BIG_TILES if INTERPRET else GPU_TILES
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -282,9 +290,9 @@ def gather_rows(x_TD: torch.Tensor, slot_of_row_S: torch.Tensor, K: int) -> torc
     x_TD = x_TD.contiguous()
     out = torch.empty(R, D, dtype=x_TD.dtype, device=x_TD.device)
     if R and D:
-        BD = _block(D, hi=128)
-        _gather_rows_kernel[(triton.cdiv(R, 16), triton.cdiv(D, BD))](x_TD, slot_of_row_S, out, R, D, K,
-                                                                      x_TD.stride(0), out.stride(0), BR=16, BD=BD)
+        BR, BD = TILES["rows"], _block(D, hi=TILES["cols"])
+        _gather_rows_kernel[(triton.cdiv(R, BR), triton.cdiv(D, BD))](x_TD, slot_of_row_S, out, R, D, K,
+                                                                      x_TD.stride(0), out.stride(0), BR=BR, BD=BD)
     return out
 
 
@@ -294,11 +302,11 @@ def gather_sum(y_RD: torch.Tensor, row_map_TK: torch.Tensor, w_TK: torch.Tensor 
     y_RD, row_map = y_RD.contiguous(), row_map_TK.contiguous()
     out = torch.empty(T, D, dtype=out_dtype, device=y_RD.device)
     if T and D:
-        BD = _block(D, hi=128)
+        BT, BD = TILES["rows"], _block(D, hi=TILES["cols"])
         w = w_TK.contiguous() if w_TK is not None else row_map  # unread without HAS_W
-        _gather_sum_kernel[(triton.cdiv(T, 16), triton.cdiv(D, BD))](
+        _gather_sum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD))](
             y_RD, row_map, w, out, T, K, D, y_RD.stride(0), out.stride(0), HAS_W=w_TK is not None,
-            OUT_BF16=out_dtype == torch.bfloat16, BT=16, BD=BD)
+            OUT_BF16=out_dtype == torch.bfloat16, BT=BT, BD=BD)
     return out
 
 
@@ -309,9 +317,10 @@ def combine_backward(grad_TD: torch.Tensor, y_RD: torch.Tensor, row_map_TK: torc
     grad_y = torch.zeros_like(y_RD)  # rows no slot reads (past N) get no gradient
     grad_w = torch.empty(T, K, dtype=torch.float32, device=y_RD.device)
     if S:
-        _combine_backward_kernel[(triton.cdiv(S, 16),)](
+        BS = TILES["rows"]
+        _combine_backward_kernel[(triton.cdiv(S, BS),)](
             grad_TD, y_RD, row_map, w, grad_y, grad_w, S, K, D, grad_TD.stride(0), y_RD.stride(0), grad_y.stride(0),
-            OUT_BF16=y_RD.dtype == torch.bfloat16, BS=16, BD=_block(D, hi=128))
+            OUT_BF16=y_RD.dtype == torch.bfloat16, BS=BS, BD=_block(D, hi=TILES["cols"]))
     return grad_y, grad_w.to(w_TK.dtype)
 
 
@@ -331,7 +340,7 @@ def gmm(x_RD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor, offsets
     x_RD = x_RD.contiguous()
     out = torch.zeros(R, MD, dtype=x_RD.dtype, device=x_RD.device)
     if R and E and MD:
-        BM, BN, BK = 64, _block(MD), _block(KD)
+        BM, BN, BK = TILES["gmm_rows"], _block(MD, hi=TILES["gmm_cols"]), _block(KD, hi=TILES["gmm_cols"])
         tiles, grid = _tiles(counts_E, BM, R)
         _gmm_kernel[(grid, triton.cdiv(MD, BN))](
             x_RD, w_EDF, out, offsets_E, counts_E.to(torch.int32), tiles, E, KD, MD, x_RD.stride(0), x_RD.stride(1),
@@ -347,11 +356,11 @@ def gmm_wgrad(x_RD: torch.Tensor, g_RM: torch.Tensor, counts_E: torch.Tensor, of
     x_RD, g_RM = x_RD.contiguous(), g_RM.contiguous()
     out = torch.empty(E, KD, MD, dtype=out_dtype, device=x_RD.device)
     if E and KD and MD:
-        BK, BN = _block(KD), _block(MD)
+        BK, BN = _block(KD, hi=TILES["gmm_cols"]), _block(MD, hi=TILES["gmm_cols"])
         _gmm_wgrad_kernel[(E, triton.cdiv(KD, BK), triton.cdiv(MD, BN))](
             x_RD, g_RM, out, offsets_E, counts_E.to(torch.int32), KD, MD, x_RD.stride(0), g_RM.stride(0),
             out.stride(0), out.stride(1), OUT_BF16=out_dtype == torch.bfloat16, INTERPRET=INTERPRET, BK=BK, BN=BN,
-            BR=16)
+            BR=TILES["rows"])
     return out
 
 
@@ -364,13 +373,13 @@ def fused_moe(x_TD, slot_of_row_S, w_TK, w1_EDF, w3_EDF, w2_EFD, counts_E, offse
     out = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
     R = slot_of_row_S.shape[0]
     if R and E:
-        BM = 32
+        BM = TILES["fused_rows"]
         tiles, grid = _tiles(counts_E, BM, R)
         _fused_moe_kernel[(grid,)](
             x_TD, slot_of_row_S, w_flat, w1_EDF, w3_EDF, w2_EFD, out, offsets_E, counts_E.to(torch.int32), tiles, E,
             K, D, F, x_TD.stride(0), w1_EDF.stride(0), w1_EDF.stride(1), w2_EFD.stride(0), w2_EFD.stride(1),
             out.stride(0), H_BF16=w2_EFD.dtype == torch.bfloat16, INTERPRET=INTERPRET,
-            EB=triton.next_power_of_2(E), BM=BM, BD=_block(D, hi=4096), BF=_block(F, hi=32))
+            EB=triton.next_power_of_2(E), BM=BM, BD=_block(D, hi=4096), BF=_block(F, hi=TILES["fused_f"]))
     return out
 
 

@@ -20,6 +20,12 @@ from expertmesh.moe import ops
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def gpu_tiles(monkeypatch):
+    """The GPU's launch tiles, also under the interpreter: these shapes then cross tile edges as the GPU does."""
+    monkeypatch.setattr(tri, "TILES", tri.GPU_TILES)
 if importlib.util.find_spec("triton") is not None:
     from expertmesh.moe import triton_ops as tri
 
