@@ -12,10 +12,10 @@
      with the head's optimizer settings.
 3. Decoding on held-out prompts (the eval split, 64 tokens each, 64 new, one request at a time, greedy): tau
    (tokens per target forward) of the head (`head_generate`) and of the draft (`speculative_generate`) with
-   chains of gamma = 4; of the head with a tree (children per depth 3, 2, 1, 1: 21 drafted tokens) and with a
-   chain of as many; wall-clock tokens/s of each and of plain decoding with a KV cache. The same four arms
-   again sampling at T = 1. The arms alternate per prompt, and every greedy arm's output must equal plain
-   greedy decoding.
+   chains of gamma = 4; of the head with a tree (children per depth 3, 2, 1, 1: 21 drafted tokens), with a
+   dynamic tree of as many (EAGLE-2: 12 levels, top-3) and with a chain of as many; wall-clock tokens/s of each
+   and of plain decoding with a KV cache. The same arms but the dynamic tree (greedy only) again sampling at
+   T = 1. The arms alternate per prompt, and every greedy arm's output must equal plain greedy decoding.
 
 Targets (issue "Draft heads"): tau head / tau draft >= 1.3; tau tree / tau chain of as many tokens >= 1.2;
 the in-loop head <= 5% of the step time.
@@ -44,8 +44,10 @@ from expertmesh.distill.speculative import speculative_generate
 from expertmesh.models.transformer import Transformer, count_params
 from expertmesh.train.wiring import load_data, warmup_cosine
 
-FULL = dict(target_steps=600, budget=300, prompts=24, prompt_len=64, new=64, gamma=4, tree=[3, 2, 1, 1], log_every=25)
-QUICK = dict(target_steps=20, budget=10, prompts=2, prompt_len=16, new=8, gamma=3, tree=[2, 1], log_every=5)
+FULL = dict(target_steps=600, budget=300, prompts=24, prompt_len=64, new=64, gamma=4, tree=[3, 2, 1, 1], log_every=25,
+            dynamic=[12, 3])
+QUICK = dict(target_steps=20, budget=10, prompts=2, prompt_len=16, new=8, gamma=3, tree=[2, 1], log_every=5,
+             dynamic=[3, 2])
 HEAD = ["draft_head.enabled=true", "draft_head.ttt_steps=3", "draft_head.lr=2e-3", "draft_head.warmup_steps=20"]
 
 
@@ -158,6 +160,8 @@ def main() -> None:
                 "draft": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], greedy=True),
                 "head tree": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"], greedy=True),
                 "head long chain": lambda x: head_generate(target, head, layers, x, p["new"], size, greedy=True),
+                "head dynamic tree": lambda x: head_generate(target, head, layers, x, p["new"], greedy=True,
+                                                             dynamic=(size, *p["dynamic"])),
                 "plain": lambda x: (plain_decode(target, x, p["new"]), None),
                 # sampling at T = 1: acceptance is lower than under greedy, where a tree's width can pay
                 "head T=1": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], generator=gen),
@@ -194,6 +198,8 @@ def main() -> None:
          "tau": tau["head tree"], "tokens_per_s": decode_tps["head tree"]},
         {"case": f"decode greedy, chain of {size}", "impl": "draft head (in-loop)", "tau": tau["head long chain"],
          "tokens_per_s": decode_tps["head long chain"]},
+        {"case": f"decode greedy, dynamic tree of {size} (depth, top-k {p['dynamic']})", "impl": "draft head (in-loop)",
+         "tau": tau["head dynamic tree"], "tokens_per_s": decode_tps["head dynamic tree"]},
         {"case": "decode greedy", "impl": "plain (KV cache)", "tau": 1.0, "tokens_per_s": decode_tps["plain"]},
         *[{"case": f"decode T=1, {what}", "impl": impl, "tau": tau[arm], "tokens_per_s": decode_tps[arm]}
           for arm, what, impl in (("head T=1", "chain", "draft head (in-loop)"),
@@ -208,6 +214,8 @@ def main() -> None:
          "value": tau["head"] / tau["draft"], "op": ">=", "target": 1.3},
         {"metric": f"tau, draft head tree {p['tree']} / chain of as many ({size}) verified tokens",
          "value": tau["head tree"] / tau["head long chain"], "op": ">=", "target": 1.2},
+        {"metric": f"tau, draft head dynamic tree of {size} / chain of as many verified tokens",
+         "value": tau["head dynamic tree"] / tau["head long chain"], "op": ">=", "target": 1.2},
         {"metric": "tau at T=1, draft head (chain) / standalone draft (chain), same data budget",
          "value": tau["head T=1"] / tau["draft T=1"], "op": ">=", "target": 1.3},
         {"metric": f"tau at T=1, draft head tree {p['tree']} / chain of as many ({size}) verified tokens",

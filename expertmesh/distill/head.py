@@ -196,6 +196,28 @@ class Tree:
         """Drafted tokens (the nodes below the root)."""
         return len(self.parent) - 1
 
+    @classmethod
+    def from_parents(cls, parent: list[int]) -> Tree:
+        """A tree of any shape: `parent[s]` for each slot s >= 1 (a parent before its children), slot 0 the root."""
+        tree = cls.__new__(cls)
+        n = len(parent)
+        if parent[0] != -1 or any(not 0 <= parent[s] < s for s in range(1, n)):
+            raise ValueError(f"parents {parent} must start with the root (-1) and precede their children")
+        tree.parent = list(parent)
+        tree.depth = [0] * n
+        tree.children = [[] for _ in range(n)]
+        for slot in range(1, n):
+            tree.depth[slot] = tree.depth[parent[slot]] + 1
+            tree.children[parent[slot]].append(slot)
+        tree.levels = [[s for s in range(n) if tree.depth[s] == d] for d in range(1, max(tree.depth) + 1)]
+        tree.ancestors = torch.zeros(n, n, dtype=torch.bool)
+        for slot in range(n):
+            a = slot
+            while a >= 0:
+                tree.ancestors[slot, a] = True
+                a = tree.parent[a]
+        return tree
+
 
 def verify_tree(p_BNV: torch.Tensor, q_BNV: torch.Tensor, tokens_BN: torch.Tensor, tree: Tree, greedy: bool,
                 generator: torch.Generator | None = None) -> list[tuple[list[int], int]]:
@@ -268,13 +290,15 @@ class HeadTrace:
 @torch.no_grad()
 def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.Tensor, max_new: int,
                   gamma: int = 4, tree: list[int] | None = None, greedy: bool = False, temperature: float = 1.0,
-                  generator: torch.Generator | None = None, on_round=None, trace: HeadTrace | None = None):
+                  generator: torch.Generator | None = None, on_round=None, trace: HeadTrace | None = None,
+                  dynamic: tuple[int, int, int] | None = None):
     """Speculative decoding with a draft head over `target` (an expertmesh Transformer). Each round the head
     catches up on the positions the target has verified (their features from the target's own verification
     forward, kept by hooks), drafts a tree (`tree`: children per depth; default a chain of `gamma`) level by
     level on its own features, and the target verifies the whole tree in one forward (tree positions and an
     ancestor mask over its KV cache; `verify_tree`: lossless). Requests advance in lockstep as in
     `speculative_generate`: a round keeps the shortest accepted path's length.
+    `dynamic = (nodes, depth, topk)` drafts EAGLE-2's dynamic tree instead (greedy only; `dynamic_tree`).
     `on_round(drafted, depth, accepted, alpha_B)` sees each round: tokens drafted per request, the tree's depth,
     each request's accepted path length and its expected acceptance (the mean over the tree's inner nodes of
     sum_v min(p, q); a chain's is `verify`'s alpha). `trace` collects, for every position of the final
@@ -283,6 +307,9 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     from expertmesh.distill.speculative import DecodeStats, _probs
 
     shape = Tree(tree if tree is not None else [1] * gamma)
+    if dynamic is not None and not greedy:
+        raise ValueError("a dynamic tree keeps each node's top-k children, which sampling's acceptance rule (children "
+                         "drawn i.i.d. from q) does not allow: decode greedily, or use a static tree")
     if max_new < 1 or prompt_BP.shape[1] < 2:
         raise ValueError(f"max_new={max_new} must be >= 1 and a prompt at least 2 tokens (got {prompt_BP.shape[1]}):"
                          " the head starts from the target's features of a position")
@@ -296,10 +323,6 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     hooks = [target.layers[str(i)].register_forward_hook(keep(i)) for i in sorted(set(layers))]
     emb, lm_head = target.tok_embeddings, target.output.weight
     dtype = head.fuse.weight.dtype
-    N1 = shape.size + 1
-    anc = shape.ancestors.to(prompt_BP.device)
-    depth = torch.tensor(shape.depth, device=prompt_BP.device)
-    inner = [s for s in range(N1) if shape.children[s]]  # the slots whose children were drafted from their q
 
     def raw():
         return torch.cat([kept[i] for i in layers], -1)
@@ -326,24 +349,14 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
             x = head.inputs(feats[:, h_len:L - 1], emb(seq[:, h_len + 1:L]).to(dtype))
             out, h_cache = _decode(head, x, h_len, h_cache)
             h_len = L - 1
-            tokens = torch.zeros(B, N1, dtype=torch.long, device=seq.device)
-            tokens[:, 0] = seq[:, -1]
-            q = torch.zeros(B, N1, lm_head.shape[0], dtype=torch.float64, device=seq.device)
-            outs = {0: out[:, -1:]}  # slot -> the head's output there
-            tree_kv: list = [None] * len(head.layers)
-            parents = [0]
-            for d, level in enumerate(shape.levels, start=1):
-                for parent in parents:  # its children: the top-b of its q (greedy), or b draws from it
-                    q[:, parent] = probs(outs[parent])[:, 0]
-                    kids = shape.children[parent]
-                    tokens[:, kids] = q[:, parent].topk(len(kids), -1).indices if greedy else \
-                        torch.multinomial(q[:, parent], len(kids), replacement=True, generator=generator)
-                if d < len(shape.levels):  # the leaves' own outputs are never read
-                    x = head.inputs(torch.cat([outs[shape.parent[s]] for s in level], 1),
-                                    emb(tokens[:, level]).to(dtype))
-                    o, tree_kv = _decode_level(head, x, h_len, h_cache, tree_kv, anc[level][:, 1:level[-1] + 1], d)
-                    outs.update({s: o[:, i:i + 1] for i, s in enumerate(level)})
-                parents = level
+            step = (_draft_dynamic(head, out[:, -1:], seq[:, -1], h_len, h_cache, dynamic, emb, probs, dtype)
+                    if dynamic is not None else
+                    _draft_static(head, shape, out[:, -1:], seq[:, -1], h_len, h_cache, greedy, generator, emb,
+                                  probs, dtype))
+            shape, tokens, q = step
+            anc = shape.ancestors.to(seq.device)
+            depth = torch.tensor(shape.depth, device=seq.device)
+            inner = [s for s in range(shape.size + 1) if shape.children[s]]  # slots whose children came from their q
             t_logits, _ = target(tokens, t_cache, tree=(depth, anc))
             p = _probs(t_logits, temperature)
             verdicts = verify_tree(p, q, tokens, shape, greedy, generator)
@@ -370,6 +383,99 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     finally:
         for h in hooks:
             h.remove()
+
+
+def _draft_static(head, shape: Tree, out_root, root_B, ctx: int, h_cache: list, greedy: bool, generator, emb, probs,
+                  dtype):
+    """A static tree (a chain: branch 1 everywhere), level by level: each node's children are the top-b tokens of
+    its q (greedy) or b draws from it. Returns (the tree, tokens [B, nodes], q [B, nodes, V] at the inner nodes)."""
+    B = root_B.shape[0]
+    N1 = shape.size + 1
+    tokens = torch.zeros(B, N1, dtype=torch.long, device=root_B.device)
+    tokens[:, 0] = root_B
+    q = None
+    outs = {0: out_root}  # slot -> the head's output there
+    tree_kv: list = [None] * len(head.layers)
+    parents = [0]
+    anc = shape.ancestors.to(root_B.device)
+    for d, level in enumerate(shape.levels, start=1):
+        for parent in parents:  # its children: the top-b of its q (greedy), or b draws from it
+            qp = probs(outs[parent])[:, 0]
+            if q is None:
+                q = torch.zeros(B, N1, qp.shape[-1], dtype=torch.float64, device=root_B.device)
+            q[:, parent] = qp
+            kids = shape.children[parent]
+            tokens[:, kids] = q[:, parent].topk(len(kids), -1).indices if greedy else \
+                torch.multinomial(q[:, parent], len(kids), replacement=True, generator=generator)
+        if d < len(shape.levels):  # the leaves' own outputs are never read
+            x = head.inputs(torch.cat([outs[shape.parent[s]] for s in level], 1), emb(tokens[:, level]).to(dtype))
+            o, tree_kv = _decode_level(head, x, ctx, h_cache, tree_kv, anc[level][:, 1:level[-1] + 1], d)
+            outs.update({s: o[:, i:i + 1] for i, s in enumerate(level)})
+        parents = level
+    return shape, tokens, q
+
+
+def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple[int, int, int], emb, probs, dtype):
+    """EAGLE-2's dynamic tree, one shape for the batch: `spec = (nodes, depth, k)`. Each of `depth` levels gives
+    every frontier node its top-k children (per request: that request's top-k tokens, scored by the path's
+    probability under the head); the k candidates of highest probability (the mean over the batch's requests)
+    form the next frontier and go through the head. The `nodes` candidates of highest probability are the tree:
+    a path's probability only falls along it, so every chosen node's parent is chosen too (ties keep the order
+    of creation). Returns (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
+    nodes, depth, k = spec
+    parent, token, logp = [-1], [root_B], [torch.zeros(root_B.shape[0], dtype=torch.float64, device=root_B.device)]
+    outs, qs = {0: out_root}, {}
+    expanded: list[int] = []  # candidates that went through the head (below the root), in order: tree_kv's keys
+    tree_kv: list = [None] * len(head.layers)
+    frontier = [0]
+    for d in range(1, depth + 1):
+        born = []
+        for f in frontier:
+            qs[f] = probs(outs[f])[:, 0]
+            top = qs[f].topk(min(k, qs[f].shape[-1]), -1)
+            for r in range(top.indices.shape[1]):
+                parent.append(f)
+                token.append(top.indices[:, r])
+                logp.append(logp[f] + top.values[:, r].clamp_min(1e-300).log())
+                born.append(len(parent) - 1)
+        if d == depth:
+            break
+        score = torch.stack([logp[c].exp().mean() for c in born])
+        frontier = [born[i] for i in sorted(score.topk(min(k, len(born))).indices.tolist())]
+        x = head.inputs(torch.cat([outs[parent[c]] for c in frontier], 1),
+                        emb(torch.stack([token[c] for c in frontier], 1)).to(dtype))
+        seen = expanded + frontier
+        mask = torch.tensor([[_is_ancestor(parent, a, c) for a in seen] for c in frontier], device=root_B.device)
+        o, tree_kv = _decode_level(head, x, ctx, h_cache, tree_kv, mask, d)
+        outs.update({c: o[:, i:i + 1] for i, c in enumerate(frontier)})
+        expanded = seen
+    score = torch.stack([lp.exp().mean() for lp in logp[1:]])
+    order = sorted(range(1, len(parent)), key=lambda c: (-float(score[c - 1]), c))
+    chosen: list[int] = []
+    for c in order:  # closed under parents: a parent's probability is at least its child's, and it came first
+        if len(chosen) == nodes:
+            break
+        if parent[c] == 0 or parent[c] in chosen:
+            chosen.append(c)
+    chosen.sort()  # creation order: parents before children
+    slot = {0: 0, **{c: i + 1 for i, c in enumerate(chosen)}}
+    shape = Tree.from_parents([-1, *[slot[parent[c]] for c in chosen]])
+    tokens = torch.stack([token[0], *[token[c] for c in chosen]], 1)
+    V = qs[0].shape[-1]
+    q = torch.zeros(tokens.shape[0], len(slot), V, dtype=torch.float64, device=root_B.device)
+    for c, s_ in slot.items():
+        if shape.children[s_]:
+            q[:, s_] = qs[c]
+    return shape, tokens, q
+
+
+def _is_ancestor(parent: list[int], a: int, c: int) -> bool:
+    """Whether candidate a is c or one of its ancestors."""
+    while c > 0:
+        if c == a:
+            return True
+        c = parent[c]
+    return False
 
 
 def _decode_level(head: DraftHead, x_BnD: torch.Tensor, ctx: int, h_cache: list, tree_kv: list,

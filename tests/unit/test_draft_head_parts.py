@@ -97,11 +97,11 @@ def _target_and_head(vocab=256, layers=3, seed=0):
     return target.eval(), head, draft_head_layers(cfg)
 
 
-@pytest.mark.parametrize("tree", [None, [3, 2, 1]], ids=["chain", "tree"])
+@pytest.mark.parametrize("tree", [None, [3, 2, 1], (8, 4, 3)], ids=["chain", "tree", "dynamic"])
 def test_head_drafting_greedy_equals_the_targets_greedy_decoding(tree):
-    """Chains (gamma 3) or trees drafted by an (untrained) head and verified by the target: the output is the
-    target's own greedy decoding token for token, for every request of a lockstep batch, whatever the head
-    proposes."""
+    """Chains (gamma 3), static trees or dynamic trees (8 nodes of 4 levels of top-3 expansions) drafted by an
+    (untrained) head and verified by the target: the output is the target's own greedy decoding token for token,
+    for every request of a lockstep batch, whatever the head proposes."""
     from expertmesh.distill.head import head_generate
 
     target, head, layers = _target_and_head()
@@ -110,7 +110,8 @@ def test_head_drafting_greedy_equals_the_targets_greedy_decoding(tree):
     with torch.no_grad():
         for _ in range(12):
             seq = torch.cat([seq, target(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
-        out, stats = head_generate(target, head, layers, prompt, 12, gamma=3, tree=tree, greedy=True)
+        out, stats = head_generate(target, head, layers, prompt, 12, gamma=3, greedy=True,
+                                   **({"dynamic": tree} if isinstance(tree, tuple) else {"tree": tree}))
     assert torch.equal(out, seq[:, 5:])
     assert stats.rounds >= 12 / 4 and stats.emitted >= 12 * 3
 
@@ -193,3 +194,23 @@ def test_the_metrics_line_shows_the_head():
     rec = {"step": 5, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 100.0, "aux_loss": 1.0, "dropped_tokens": 0,
            "comm_bytes_per_step": {}, "draft_head": {"loss": 0.4321, "top1_by_step": [0.76, 0.7]}}
     assert format_line(rec, 10).endswith("| head 0.432 top1 0.76")
+
+
+def test_a_dynamic_tree_goes_deep_where_the_head_is_sure_and_branches_where_it_is_not():
+    """`_draft_dynamic` with the head's q fixed (every node alike): q = (0.9, 0.06, ...) makes the 4 most probable
+    paths the chain of top-1 tokens (0.9, 0.81, 0.73, 0.66 against 0.06 for the runner-up); q = (0.5, 0.3, 0.2)
+    makes the 3 nodes the root's two children and the first one's child (0.5, 0.3, 0.25)."""
+    from expertmesh.distill.head import _draft_dynamic
+
+    target, head, layers = _target_and_head(vocab=8)
+    for q_fixed, nodes, want_parents, want_tokens in (([0.9, 0.06, 0.04], 4, [-1, 0, 1, 2, 3], [5, 0, 0, 0, 0]),
+                                                       ([0.5, 0.3, 0.2], 3, [-1, 0, 0, 1], [5, 0, 1, 0])):
+        q = torch.tensor(q_fixed + [0.0] * 5, dtype=torch.float64)
+        root = torch.tensor([5, 5])
+        with torch.no_grad():
+            out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
+            shape, tokens, qs = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (nodes, 4, 2),
+                                               target.tok_embeddings, lambda o, q=q: q.expand(o.shape[0], 1, -1),
+                                               torch.float32)
+        assert shape.parent == want_parents and tokens[0].tolist() == want_tokens == tokens[1].tolist()
+        assert torch.equal(qs[0, 0], q) and (qs[:, [s for s in range(nodes + 1) if not shape.children[s]]] == 0).all()

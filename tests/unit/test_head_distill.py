@@ -135,7 +135,15 @@ def test_one_process_serves_with_a_head_distills_saves_and_resumes(tmp_path):
             for _ in range(10):
                 seq = torch.cat([seq, target(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
             assert r["tokens"] == seq[0, 5:].tolist(), r["id"]
-    # a saved head serves another run as it is (static: online=false), chains of 3
+    # a saved head serves another run as it is (static: online=false), chains of 4; and in dynamic trees of 6
+    dyn = distill.run(distill_cfg(tmp_path / "dyn", target_dir, run_path / "draft_head", *args[:1],
+                                  "distill.online=false", "distill.greedy=true", "distill.tree_nodes=6",
+                                  "distill.tree_depth=3", "distill.tree_topk=2"), SINGLE)
+    assert dyn["requests"] == 12 and dyn["mean_gamma"] == 6
+    dyn_answers = [json.loads(line) for line in (tmp_path / "dyn" / "runs" / "default" /
+                                                  "responses-rank0.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["tokens"][:10] for r in dyn_answers} == {r["id"]: r["tokens"] for r in answered}  # greedy
+
     other = distill.run(distill_cfg(tmp_path / "other", target_dir, run_path / "draft_head", *args[:1],
                                     "distill.online=false"), SINGLE)
     assert other["requests"] == 12 and other["draft_updates"] == 0 and other["mean_gamma"] == 4
@@ -148,6 +156,10 @@ def test_head_settings_are_checked(tmp_path):
         distill_cfg(tmp_path, target_dir, draft_dir, "distill.tree=[2,1]")
     with pytest.raises(ConfigError, match="distill.adaptive_gamma=true with a draft head"):
         distill_cfg(tmp_path, target_dir, "head", "distill.adaptive_gamma=true")
+    with pytest.raises(ConfigError, match=r"distill.tree_nodes=8 needs distill.greedy=true"):
+        distill_cfg(tmp_path, target_dir, "head", "distill.tree_nodes=8")
+    with pytest.raises(ConfigError, match=r"distill.tree_nodes=8 and distill.tree are two trees"):
+        distill_cfg(tmp_path, target_dir, "head", "distill.tree_nodes=8", "distill.tree=[2]", "distill.greedy=true")
     with pytest.raises(ConfigError, match=r"distill.tree=\[2, 0\] must give >= 1 children"):
         distill_cfg(tmp_path, target_dir, "head", "distill.tree=[2,0]")
     small, _ = make_run(tmp_path / "small", 16, 4, 0)  # a head made for another target's widths
