@@ -323,8 +323,8 @@ class DistillConfig:
     # a draft head's dynamic tree (EAGLE-2), greedy only: > 0 drafts this many tokens a round, the most probable
     # under the head of `tree_depth` levels in which the `tree_topk` most probable nodes each grow `tree_topk` children
     tree_nodes: int = 0
-    tree_depth: int = 6
-    tree_topk: int = 4
+    tree_depth: int = 6  # the dynamic tree's levels (its deepest path)
+    tree_topk: int = 4  # the dynamic tree's nodes grown per level, and children per grown node
     adaptive_gamma: bool = False  # grow/shrink gamma within `[gamma_min, gamma_max]` from the recent acceptance
     # choose gamma within `[gamma_min, gamma_max]` each round from the verification costs measured at start (this
     # target, `batch_size` requests, gamma+1 tokens a pass, against the draft's) and the recent acceptance: the
