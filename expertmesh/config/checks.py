@@ -227,10 +227,10 @@ def check_distill(cfg: JobConfig) -> None:
                if g.tree else "needs distill.greedy=true: a node's top-k children are not the i.i.d. draws sampling's "
                "acceptance rule needs")
         raise ConfigError(f"distill.tree_nodes={g.tree_nodes} {why}")
-    if head and (g.adaptive_gamma or g.gamma_by_cost):
+    if (g.tree or g.tree_nodes) and (g.adaptive_gamma or g.gamma_by_cost):
         rule = "adaptive_gamma" if g.adaptive_gamma else "gamma_by_cost"
-        raise ConfigError(f"distill.{rule}=true with a draft head (distill.draft={g.draft!r}) is refused: a head "
-                          "drafts a fixed chain (distill.gamma) or tree (distill.tree)")
+        tree = "distill.tree" if g.tree else "distill.tree_nodes"
+        raise ConfigError(f"distill.{rule}=true with {tree} is refused: the rule sizes chains (distill.gamma)")
     if g.save_every < 0:
         raise ConfigError(f"distill.save_every={g.save_every} must be >= 0 (0 = only at the end)")
     if g.temperature <= 0 or g.lr <= 0:

@@ -289,7 +289,7 @@ class HeadTrace:
 
 @torch.no_grad()
 def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.Tensor, max_new: int,
-                  gamma: int = 4, tree: list[int] | None = None, greedy: bool = False, temperature: float = 1.0,
+                  gamma=4, tree: list[int] | None = None, greedy: bool = False, temperature: float = 1.0,
                   generator: torch.Generator | None = None, on_round=None, trace: HeadTrace | None = None,
                   dynamic: tuple[int, int, int] | None = None):
     """Speculative decoding with a draft head over `target` (an expertmesh Transformer). Each round the head
@@ -298,7 +298,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     level on its own features, and the target verifies the whole tree in one forward (tree positions and an
     ancestor mask over its KV cache; `verify_tree`: lossless). Requests advance in lockstep as in
     `speculative_generate`: a round keeps the shortest accepted path's length.
-    `dynamic = (nodes, depth, topk)` drafts EAGLE-2's dynamic tree instead (greedy only; `dynamic_tree`).
+    `dynamic = (nodes, depth, topk)` drafts EAGLE-2's dynamic tree instead (greedy only; `_draft_dynamic`).
+    `gamma` may be a rule (`AdaptiveGamma`, `CostGamma`) that sets each round's chain length from the last.
     `on_round(drafted, depth, accepted, alpha_B)` sees each round: tokens drafted per request, the tree's depth,
     each request's accepted path length and its expected acceptance (the mean over the tree's inner nodes of
     sum_v min(p, q); a chain's is `verify`'s alpha). `trace` collects, for every position of the final
@@ -306,6 +307,10 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     data for the head, no extra target forward). Returns (generated tokens [B, max_new], DecodeStats)."""
     from expertmesh.distill.speculative import DecodeStats, _probs
 
+    rule = gamma if hasattr(gamma, "update") else None  # AdaptiveGamma / CostGamma: the chain's length moves
+    if rule is not None and (tree is not None or dynamic is not None):
+        raise ValueError("a gamma rule sizes chains: pass a fixed tree or dynamic tree without it")
+    gamma = rule.gamma if rule is not None else gamma
     shape = Tree(tree if tree is not None else [1] * gamma)
     if dynamic is not None and not greedy:
         raise ValueError("a dynamic tree keeps each node's top-k children, which sampling's acceptance rule (children "
@@ -377,6 +382,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
                          torch.minimum(p[:, inner], q[:, inner]).sum(-1).mean(-1).tolist())
             if trace is not None:
                 trace.add(kept_raw, p.gather(1, slots[..., None].expand(-1, -1, p.shape[-1])))
+            if rule is not None:
+                shape = Tree([1] * rule.update(sum(accepted) / len(accepted) / shape.size))
         if trace is not None:
             trace.tokens = seq
         return seq[:, P:P + max_new], stats

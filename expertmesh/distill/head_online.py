@@ -63,6 +63,31 @@ class HeadDraft(nn.Module):
     def lm_head(self) -> torch.Tensor:
         return self._target[1]
 
+    @torch.no_grad()
+    def step_seconds(self, batch: int, prompt_len: int, reps: int = 3) -> float:
+        """Seconds of one drafted token: a head step after `prompt_len` cached positions and its LM-head
+        projection (the median of `reps`; what `measure_costs` weighs against the target's passes)."""
+        import statistics
+        import time
+
+        from expertmesh.distill.head import _decode
+
+        w = self.head.fuse.weight
+        D = w.shape[0]
+        x = torch.randn(batch, prompt_len + 1, D, device=w.device, dtype=w.dtype)
+        times = []
+        for _ in range(reps + 1):
+            _, cache = _decode(self.head, x[:, :prompt_len], 0, [None] * len(self.head.layers))
+            if w.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out, _ = _decode(self.head, x[:, prompt_len:], prompt_len, cache)
+            self.head.logits(out, self.lm_head.to(w.dtype)).softmax(-1)
+            if w.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
 
 def load_head_draft(path: str | Path, target, cfg: JobConfig, device: torch.device) -> HeadDraft:
     """`distill.draft` as a head over `target` (an expertmesh model): a new one ("head", seeded by

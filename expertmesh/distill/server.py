@@ -188,7 +188,7 @@ class Server:
         g = self.cfg.distill
         longest = g.gamma_max if g.adaptive_gamma or g.gamma_by_cost else g.gamma
         if isinstance(self.draft, HeadDraft):  # a tree's nodes all sit in the target's cache while verified
-            longest = g.tree_nodes or (len(Tree(g.tree).parent) - 1 if g.tree else g.gamma)
+            longest = g.tree_nodes or (len(Tree(g.tree).parent) - 1 if g.tree else longest)
             if len(req.tokens) < 2:
                 return "a draft head needs prompts of at least 2 tokens (it starts from the target's features)"
         need = len(req.tokens) + g.max_new_tokens + longest + 1
@@ -217,7 +217,8 @@ class Server:
         trace = None
         if isinstance(self.draft, HeadDraft):
             trace = HeadTrace(g.topk) if g.online else None
-            out, _ = head_generate(self.target, self.draft.head, self.draft.layers, prompt, g.max_new_tokens, g.gamma,
+            out, _ = head_generate(self.target, self.draft.head, self.draft.layers, prompt, g.max_new_tokens,
+                                   self.gamma,
                                    tree=g.tree or None, greedy=g.greedy, temperature=g.temperature,
                                    generator=self.generator, trace=trace,
                                    dynamic=(g.tree_nodes, g.tree_depth, g.tree_topk) if g.tree_nodes else None,

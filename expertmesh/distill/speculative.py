@@ -120,7 +120,8 @@ def measure_costs(target, draft, batch: int, prompt_len: int, sizes: list[int], 
     """Seconds of one target forward over n new tokens per request after a cached prompt, at this batch size
     (the median of `reps`), for each n in `sizes`; and of one draft forward over one token. A MoE target
     wakes more experts the more tokens a pass carries, so its n-token pass costs more than a dense one's
-    against its one-token pass (MoESD); that, not acceptance alone, decides how much to draft."""
+    against its one-token pass (MoESD); that, not acceptance alone, decides how much to draft. A draft with a
+    `step_seconds(batch, prompt_len, reps)` (a draft head) times its own step."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
 
@@ -140,7 +141,8 @@ def measure_costs(target, draft, batch: int, prompt_len: int, sizes: list[int], 
         return statistics.median(times[1:])
 
     verify = {n: timed(target, n) for n in sorted(set(sizes))}
-    return {"batch": batch, "prompt_len": prompt_len, "verify_s": verify, "draft_s": timed(draft, 1),
+    draft_s = draft.step_seconds(batch, prompt_len, reps) if hasattr(draft, "step_seconds") else timed(draft, 1)
+    return {"batch": batch, "prompt_len": prompt_len, "verify_s": verify, "draft_s": draft_s,
             "verify_relative": {n: t / verify[min(verify)] for n, t in verify.items()}}
 
 

@@ -154,8 +154,8 @@ def test_head_settings_are_checked(tmp_path):
     draft_dir, _ = make_run(tmp_path / "draft", 16, 1, 1)
     with pytest.raises(ConfigError, match=r"distill.tree=\[2, 1\] needs a draft head as distill.draft"):
         distill_cfg(tmp_path, target_dir, draft_dir, "distill.tree=[2,1]")
-    with pytest.raises(ConfigError, match="distill.adaptive_gamma=true with a draft head"):
-        distill_cfg(tmp_path, target_dir, "head", "distill.adaptive_gamma=true")
+    with pytest.raises(ConfigError, match=r"distill.gamma_by_cost=true with distill.tree is refused"):
+        distill_cfg(tmp_path, target_dir, "head", "distill.gamma_by_cost=true", "distill.tree=[2]")
     with pytest.raises(ConfigError, match=r"distill.tree_nodes=8 needs distill.greedy=true"):
         distill_cfg(tmp_path, target_dir, "head", "distill.tree_nodes=8")
     with pytest.raises(ConfigError, match=r"distill.tree_nodes=8 and distill.tree are two trees"):
@@ -169,3 +169,28 @@ def test_head_settings_are_checked(tmp_path):
     save_head(DraftHead(model.cfg, DraftHeadConfig()), [0, 1, 2], model.cfg, DraftHeadConfig(), tmp_path / "h", {})
     with pytest.raises(ConfigError, match=r"was made for another target: \(head, target\) \{'dim': \(16, 32\)"):
         distill.run(distill_cfg(tmp_path, target_dir, tmp_path / "h"), SINGLE)
+
+
+def test_a_heads_chain_is_sized_by_the_measured_costs(tmp_path):
+    """`distill.gamma_by_cost` with a head: the head's own step is timed beside the target's passes (in the
+    metrics), each round's chain lies within [gamma_min, gamma_max], and greedy answers are the target's."""
+    target_dir, target = make_run(tmp_path / "target", 32, 4, 0, moe_every=1)
+    cfg = distill_cfg(tmp_path, target_dir, "head", 'distill.synthetic=["stdlib:4"]', "distill.batch_size=2",
+                      "distill.gamma_by_cost=true", "distill.gamma_min=1", "distill.gamma=2", "distill.gamma_max=4",
+                      "distill.greedy=true", "distill.online=false")
+    summary = distill.run(cfg, SINGLE)
+    costs = records(cfg.run_path, "spec_costs")[0]
+    assert costs["draft_s"] > 0 and sorted(costs["verify_s"], key=int) == ["2", "3", "4", "5"]
+    assert 1 <= summary["mean_gamma"] <= 4
+    from expertmesh.data.tokenizer import ByteTokenizer
+    from expertmesh.distill.stream import requests
+
+    prompts = {r.index: r.tokens for r in requests(cfg.distill, ByteTokenizer(), cfg.train.seed)}
+    target.eval()
+    for r in map(json.loads, (cfg.run_path / "responses-rank0.jsonl").read_text().splitlines()):
+        assert r["rounds"] <= r["drafted"] <= 4 * r["rounds"]
+        seq = torch.tensor([prompts[r["index"]]])
+        with torch.no_grad():
+            for _ in range(12):
+                seq = torch.cat([seq, target(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+        assert r["tokens"] == seq[0, -12:].tolist()
