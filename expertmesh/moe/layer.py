@@ -95,8 +95,8 @@ class MoELayer(nn.Module):
     def _triton(self, xe_TD: torch.Tensor, r) -> torch.Tensor:
         """Dispatch, experts and combine through the Triton kernels (moe/triton_ops.py). Local experts take the
         dispatched matrix as it is (T*K rows, the routed ones first: no host sync), or, with `triton_fused`, the
-        whole layer is one kernel over the tokens; a dispatcher that moves rows to other ranks gets the N
-        routed rows (N read on the host: its split sizes are host values anyway)."""
+        whole layer is one kernel over the tokens; a dispatcher that moves rows to other ranks sends only the
+        routed ones (its split sizes, host values anyway, say how many) and returns those."""
         from expertmesh.moe import triton_ops
 
         xs, counts, row_map, slot_of_row, offsets = ops.dispatch_triton(xe_TD, r.topk_idx_TK, self.num_experts)
@@ -105,6 +105,4 @@ class MoELayer(nn.Module):
             w1, w3, w2 = (getattr(self.experts, n).to(xe_TD.dtype) for n in ("w1", "w3", "w2"))
             return triton_ops.fused_moe_op(xe_TD, row_map, slot_of_row, w_TK, w1, w3, w2, counts,
                                            offsets).to(xe_TD.dtype)
-        if not isinstance(self.dispatcher, LocalDispatcher):
-            xs = xs[:int(counts.sum())]
         return triton_ops.combine(self.dispatcher(xs, counts, self.experts), row_map, w_TK)

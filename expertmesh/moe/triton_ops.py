@@ -13,7 +13,7 @@ expert (the order of the C++ and reference ops: stable, token order inside an ex
 counts and offsets stay on the device, and every kernel reads them there (the grouped GEMMs launch R / BM + E
 programs, each finding its expert and row tile from the experts' cumulative tile counts; the spare ones
 return at once). Expert parallelism needs its split sizes
-on the host anyway; the layer cuts the rows to N there (moe/layer.py).
+on the host anyway; its all-to-all sends only the routed rows (parallel/fssdp.py).
 
 Rounding. Every kernel multiplies and accumulates in fp32 and rounds once to the output's dtype. bf16
 outputs are rounded to nearest-even in the kernel by bit arithmetic (`_to_out`), because the interpreter's
@@ -85,12 +85,13 @@ if HAVE_TRITON:
         tl.store(counts_ptr + e, running)
 
     @triton.jit
-    def _row_map_kernel(idx_ptr, rank_ptr, offs_ptr, row_map_ptr, slot_of_row_ptr, S, BLOCK: tl.constexpr):
-        """row_map[s] = offset[expert] + rank (-1 for a dropped slot); slot_of_row, its inverse."""
+    def _row_map_kernel(idx_ptr, rank_ptr, offs_ptr, row_map_ptr, slot_of_row_ptr, S, E, BLOCK: tl.constexpr):
+        """row_map[s] = offset[expert] + rank (-1 for a dropped slot, or an id outside [0, E)); slot_of_row, its
+        inverse."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < S
         e = tl.load(idx_ptr + offs, mask=inside, other=-1)
-        kept = inside & (e >= 0)
+        kept = inside & (e >= 0) & (e < E)
         row = tl.load(offs_ptr + e, mask=kept, other=0) + tl.load(rank_ptr + offs, mask=kept, other=0)
         tl.store(row_map_ptr + offs, tl.where(kept, row, -1).to(tl.int64), mask=inside)
         tl.store(slot_of_row_ptr + row, offs, mask=kept)
@@ -281,7 +282,8 @@ def route(topk_idx_TK: torch.Tensor, num_experts: int):
     row_map = torch.empty(S, dtype=torch.int64, device=idx.device)
     slot_of_row = torch.full((S,), -1, dtype=torch.int32, device=idx.device)
     if S:
-        _row_map_kernel[(triton.cdiv(S, block),)](idx, rank, offsets, row_map, slot_of_row, S, BLOCK=block)
+        _row_map_kernel[(triton.cdiv(S, block),)](idx, rank, offsets, row_map, slot_of_row, S, num_experts,
+                                                  BLOCK=block)
     return row_map.view(T, K), slot_of_row, counts.to(torch.int64), offsets
 
 

@@ -200,14 +200,16 @@ def route(plan: Plan, me: int, counts_E: list[int]) -> tuple[list[list[int]], to
 def route_owned(plan: Plan, counts_E: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`route` for a plan without replicas, on the counts' device (no host sync): every row goes to its
     expert's owner. Returns send_PE and the row order (None when the owners are in expert order, as
-    under expert parallelism: the rows already leave grouped by destination)."""
+    under expert parallelism: the rows already leave grouped by destination). `rows` may exceed the
+    routed rows (the zero rows Triton's dispatch appends): they keep their places, after all the others."""
     P, E = plan.ranks, len(plan.slots)
     owner = torch.tensor([h[0] for h in plan.holders], device=counts_E.device)
     counts = counts_E.to(torch.int64)
     send_PE = (owner[None, :] == torch.arange(P, device=counts.device)[:, None]) * counts[None, :]
     if plan.slots == tuple(range(E)):
         return send_PE, None
-    slots = torch.tensor(plan.slots, device=counts.device)  # the sending order of the experts
+    counts = torch.cat([counts, rows - counts.sum()[None]])  # the unrouted rows: one more block, sent last
+    slots = torch.tensor([*plan.slots, E], device=counts.device)  # the sending order of the experts
     starts_E = torch.cumsum(counts, 0) - counts
     blocks = counts[slots]
     dst = torch.cumsum(blocks, 0) - blocks
@@ -360,8 +362,9 @@ class ExpertPlacement(nn.Module):
         recv_PE = torch.empty_like(send_PE)
         self.comm.all_to_all_single(recv_PE, send_PE, None, None, self.group, "ep")
         in_splits, out_splits = torch.stack([send_PE.sum(1), recv_PE.sum(1)]).tolist()
-        x_recv = all_to_all(x_sorted_ND if order is None else x_sorted_ND[order], out_splits, in_splits, self.group,
-                            self.comm)
+        x_send = x_sorted_ND if order is None else x_sorted_ND[order]
+        x_recv = all_to_all(x_send[:sum(in_splits)], out_splits, in_splits, self.group, self.comm)  # (Triton's
+        # dispatch appends unrouted rows: never sent)
         recv_PH = recv_PE[:, list(plan.held(self.rank))]
         perm = source_to_expert_major(recv_PH, x_recv.shape[0])
         counts_H = recv_PH.sum(0)
@@ -377,7 +380,7 @@ class ExpertPlacement(nn.Module):
         y_back = all_to_all(y_recv, in_splits, out_splits, self.group, self.comm)
         if order is None or not y_back.shape[0]:
             return y_back
-        return torch.empty_like(y_back).index_copy(0, order, y_back)
+        return torch.empty_like(y_back).index_copy(0, order[:y_back.shape[0]], y_back)
 
 
 def _gather_and_compute(xch, x_held, counts_H, w1, w3, w2):

@@ -7,7 +7,8 @@ host-side data pipeline's). A step may
 sync only where a data-dependent split size needs it: expert parallelism reads the rows it receives once
 per MoE layer and micro-batch; FSSDP reads its own counts (to route) and the received ones, and once per
 step the load it plans from. Everything else (losses, router statistics, the gradient norm and its clip)
-stays on the device until the metrics window reads it, outside the step.
+stays on the device until the metrics window reads it, outside the step. The Triton backend adds none (its
+dispatch keeps T*K rows, the routed ones first, so no size depends on the data).
 """
 
 import linecache
@@ -77,6 +78,9 @@ CASES = {  # name: (overrides, syncs allowed per step)
     # call also reads its counts to split rows over holders; one more for the load history
     "dp2xep2-fssdp": (["parallel.ep=2", 'moe.placement="fssdp"', "moe.fssdp.window=1"],
                       (LAYERS * MICRO + 1, 2 * LAYERS * MICRO + 1, 2 * LAYERS * MICRO + 1)),
+    # the Triton kernels (interpreted here): none of their own, so the same as the C++ ops without EP and with it
+    "dp2xtp2-triton": (["parallel.tp=2", 'moe.backend="triton"'], 0),
+    "dp2xep2-triton": (["parallel.ep=2", 'moe.backend="triton"'], LAYERS * MICRO),
 }
 
 
