@@ -194,3 +194,35 @@ def test_a_heads_chain_is_sized_by_the_measured_costs(tmp_path):
             for _ in range(12):
                 seq = torch.cat([seq, target(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
         assert r["tokens"] == seq[0, -12:].tolist()
+
+
+def test_a_fine_tune_of_an_imported_moe_grows_a_head_that_distill_serves(hf_dirs, tmp_path):
+    """`expertmesh run` over a Qwen3-MoE checkpoint (`model.hf_path`) with `draft_head.enabled` writes the head
+    beside the run as a by-product; `expertmesh distill` serves the checkpoint with it as the draft (trees,
+    greedy), and the answer is transformers' own greedy decoding of the checkpoint."""
+    from hf_checkpoints import hf_model
+
+    from expertmesh.dist.env import DistEnv
+    from expertmesh.models.hf import load_config
+    from expertmesh.train.loop import run
+
+    path = hf_dirs["qwen3_moe"]
+    run(load_config(None, [f'model.hf_path="{path}"', f'train.run_dir="{tmp_path / "ft"}"', "train.steps=3",
+                           "checkpoint.enabled=false", "data.seq_len=32", "data.max_bytes=200000",
+                           "train.eval_batches=2", "train.eval_every=1000", 'metrics.wandb_mode="disabled"',
+                           "draft_head.enabled=true"]), DistEnv(0, 0, 1, 1, "single"))
+    head_dir = tmp_path / "ft" / "default" / "draft_head"
+    _, _, meta = load_head(head_dir)
+    assert meta["step"] == 3 and meta["model"]["dim"] == load_config(None, [f'model.hf_path="{path}"']).model.dim
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "x", "prompt": "hello world"}) + "\n")
+    cfg = distill_cfg(tmp_path, path, head_dir, f'distill.prompts="{prompts}"', "distill.greedy=true",
+                      "distill.tree=[2,1]", "distill.online=false")
+    distill.run(cfg, SINGLE)
+    (answer,) = [json.loads(line) for line in (cfg.run_path / "responses-rank0.jsonl").read_text().splitlines()]
+    ref = hf_model(path)
+    seq = torch.tensor([list(b"hello world")])
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert answer["tokens"] == seq[0, 11:].tolist()
