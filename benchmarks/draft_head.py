@@ -17,6 +17,9 @@
    and of plain decoding with a KV cache. The same arms but the dynamic tree (greedy only) again sampling at
    T = 1. The arms alternate per prompt, and every greedy arm's output must equal plain greedy decoding.
 
+All of it twice: for the default model, and for a Qwen3-MoE of the same size (random weights written by transformers,
+then trained by `expertmesh run` through `model.hf_path`: the fine-tune path; GQA, QK-norm, every layer MoE).
+
 Targets (issue "Draft heads"): tau head / tau draft >= 1.3; tau tree / tau chain of as many tokens >= 1.2;
 the in-loop head <= 5% of the step time.
 """
@@ -117,74 +120,84 @@ def plain_decode(target, prompt, new: int) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
-def main() -> None:
-    args = benchlib.parse_args(__doc__)
-    p = QUICK if args.quick else FULL
+def qwen3_moe_checkpoint(out: Path, quick: bool) -> Path:
+    """A randomly initialised Qwen3-MoE of the default model's size (byte vocabulary), written by transformers."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    size = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=64) if quick else \
+        dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384, moe_intermediate_size=128)
+    cfg = T.Qwen3MoeConfig(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
+                           tie_word_embeddings=False, **size)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out))
+    return out
+
+
+def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> tuple[list, list, float]:
+    """The whole comparison for one target: trained by `expertmesh run` with `extra` overrides."""
     h = {"lr": 2e-3, "warmup_steps": 20}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        total = p["target_steps"] + p["budget"]
-        common = [f"metrics.log_every={p['log_every']}", f"train.eval_every={total}", "train.eval_batches=2"]
-        if args.quick:
-            common += ["data.max_bytes=400000", "model.dim=64", "model.n_layers=2", "model.ffn_dim=128",
-                       "moe.expert_dim=64", "data.seq_len=64"]
-        t0 = time.perf_counter()
-        cli(root, [*common, "train.name=target", f"train.steps={p['target_steps']}",
-                   f"checkpoint.every={p['target_steps']}"])
-        target_s = time.perf_counter() - t0
-        frozen = [*common, f"train.steps={total}", "optim.lr=1e-12", "optim.weight_decay=0",
-                  f"checkpoint.every={total}"]
-        for name in ("plain", "head"):  # each resumes a copy of the target run
-            subprocess.run(["cp", "-r", str(root / "target"), str(root / name)], check=True)
-        cli(root, [*frozen, "train.name=plain"])
-        cli(root, [*frozen, *HEAD, "train.name=head"])
-        warm = p["target_steps"] + p["log_every"]  # the first window of each resumed run holds its start
-        cli_tok = {n: statistics.median(r["tokens_per_s"] for r in records(root / n, warm)) for n in ("plain", "head")}
-        head_rec = records(root / "head", p["target_steps"])[-1]["draft_head"]
+    total = p["target_steps"] + p["budget"]
+    common = [f"metrics.log_every={p['log_every']}", f"train.eval_every={total}", "train.eval_batches=2", *extra]
+    if quick:
+        common += ["data.max_bytes=400000", "data.seq_len=64"]
+        if not extra:
+            common += ["model.dim=64", "model.n_layers=2", "model.ffn_dim=128", "moe.expert_dim=64"]
+    t0 = time.perf_counter()
+    cli(root, [*common, "train.name=target", f"train.steps={p['target_steps']}",
+               f"checkpoint.every={p['target_steps']}"])
+    target_s = time.perf_counter() - t0
+    frozen = [*common, f"train.steps={total}", "optim.lr=1e-12", "optim.weight_decay=0", f"checkpoint.every={total}"]
+    for name in ("plain", "head"):  # each resumes a copy of the target run
+        subprocess.run(["cp", "-r", str(root / "target"), str(root / name)], check=True)
+    cli(root, [*frozen, "train.name=plain"])
+    cli(root, [*frozen, *HEAD, "train.name=head"])
+    warm = p["target_steps"] + p["log_every"]  # the first window of each resumed run holds its start
+    cli_tok = {n: statistics.median(r["tokens_per_s"] for r in records(root / n, warm)) for n in ("plain", "head")}
+    head_rec = records(root / "head", p["target_steps"])[-1]["draft_head"]
 
-        cfg = config_mod.from_dict(json.loads((root / "target" / "config.json").read_text()))
-        target, _, _ = load_lm(root / "head", torch.device("cpu"), "target")
-        head, layers, _ = load_head(root / "head" / "draft_head")
-        head.eval()
-        head_params = sum(t.numel() for t in head.parameters())
-        draft, draft_blocks = draft_model(cfg, head_params)
-        _, tokens, _ = load_data(cfg, None, None)
-        draft_loss = distill_draft(draft, target, cfg, tokens, p["target_steps"], p["budget"], h)
-        draft.eval()
-
-        _, eval_tokens = split_tokens(tokens, cfg.data.eval_fraction)
-        stride = (len(eval_tokens) - p["prompt_len"]) // p["prompts"]
-        prompts = [eval_tokens[i * stride:i * stride + p["prompt_len"]][None].long() for i in range(p["prompts"])]
-        size = sum(math.prod(p["tree"][:d + 1]) for d in range(len(p["tree"])))
-        runs = {"head": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], greedy=True),
-                "draft": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], greedy=True),
-                "head tree": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"], greedy=True),
-                "head long chain": lambda x: head_generate(target, head, layers, x, p["new"], size, greedy=True),
-                "head dynamic tree": lambda x: head_generate(target, head, layers, x, p["new"], greedy=True,
-                                                             dynamic=(size, *p["dynamic"])),
-                "plain": lambda x: (plain_decode(target, x, p["new"]), None),
-                # sampling at T = 1: acceptance is lower than under greedy, where a tree's width can pay
-                "head T=1": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], generator=gen),
-                "draft T=1": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], generator=gen),
-                "head tree T=1": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"],
-                                                         generator=gen),
-                "head long chain T=1": lambda x: head_generate(target, head, layers, x, p["new"], size,
-                                                               generator=gen)}
-        gen = torch.Generator().manual_seed(0)
-        emitted = {k: 0 for k in runs}
-        forwards = {k: 0 for k in runs}
-        seconds = {k: 0.0 for k in runs}
-        for x in prompts:  # alternating the arms per prompt
-            outs = {}
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                out, stats = fn(x)
-                seconds[name] += time.perf_counter() - t0
-                outs[name] = out
-                if stats is not None:
-                    emitted[name] += stats.emitted
-                    forwards[name] += stats.rounds
-            assert all(torch.equal(out, outs["plain"]) for name, out in outs.items() if "T=1" not in name)
+    cfg = config_mod.from_dict(json.loads((root / "target" / "config.json").read_text()))
+    target, _, _ = load_lm(root / "head", torch.device("cpu"), "target")
+    head, layers, _ = load_head(root / "head" / "draft_head")
+    head.eval()
+    head_params = sum(t.numel() for t in head.parameters())
+    draft, draft_blocks = draft_model(cfg, head_params)
+    _, tokens, _ = load_data(cfg, None, None)
+    draft_loss = distill_draft(draft, target, cfg, tokens, p["target_steps"], p["budget"], h)
+    draft.eval()
+    _, eval_tokens = split_tokens(tokens, cfg.data.eval_fraction)
+    stride = (len(eval_tokens) - p["prompt_len"]) // p["prompts"]
+    prompts = [eval_tokens[i * stride:i * stride + p["prompt_len"]][None].long() for i in range(p["prompts"])]
+    size = sum(math.prod(p["tree"][:d + 1]) for d in range(len(p["tree"])))
+    runs = {"head": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], greedy=True),
+            "draft": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], greedy=True),
+            "head tree": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"], greedy=True),
+            "head long chain": lambda x: head_generate(target, head, layers, x, p["new"], size, greedy=True),
+            "head dynamic tree": lambda x: head_generate(target, head, layers, x, p["new"], greedy=True,
+                                                         dynamic=(size, *p["dynamic"])),
+            "plain": lambda x: (plain_decode(target, x, p["new"]), None),
+            # sampling at T = 1: acceptance is lower than under greedy, where a tree's width can pay
+            "head T=1": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], generator=gen),
+            "draft T=1": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], generator=gen),
+            "head tree T=1": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"],
+                                                     generator=gen),
+            "head long chain T=1": lambda x: head_generate(target, head, layers, x, p["new"], size,
+                                                           generator=gen)}
+    gen = torch.Generator().manual_seed(0)
+    emitted = {k: 0 for k in runs}
+    forwards = {k: 0 for k in runs}
+    seconds = {k: 0.0 for k in runs}
+    for x in prompts:  # alternating the arms per prompt
+        outs = {}
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            out, stats = fn(x)
+            seconds[name] += time.perf_counter() - t0
+            outs[name] = out
+            if stats is not None:
+                emitted[name] += stats.emitted
+                forwards[name] += stats.rounds
+        assert all(torch.equal(out, outs["plain"]) for name, out in outs.items() if "T=1" not in name)
     tau = {k: emitted[k] / forwards[k] for k in runs if k != "plain"}
     decode_tps = {k: p["prompts"] * p["new"] / seconds[k] for k in runs}
     results = [
@@ -225,8 +238,31 @@ def main() -> None:
         {"metric": "decoding tokens/s, draft head tree / plain (reported)",
          "value": decode_tps["head tree"] / decode_tps["plain"], "op": ">=", "target": 0.0},
     ]
-    benchlib.write("draft_head", {**p, "head": HEAD, "target_s": round(target_s, 1),
-                                  "model": "configs/default.toml" + (" (quick: smaller)" if args.quick else "")},
+    pre = "" if label == "default" else f"{label}: "
+    for row in results:
+        row["case"] = pre + row["case"]
+    for claim in claims:
+        claim["metric"] = pre + claim["metric"]
+    return results, claims, target_s
+
+
+def main() -> None:
+    args = benchlib.parse_args(__doc__)
+    p = QUICK if args.quick else FULL
+    results, claims, seconds = [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        qwen = qwen3_moe_checkpoint(root / "qwen3_hf", args.quick)
+        targets = {"default": [], "qwen3_moe": [f'model.hf_path="{qwen}"']}
+        for label, extra in targets.items():
+            (root / label).mkdir()
+            r, c, seconds[label] = measure(root / label, p, args.quick, label, extra)
+            results += r
+            claims += c
+    benchlib.write("draft_head", {**p, "head": HEAD, "target_s": {k: round(v, 1) for k, v in seconds.items()},
+                                  "model": "configs/default.toml" + (" (quick: smaller)" if args.quick else ""),
+                                  "qwen3_moe": "a random Qwen3-MoE of the default model's size (transformers), "
+                                               "trained by expertmesh run through model.hf_path"},
                    results, claims, args.out)
 
 
