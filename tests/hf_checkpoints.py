@@ -133,3 +133,15 @@ def make_fp8_checkpoint(root: Path):
         (d / "config.json").write_text(json.dumps(hf))
         out[name] = d
     return out["fp8"], out["deq"], deq
+
+
+def hf_greedy(path: Path, prompt: list[int], new: int) -> list[int]:
+    """transformers' own greedy decoding of the checkpoint: `new` tokens after `prompt` (full forwards)."""
+    import torch
+
+    ref = hf_model(path)
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new):
+            seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[0, len(prompt):].tolist()

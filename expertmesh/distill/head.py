@@ -162,28 +162,38 @@ def _decode(head: DraftHead, x_BSD: torch.Tensor, start: int, cache: list) -> tu
 
 
 class Tree:
-    """A static tree of drafts: `branch[d]` children for every node at depth d (a chain: all ones). Slots in
-    level order, slot 0 the root (the newest accepted token, which the target has not seen yet)."""
+    """A tree of drafts, slots in level order, slot 0 the root (the newest accepted token, which the target has
+    not seen yet). `Tree(branch)`: the static tree with `branch[d]` children for every node at depth d (a chain:
+    all ones); `Tree.from_parents(parent)`: any shape."""
 
     def __init__(self, branch: list[int]) -> None:
         if not branch or any(b < 1 for b in branch):
             raise ValueError(f"a tree needs one or more depths of >= 1 children each, got {branch}")
-        self.parent, self.depth, self.children = [-1], [0], [[]]
-        level = [0]
-        self.levels: list[list[int]] = []
-        for d, b in enumerate(branch, start=1):
+        parent, level = [-1], [0]
+        for b in branch:
             nxt = []
-            for parent in level:
-                for _ in range(b):
-                    slot = len(self.parent)
-                    self.parent.append(parent)
-                    self.depth.append(d)
-                    self.children.append([])
-                    self.children[parent].append(slot)
-                    nxt.append(slot)
-            self.levels.append(nxt)
+            for node in level:
+                nxt += range(len(parent), len(parent) + b)
+                parent += [node] * b
             level = nxt
-        n = len(self.parent)
+        self._build(parent)
+
+    @classmethod
+    def from_parents(cls, parent: list[int]) -> Tree:
+        """A tree of any shape: `parent[s]` for each slot s >= 1 (a parent before its children), slot 0 the root."""
+        if parent[0] != -1 or any(not 0 <= parent[s] < s for s in range(1, len(parent))):
+            raise ValueError(f"parents {parent} must start with the root (-1) and precede their children")
+        tree = cls.__new__(cls)
+        tree._build(parent)
+        return tree
+
+    def _build(self, parent: list[int]) -> None:
+        n = len(parent)
+        self.parent, self.depth, self.children = list(parent), [0] * n, [[] for _ in range(n)]
+        for slot in range(1, n):
+            self.depth[slot] = self.depth[parent[slot]] + 1
+            self.children[parent[slot]].append(slot)
+        self.levels = [[s for s in range(n) if self.depth[s] == d] for d in range(1, max(self.depth) + 1)]
         self.ancestors = torch.zeros(n, n, dtype=torch.bool)  # [slot, slot]: ancestor or itself
         for slot in range(n):
             a = slot
@@ -195,28 +205,6 @@ class Tree:
     def size(self) -> int:
         """Drafted tokens (the nodes below the root)."""
         return len(self.parent) - 1
-
-    @classmethod
-    def from_parents(cls, parent: list[int]) -> Tree:
-        """A tree of any shape: `parent[s]` for each slot s >= 1 (a parent before its children), slot 0 the root."""
-        tree = cls.__new__(cls)
-        n = len(parent)
-        if parent[0] != -1 or any(not 0 <= parent[s] < s for s in range(1, n)):
-            raise ValueError(f"parents {parent} must start with the root (-1) and precede their children")
-        tree.parent = list(parent)
-        tree.depth = [0] * n
-        tree.children = [[] for _ in range(n)]
-        for slot in range(1, n):
-            tree.depth[slot] = tree.depth[parent[slot]] + 1
-            tree.children[parent[slot]].append(slot)
-        tree.levels = [[s for s in range(n) if tree.depth[s] == d] for d in range(1, max(tree.depth) + 1)]
-        tree.ancestors = torch.zeros(n, n, dtype=torch.bool)
-        for slot in range(n):
-            a = slot
-            while a >= 0:
-                tree.ancestors[slot, a] = True
-                a = tree.parent[a]
-        return tree
 
 
 def verify_tree(p_BNV: torch.Tensor, q_BNV: torch.Tensor, tokens_BN: torch.Tensor, tree: Tree, greedy: bool,
@@ -343,9 +331,10 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
         seq = prompt_BP.clone()
         t_cache = target.make_cache()
         t_logits, _ = target(seq[:, :-1], t_cache)
+        prefix = raw()
         if trace is not None:
-            trace.add(raw(), _probs(t_logits, temperature))
-        feats = fused(raw())  # [B, n, D]: the target's features of positions 0..n-1, n = t_cache.length = L - 1
+            trace.add(prefix, _probs(t_logits, temperature))
+        feats = fused(prefix)  # [B, n, D]: the target's features of positions 0..n-1, n = t_cache.length = L - 1
         h_cache: list = [None] * len(head.layers)
         h_len = 0
         stats = DecodeStats(accepted_lengths=[])

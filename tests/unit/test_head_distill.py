@@ -200,7 +200,7 @@ def test_a_fine_tune_of_an_imported_moe_grows_a_head_that_distill_serves(hf_dirs
     """`expertmesh run` over a Qwen3-MoE checkpoint (`model.hf_path`) with `draft_head.enabled` writes the head
     beside the run as a by-product; `expertmesh distill` serves the checkpoint with it as the draft (trees,
     greedy), and the answer is transformers' own greedy decoding of the checkpoint."""
-    from hf_checkpoints import hf_model
+    from hf_checkpoints import hf_greedy
 
     from expertmesh.dist.env import DistEnv
     from expertmesh.models.hf import load_config
@@ -220,9 +220,4 @@ def test_a_fine_tune_of_an_imported_moe_grows_a_head_that_distill_serves(hf_dirs
                       "distill.tree=[2,1]", "distill.online=false")
     distill.run(cfg, SINGLE)
     (answer,) = [json.loads(line) for line in (cfg.run_path / "responses-rank0.jsonl").read_text().splitlines()]
-    ref = hf_model(path)
-    seq = torch.tensor([list(b"hello world")])
-    with torch.no_grad():
-        for _ in range(12):
-            seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert answer["tokens"] == seq[0, 11:].tolist()
+    assert answer["tokens"] == hf_greedy(path, list(b"hello world"), 12)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_checkpoints import FAMILIES, VOCAB, hf_model, make_checkpoint
+from hf_checkpoints import FAMILIES, VOCAB, hf_greedy, hf_model, make_checkpoint
 from safetensors import safe_open
 
 from expertmesh.config import ConfigError
@@ -205,12 +205,7 @@ def test_distill_serves_an_hf_moe_target_with_our_model(hf_dirs, tmp_path):
     (answer,) = [json.loads(line) for line in (cfg.run_path / "responses-rank0.jsonl").read_text().splitlines()]
     target, _, kind = load_lm(target_dir, torch.device("cpu"), "target")
     assert kind == "expertmesh-hf" and isinstance(target, Transformer)
-    ref = hf_model(target_dir)
-    seq = torch.tensor([list(b"hello world")])
-    with torch.no_grad():
-        for _ in range(12):
-            seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert answer["tokens"] == seq[0, 11:].tolist()
+    assert answer["tokens"] == hf_greedy(target_dir, list(b"hello world"), 12)
 
 
 def test_export_command(hf_dirs, tmp_path, capsys):
