@@ -66,6 +66,8 @@ def test_the_trace_of_decoding_is_a_plain_forward_of_the_final_sequences(tree):
     for tokens, feats, idx, p in rows:
         logits, want = _plain(target, layers, tokens[None, :-1])
         top_p, top_i = logits[0].softmax(-1).topk(5, -1)
+        # the trace stores fp32 (one rounding, 6e-8 relative) of float64 values that differ from the plain forward's
+        # only in summation order (~1e-15): 1e-6 allows the rounding and nothing a wrong position would give
         torch.testing.assert_close(feats, want[0].float(), rtol=1e-6, atol=1e-6)
         assert torch.equal(idx, top_i)
         torch.testing.assert_close(p, top_p.float(), rtol=1e-6, atol=1e-7)
@@ -93,6 +95,8 @@ def test_the_online_loss_over_recorded_examples_is_the_in_loop_loss():
             single.append(float(loss))
         with torch.no_grad():
             got = float(distiller.loss(examples))
+        # 1e-5: the online loss reads fp32-stored features and probabilities, the in-loop one float64 features and
+        # an fp32 softmax (fp32 rounding, ~1e-7 relative, through a sum of a few hundred terms)
         if steps == 2:  # two sequences of one length: the in-loop loss of the batch of both
             logits, feats = _plain(target, layers, torch.stack(seqs)[:, :-1])
             with torch.no_grad():
