@@ -111,6 +111,7 @@ class Metrics:
             if "draft_head" in rec:
                 h = rec["draft_head"]
                 flat.update({"draft_head/loss": h["loss"], "draft_head/lr": h["lr"],
+                             "draft_head/step_share": h.get("step_share", 0.0),
                              **{f"draft_head/loss_step{j}": v for j, v in enumerate(h["loss_by_step"])},
                              **{f"draft_head/top1_step{j}": v for j, v in enumerate(h["top1_by_step"])}})
             if "fssdp" in rec:

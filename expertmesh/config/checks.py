@@ -227,10 +227,16 @@ def check_distill(cfg: JobConfig) -> None:
                if g.tree else "needs distill.greedy=true: a node's top-k children are not the i.i.d. draws sampling's "
                "acceptance rule needs")
         raise ConfigError(f"distill.tree_nodes={g.tree_nodes} {why}")
-    if (g.tree or g.tree_nodes) and (g.adaptive_gamma or g.gamma_by_cost):
+    if g.tree and (g.adaptive_gamma or g.gamma_by_cost):
         rule = "adaptive_gamma" if g.adaptive_gamma else "gamma_by_cost"
-        tree = "distill.tree" if g.tree else "distill.tree_nodes"
-        raise ConfigError(f"distill.{rule}=true with {tree} is refused: the rule sizes chains (distill.gamma)")
+        raise ConfigError(f"distill.{rule}=true with distill.tree is refused: a static tree's size is its shape "
+                          "(distill.tree_nodes with distill.gamma_by_cost sizes a dynamic tree by cost)")
+    if g.tree_nodes and g.adaptive_gamma:
+        raise ConfigError("distill.adaptive_gamma=true with distill.tree_nodes is refused: the rule sizes chains "
+                          "(distill.gamma_by_cost sizes a dynamic tree)")
+    if g.tree_nodes and g.gamma_by_cost and g.gamma_min > g.tree_nodes:
+        raise ConfigError(f"distill.gamma_by_cost with distill.tree_nodes verifies gamma_min..tree_nodes drafts a round:"
+                          f" gamma_min={g.gamma_min} > tree_nodes={g.tree_nodes}")
     if g.save_every < 0:
         raise ConfigError(f"distill.save_every={g.save_every} must be >= 0 (0 = only at the end)")
     if g.temperature <= 0 or g.lr <= 0:

@@ -328,7 +328,8 @@ class DistillConfig:
     adaptive_gamma: bool = False  # grow/shrink gamma within `[gamma_min, gamma_max]` from the recent acceptance
     # choose gamma within `[gamma_min, gamma_max]` each round from the verification costs measured at start (this
     # target, `batch_size` requests, gamma+1 tokens a pass, against the draft's) and the recent acceptance: the
-    # gamma with the most expected tokens per second (MoESD: a MoE target's passes cost more per token)
+    # gamma with the most expected tokens per second (MoESD: a MoE target's passes cost more per token); with
+    # `tree_nodes`, each round verifies the `gamma_min..tree_nodes` most probable nodes that pay the most the same way
     gamma_by_cost: bool = False
     gamma_min: int = 1  # `adaptive_gamma`'s lower bound
     gamma_max: int = 8  # `adaptive_gamma`'s upper bound

@@ -286,7 +286,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     level on its own features, and the target verifies the whole tree in one forward (tree positions and an
     ancestor mask over its KV cache; `verify_tree`: lossless). Requests advance in lockstep as in
     `speculative_generate`: a round keeps the shortest accepted path's length.
-    `dynamic = (nodes, depth, topk)` drafts EAGLE-2's dynamic tree instead (greedy only; `_draft_dynamic`).
+    `dynamic = (nodes, depth, topk)` drafts EAGLE-2's dynamic tree instead (greedy only; `_draft_dynamic`); `nodes`
+    may be a `CostTree`, which sizes each round's tree and learns from what the round kept.
     `gamma` may be a rule (`AdaptiveGamma`, `CostGamma`) that sets each round's chain length from the last.
     `on_round(drafted, depth, accepted, alpha_B)` sees each round: tokens drafted per request, the tree's depth,
     each request's accepted path length and its expected acceptance (the mean over the tree's inner nodes of
@@ -296,6 +297,7 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     from expertmesh.distill.speculative import DecodeStats, _probs
 
     rule = gamma if hasattr(gamma, "update") else None  # AdaptiveGamma / CostGamma: the chain's length moves
+    tree_rule = dynamic[0] if dynamic is not None and not isinstance(dynamic[0], int) else None  # CostTree
     if rule is not None and (tree is not None or dynamic is not None):
         raise ValueError("a gamma rule sizes chains: pass a fixed tree or dynamic tree without it")
     gamma = rule.gamma if rule is not None else gamma
@@ -373,6 +375,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
                 trace.add(kept_raw, p.gather(1, slots[..., None].expand(-1, -1, p.shape[-1])))
             if rule is not None:
                 shape = Tree([1] * rule.update(sum(accepted) / len(accepted) / shape.size))
+            if tree_rule is not None:
+                tree_rule.update(m)
         if trace is not None:
             trace.tokens = seq
         return seq[:, P:P + max_new], stats
@@ -417,7 +421,7 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple[
     probability under the head); the k candidates of highest probability (the mean over the batch's requests)
     form the next frontier and go through the head. The `nodes` candidates of highest probability are the tree:
     a path's probability only falls along it, so every chosen node's parent is chosen too (ties keep the order
-    of creation). Returns (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
+    of creation). `nodes` may be a rule (`CostTree`) that chooses how many from their probabilities. Returns (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
     nodes, depth, k = spec
     parent, token, logp = [-1], [root_B], [torch.zeros(root_B.shape[0], dtype=torch.float64, device=root_B.device)]
     outs, qs = {0: out_root}, {}
@@ -445,15 +449,14 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple[
         o, tree_kv = _decode_level(head, x, ctx, h_cache, tree_kv, mask, d)
         outs.update({c: o[:, i:i + 1] for i, c in enumerate(frontier)})
         expanded = seen
-    score = torch.stack([lp.exp().mean() for lp in logp[1:]])
-    order = sorted(range(1, len(parent)), key=lambda c: (-float(score[c - 1]), c))
-    chosen: list[int] = []
-    for c in order:  # closed under parents: a parent's probability is at least its child's, and it came first
-        if len(chosen) == nodes:
-            break
-        if parent[c] == 0 or parent[c] in chosen:
-            chosen.append(c)
-    chosen.sort()  # creation order: parents before children
+    score = torch.stack([lp.exp().mean() for lp in logp[1:]]).tolist()
+    order = sorted(range(1, len(parent)), key=lambda c: (-score[c - 1], c))
+    closed: list[int] = []
+    for c in order:  # every prefix closed under parents: a parent's probability is at least its child's, and it
+        if parent[c] == 0 or parent[c] in closed:  # came first
+            closed.append(c)
+    n = nodes if isinstance(nodes, int) else nodes.choose([score[c - 1] for c in closed])
+    chosen = sorted(closed[:n])  # creation order: parents before children
     slot = {0: 0, **{c: i + 1 for i, c in enumerate(chosen)}}
     shape = Tree.from_parents([-1, *[slot[parent[c]] for c in chosen]])
     tokens = torch.stack([token[0], *[token[c] for c in chosen]], 1)

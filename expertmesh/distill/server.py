@@ -61,7 +61,7 @@ from expertmesh.distill.online import (
     weights_digest,
     weights_vector,
 )
-from expertmesh.distill.speculative import AdaptiveGamma, CostGamma, measure_costs, speculative_generate
+from expertmesh.distill.speculative import AdaptiveGamma, CostGamma, CostTree, measure_costs, speculative_generate
 from expertmesh.distill.stream import Request, requests
 from expertmesh.metrics import Metrics
 
@@ -142,12 +142,15 @@ class Server:
         self.stream, self.device, self.rank = iter(stream), device, rank
         self.pending: Request | None = None
         self.gamma = AdaptiveGamma(g.gamma, g.gamma_min, g.gamma_max) if g.adaptive_gamma else g.gamma
-        self.costs = None
+        self.costs, self.tree_nodes = None, g.tree_nodes  # tree_nodes: a count, or a CostTree that sizes each tree
         if g.gamma_by_cost:  # measured here, on this rank's device, at the batch size it serves
-            self.costs = measure_costs(target, draft, g.batch_size, g.prompt_len,
-                                       list(range(g.gamma_min + 1, g.gamma_max + 2)),
+            hi = g.tree_nodes or g.gamma_max
+            self.costs = measure_costs(target, draft, g.batch_size, g.prompt_len, list(range(g.gamma_min + 1, hi + 2)),
                                        min(target.vocab_size, draft.vocab_size), device=device)
-            self.gamma = CostGamma(self.costs, g.gamma_min, g.gamma_max, g.gamma)
+            if g.tree_nodes:
+                self.tree_nodes = CostTree(self.costs, g.gamma_min, g.tree_nodes, g.tree_depth)
+            else:
+                self.gamma = CostGamma(self.costs, g.gamma_min, g.gamma_max, g.gamma)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"spec-costs-rank{rank}.json").write_text(json.dumps(self.costs) + "\n")
             log.info("verification costs at batch %d (seconds per pass of n tokens): %s; draft token %.2e s",
@@ -221,7 +224,7 @@ class Server:
                                    self.gamma,
                                    tree=g.tree or None, greedy=g.greedy, temperature=g.temperature,
                                    generator=self.generator, trace=trace,
-                                   dynamic=(g.tree_nodes, g.tree_depth, g.tree_topk) if g.tree_nodes else None,
+                                   dynamic=(self.tree_nodes, g.tree_depth, g.tree_topk) if g.tree_nodes else None,
                                    on_round=lambda n, depth, acc, alpha: count_round(stats, n, acc, alpha, depth))
         else:
             out, _ = speculative_generate(self.target, self.draft, prompt, g.max_new_tokens, self.gamma,

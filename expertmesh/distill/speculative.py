@@ -177,6 +177,49 @@ class CostGamma:
         return self.gamma
 
 
+class CostTree:
+    """How many of a dynamic tree's drafts to verify, from the measured costs: each round the candidates come
+    ordered by the head's probability of their path (EAGLE-2's estimate of the chance each is accepted; every
+    prefix of the order holds its nodes' parents), and the rule keeps the first n in [lo, hi] that maximize the
+    expected tokens per second of the round, (1 + c * the sum of their probabilities) tokens for
+    draft_s * depth + verify_s[n + 1] seconds (the tree's levels through the head, then one target pass over
+    the root and n nodes). c calibrates the head's confidence against what rounds really kept (the batch's
+    lockstep length): over the last `window` rounds, tokens kept over probability sums predicted (1 at first).
+    A MoE target whose passes cost more per token (MoESD) verifies fewer nodes at the same confidence."""
+
+    def __init__(self, costs: dict, lo: int, hi: int, depth: int, window: int = 16) -> None:
+        missing = [n for n in range(lo + 1, hi + 2) if n not in costs["verify_s"]]
+        if not 1 <= lo <= hi or depth < 1 or missing:
+            raise ValueError(f"cost tree needs 1 <= lo={lo} <= hi={hi}, depth={depth} >= 1 and verify costs for "
+                             f"{lo + 1}..{hi + 1} tokens (missing {missing})")
+        self.costs, self.lo, self.hi, self.depth, self.window = costs, lo, hi, depth, window
+        self.recent: list[tuple[int, float]] = []  # (kept, predicted) per round
+        self.calibration, self.nodes, self.predicted = 1.0, hi, 0.0
+
+    def best(self, scores: list[float]) -> tuple[int, float]:
+        """The n with the most expected tokens per second for candidates of these path probabilities (in order),
+        and the sum of the first n."""
+        draft_s = self.costs["draft_s"] * self.depth
+        top = min(self.hi, len(scores))
+        sums = [0.0]
+        for s in scores[:top]:
+            sums.append(sums[-1] + s)
+        rate = {n: (1 + self.calibration * sums[n]) / (draft_s + self.costs["verify_s"][n + 1])
+                for n in range(min(self.lo, top), top + 1) if n >= 1}
+        n = max(rate, key=rate.get)
+        return n, sums[n]
+
+    def choose(self, scores: list[float]) -> int:
+        self.nodes, self.predicted = self.best(scores)
+        return self.nodes
+
+    def update(self, kept: int) -> None:
+        """After the round `choose` sized: the drafts the batch kept."""
+        self.recent = (self.recent + [(kept, self.predicted)])[-self.window:]
+        predicted = sum(p for _, p in self.recent)
+        self.calibration = sum(k for k, _ in self.recent) / predicted if predicted > 0 else 1.0
+
+
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (greedy=True for argmax decoding)")

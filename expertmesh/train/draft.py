@@ -16,6 +16,7 @@ Its state goes into every rank's checkpoint file; rank 0 also writes `runs/<name
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +55,21 @@ class InLoopHead:
         self.lm_head: torch.Tensor | None = None
         self.sums = torch.zeros(1 + 2 * h.ttt_steps, dtype=torch.float64, device=device)  # micros, loss/top-1 by step
         self.last = torch.zeros_like(self.sums)  # the last step's sums, over the data ranks
+        self.seconds = 0.0  # the head's own time since the last record (CUDA: events, read when it is logged)
+        self.events: list = []
+
+    def _clock(self):
+        if self.device.type == "cuda":  # no host sync per step: events, read at the record
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _took(self, start) -> None:
+        if self.device.type == "cuda":
+            self.events.append((start, self._clock()))
+        else:
+            self.seconds += time.perf_counter() - start
 
     def _keep(self, key):
         def hook(module, args, out):
@@ -77,6 +93,7 @@ class InLoopHead:
 
     def add_micro(self, logits_BSV: torch.Tensor, autocast) -> None:
         """Trains on the micro-batch whose forward just ran (call after the target's backward)."""
+        start = self._clock()
         S = logits_BSV.shape[1]
         feats = [self._whole(self.captured[i], S) for i in self.layers]
         emb = self._whole(self.captured["emb"], S)
@@ -85,9 +102,11 @@ class InLoopHead:
         (loss / self.cfg.train.grad_accum).backward()
         self.sums += torch.cat([torch.ones(1, device=self.device), per_step.to(self.device), agree.to(self.device)])
         self.captured.clear()
+        self._took(start)
 
     def step(self) -> None:
         """Averages the head's gradients (and its metrics) over the data ranks, clips, and steps."""
+        start = self._clock()
         params = [p for p in self.head.parameters()]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten().double() for g in grads] + [self.sums])
@@ -105,14 +124,22 @@ class InLoopHead:
         self.optimizer.zero_grad(set_to_none=True)
         self.sums.zero_()
         self.lm_head = None  # the target has stepped
+        self._took(start)
 
-    def stats(self) -> dict:
+    def stats(self, window_seconds: float) -> dict:
         """The last step's head loss (step 0 of the training-time test) and, per unrolled step, its loss and
-        top-1 agreement with the target, averaged over the data ranks' micro-batches."""
+        top-1 agreement with the target, averaged over the data ranks' micro-batches; and `step_share`, the
+        head's part of this rank's step time since the last record (`window_seconds`: the steps' time), its
+        own work timed in the same steps (its loss, backward, gradient all-reduce and optimizer step)."""
         steps = self.cfg.draft_head.ttt_steps
         by_step = (self.last[1:] / self.last[0].clamp_min(1)).tolist()
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1000
+            self.events = []
+        share, self.seconds = self.seconds / window_seconds if window_seconds > 0 else 0.0, 0.0
         return {"loss": by_step[0], "loss_by_step": by_step[:steps], "top1_by_step": by_step[steps:],
-                "lr": self.scheduler.get_last_lr()[0]}
+                "lr": self.scheduler.get_last_lr()[0], "step_share": share}
 
     def state_dict(self) -> dict:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),

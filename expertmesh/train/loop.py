@@ -227,6 +227,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
             eval_loss = evaluate(model, eval_data, cfg, mesh, comm, device, autocast, diloco, pipe)
             metrics.log_eval(step, eval_loss)
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
+            window_seconds = window.seconds  # this rank's steps since the last record (the head's share of them)
             rec = window.record(step, scheduler.get_last_lr()[0], grad_norm, eval_loss)
             if diloco is not None:
                 rec["diloco"] = diloco.stats(step)
@@ -235,7 +236,7 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
                 if mesh.dims.pp > 1:
                     rec["fssdp"] = FSSDP.merge_stages(comm.all_gather_object(rec["fssdp"], mesh.group("pp")))
             if draft is not None:
-                rec["draft_head"] = draft.stats()
+                rec["draft_head"] = draft.stats(window_seconds)
             if par.compiled is not None:  # this rank's: block forwards, calls into compiled graphs, graphs
                 rec["compile"] = par.compiled.take()
             metrics.log(rec)

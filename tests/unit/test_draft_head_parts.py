@@ -97,13 +97,18 @@ def _target_and_head(vocab=256, layers=3, seed=0):
     return target.eval(), head, draft_head_layers(cfg)
 
 
-@pytest.mark.parametrize("tree", [None, [3, 2, 1], (8, 4, 3)], ids=["chain", "tree", "dynamic"])
+@pytest.mark.parametrize("tree", [None, [3, 2, 1], (8, 4, 3), "by cost"], ids=["chain", "tree", "dynamic", "by-cost"])
 def test_head_drafting_greedy_equals_the_targets_greedy_decoding(tree):
-    """Chains (gamma 3), static trees or dynamic trees (8 nodes of 4 levels of top-3 expansions) drafted by an
-    (untrained) head and verified by the target: the output is the target's own greedy decoding token for token,
-    for every request of a lockstep batch, whatever the head proposes."""
+    """Chains (gamma 3), static trees or dynamic trees (8 nodes of 4 levels of top-3 expansions, or as many of
+    them as a `CostTree` finds worth verifying) drafted by an (untrained) head and verified by the target: the
+    output is the target's own greedy decoding token for token, for every request of a lockstep batch, whatever
+    the head proposes."""
     from expertmesh.distill.head import head_generate
+    from expertmesh.distill.speculative import CostTree
 
+    if tree == "by cost":
+        rule = CostTree({"draft_s": 0.01, "verify_s": {n: 0.1 + 0.02 * n for n in range(2, 10)}}, 1, 8, 4)
+        tree = (rule, 4, 3)
     target, head, layers = _target_and_head()
     prompt = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(1))
     seq = prompt
@@ -214,3 +219,28 @@ def test_a_dynamic_tree_goes_deep_where_the_head_is_sure_and_branches_where_it_i
                                                torch.float32)
         assert shape.parent == want_parents and tokens[0].tolist() == want_tokens == tokens[1].tolist()
         assert torch.equal(qs[0, 0], q) and (qs[:, [s for s in range(nodes + 1) if not shape.children[s]]] == 0).all()
+
+
+def test_a_cost_tree_verifies_what_pays_for_its_pass():
+    """`_draft_dynamic` sized by a `CostTree`, the head's q fixed at (0.9, 0.06, 0.04): candidates in order of
+    path probability 0.9, 0.81, 0.729, 0.656 (the top-1 chain), then 0.06, 0.054, ... Verifying n nodes earns
+    1 + their sum for draft + verify_s[n + 1] seconds: a pass that costs the same for any n verifies all 8
+    allowed; one growing by 0.01 s a token (a MoE pass waking experts) stops after the chain (4: 4.095 / 0.15
+    against 4.155 / 0.16 for 5); one growing by 0.1 s a token verifies 1 (1.9 / 0.2)."""
+    from expertmesh.distill.head import _draft_dynamic
+    from expertmesh.distill.speculative import CostTree
+
+    target, head, layers = _target_and_head(vocab=8)
+    q = torch.tensor([0.9, 0.06, 0.04] + [0.0] * 5, dtype=torch.float64)
+    root = torch.tensor([5, 5])
+    for grow, nodes in ((0.0, 8), (0.01, 4), (0.1, 1)):
+        rule = CostTree({"draft_s": 0.0, "verify_s": {n: 0.1 + grow * (n - 1) for n in range(2, 10)}}, 1, 8, 4)
+        with torch.no_grad():
+            out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
+            shape, tokens, _ = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (rule, 4, 2),
+                                              target.tok_embeddings, lambda o: q.expand(o.shape[0], 1, -1),
+                                              torch.float32)
+        assert shape.size == rule.nodes == nodes, grow
+        if nodes <= 4:  # the chain of top-1 tokens (8: slots in order of creation, the runners-up among them)
+            assert shape.parent == [-1, 0, 1, 2, 3][:nodes + 1] and tokens[0, 1:].tolist() == [0] * nodes
+        assert rule.predicted == pytest.approx(sum([0.9, 0.81, 0.729, 0.6561, 0.06, 0.054, 0.054, 0.0486][:nodes]))

@@ -160,6 +160,12 @@ def test_head_settings_are_checked(tmp_path):
         distill_cfg(tmp_path, target_dir, draft_dir, "distill.tree=[2,1]")
     with pytest.raises(ConfigError, match=r"distill.gamma_by_cost=true with distill.tree is refused"):
         distill_cfg(tmp_path, target_dir, "head", "distill.gamma_by_cost=true", "distill.tree=[2]")
+    with pytest.raises(ConfigError, match=r"distill.adaptive_gamma=true with distill.tree_nodes is refused"):
+        distill_cfg(tmp_path, target_dir, "head", "distill.adaptive_gamma=true", "distill.tree_nodes=8",
+                    "distill.greedy=true")
+    with pytest.raises(ConfigError, match=r"gamma_min=3 > tree_nodes=2"):
+        distill_cfg(tmp_path, target_dir, "head", "distill.gamma_by_cost=true", "distill.tree_nodes=2",
+                    "distill.gamma_min=3", "distill.greedy=true")
     with pytest.raises(ConfigError, match=r"distill.tree_nodes=8 needs distill.greedy=true"):
         distill_cfg(tmp_path, target_dir, "head", "distill.tree_nodes=8")
     with pytest.raises(ConfigError, match=r"distill.tree_nodes=8 and distill.tree are two trees"):
@@ -175,13 +181,16 @@ def test_head_settings_are_checked(tmp_path):
         distill.run(distill_cfg(tmp_path, target_dir, tmp_path / "h"), SINGLE)
 
 
-def test_a_heads_chain_is_sized_by_the_measured_costs(tmp_path):
+@pytest.mark.parametrize("shape", ["chain", "dynamic tree"])
+def test_a_heads_drafts_are_sized_by_the_measured_costs(tmp_path, shape):
     """`distill.gamma_by_cost` with a head: the head's own step is timed beside the target's passes (in the
-    metrics), each round's chain lies within [gamma_min, gamma_max], and greedy answers are the target's."""
+    metrics), each round's chain lies within [gamma_min, gamma_max] (with `distill.tree_nodes`, each round's
+    dynamic tree within [gamma_min, tree_nodes]), and greedy answers are the target's."""
     target_dir, target = make_run(tmp_path / "target", 32, 4, 0, moe_every=1)
+    tree = ["distill.tree_nodes=4", "distill.tree_depth=3", "distill.tree_topk=2"] if shape != "chain" else []
     cfg = distill_cfg(tmp_path, target_dir, "head", 'distill.synthetic=["stdlib:4"]', "distill.batch_size=2",
                       "distill.gamma_by_cost=true", "distill.gamma_min=1", "distill.gamma=2", "distill.gamma_max=4",
-                      "distill.greedy=true", "distill.online=false")
+                      "distill.greedy=true", "distill.online=false", *tree)
     summary = distill.run(cfg, SINGLE)
     costs = records(cfg.run_path, "spec_costs")[0]
     assert costs["draft_s"] > 0 and sorted(costs["verify_s"], key=int) == ["2", "3", "4", "5"]
