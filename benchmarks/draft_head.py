@@ -15,8 +15,9 @@
    chains of gamma = 4; of the head with a tree (children per depth 3, 2, 1, 1: 21 drafted tokens), with a
    dynamic tree of as many (EAGLE-2: 12 levels, top-3), with a dynamic tree of 1..as many nodes sized each round
    by cost (`CostTree`, the target's passes timed first at batch 1) and with a chain of as many; wall-clock
-   tokens/s of each and of plain decoding with a KV cache. The same arms but the dynamic tree (greedy only) again sampling at
-   T = 1. The arms alternate per prompt, and every greedy arm's output must equal plain greedy decoding.
+   tokens/s of each and of plain decoding with a KV cache. The same arms but the dynamic trees (greedy only)
+   again sampling at T = 1. The arms alternate per prompt, and every greedy arm's output must equal plain
+   greedy decoding.
 
 All of it twice: for the default model, and for a Qwen3-MoE of the same size (random weights written by transformers,
 then trained by `expertmesh run` through `model.hf_path`: the fine-tune path; GQA, QK-norm, every layer MoE).
@@ -43,9 +44,9 @@ import torch
 from expertmesh import config as config_mod
 from expertmesh.data.loader import TokenLoader, split_tokens
 from expertmesh.distill.head import head_generate, load_head
+from expertmesh.distill.head_online import HeadDraft
 from expertmesh.distill.losses import divergence
 from expertmesh.distill.models import load_lm
-from expertmesh.distill.head_online import HeadDraft
 from expertmesh.distill.speculative import CostTree, measure_costs, speculative_generate
 from expertmesh.models.transformer import Transformer, count_params
 from expertmesh.train.wiring import load_data, warmup_cosine
@@ -225,7 +226,8 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
         {"case": f"decode greedy, dynamic tree of {size} (depth, top-k {p['dynamic']})", "impl": "draft head (in-loop)",
          "tau": tau["head dynamic tree"], "tokens_per_s": decode_tps["head dynamic tree"]},
         {"case": f"decode greedy, dynamic tree sized by cost (1..{size} nodes, depth, top-k {p['dynamic']})",
-         "impl": "draft head (in-loop)", "tau": tau["head tree by cost"], "tokens_per_s": decode_tps["head tree by cost"],
+         "impl": "draft head (in-loop)", "tau": tau["head tree by cost"],
+         "tokens_per_s": decode_tps["head tree by cost"],
          "mean_nodes": drafted["head tree by cost"] / forwards["head tree by cost"],
          "calibration": by_cost.calibration, "verify_s": costs["verify_s"], "draft_s": costs["draft_s"]},
         {"case": "decode greedy", "impl": "plain (KV cache)", "tau": 1.0, "tokens_per_s": decode_tps["plain"]},

@@ -235,8 +235,8 @@ def check_distill(cfg: JobConfig) -> None:
         raise ConfigError("distill.adaptive_gamma=true with distill.tree_nodes is refused: the rule sizes chains "
                           "(distill.gamma_by_cost sizes a dynamic tree)")
     if g.tree_nodes and g.gamma_by_cost and g.gamma_min > g.tree_nodes:
-        raise ConfigError(f"distill.gamma_by_cost with distill.tree_nodes verifies gamma_min..tree_nodes drafts a round:"
-                          f" gamma_min={g.gamma_min} > tree_nodes={g.tree_nodes}")
+        raise ConfigError(f"distill.gamma_by_cost with distill.tree_nodes verifies gamma_min..tree_nodes drafts a "
+                          f"round: gamma_min={g.gamma_min} > tree_nodes={g.tree_nodes}")
     if g.save_every < 0:
         raise ConfigError(f"distill.save_every={g.save_every} must be >= 0 (0 = only at the end)")
     if g.temperature <= 0 or g.lr <= 0:

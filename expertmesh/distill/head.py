@@ -421,7 +421,8 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple[
     probability under the head); the k candidates of highest probability (the mean over the batch's requests)
     form the next frontier and go through the head. The `nodes` candidates of highest probability are the tree:
     a path's probability only falls along it, so every chosen node's parent is chosen too (ties keep the order
-    of creation). `nodes` may be a rule (`CostTree`) that chooses how many from their probabilities. Returns (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
+    of creation). `nodes` may be a rule (`CostTree`) that chooses how many from their probabilities. Returns
+    (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
     nodes, depth, k = spec
     parent, token, logp = [-1], [root_B], [torch.zeros(root_B.shape[0], dtype=torch.float64, device=root_B.device)]
     outs, qs = {0: out_root}, {}
