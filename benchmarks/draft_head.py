@@ -176,7 +176,7 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
     size = sum(math.prod(p["tree"][:d + 1]) for d in range(len(p["tree"])))
     costs = measure_costs(target, HeadDraft(head, layers, target, None), 1, p["prompt_len"], list(range(2, size + 2)),
                           cfg.model.vocab_size)
-    by_cost = CostTree(costs, 1, size, p["dynamic"][0])  # one rule for all prompts, as a server keeps it
+    by_cost = CostTree(costs, 1, size)  # one rule for all prompts, as a server keeps it
     runs = {"head": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], greedy=True),
             "draft": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], greedy=True),
             "head tree": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"], greedy=True),

@@ -415,16 +415,18 @@ def _draft_static(head, shape: Tree, out_root, root_B, ctx: int, h_cache: list, 
     return shape, tokens, q
 
 
-def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple[int, int, int], emb, probs, dtype):
+def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple, emb, probs, dtype):
     """EAGLE-2's dynamic tree, one shape for the batch: `spec = (nodes, depth, k)`. Each of `depth` levels gives
     every frontier node its top-k children (per request: that request's top-k tokens, scored by the path's
     probability under the head); the k candidates of highest probability (the mean over the batch's requests)
     form the next frontier and go through the head. The `nodes` candidates of highest probability are the tree:
     a path's probability only falls along it, so every chosen node's parent is chosen too (ties keep the order
-    of creation). `nodes` may be a rule (`CostTree`) that chooses how many from their probabilities. Returns
-    (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
+    of creation). `nodes` may be a rule (`CostTree`) that decides after each level whether another one pays
+    (`deeper`) and then how many nodes to verify (`choose`). Returns (the tree, tokens [B, nodes + 1],
+    q [B, nodes + 1, V] at the inner nodes)."""
     nodes, depth, k = spec
     parent, token, logp = [-1], [root_B], [torch.zeros(root_B.shape[0], dtype=torch.float64, device=root_B.device)]
+    score = [1.0]  # per candidate: its path's probability under the head, the mean over the requests
     outs, qs = {0: out_root}, {}
     expanded: list[int] = []  # candidates that went through the head (below the root), in order: tree_kv's keys
     tree_kv: list = [None] * len(head.layers)
@@ -439,10 +441,12 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple[
                 token.append(top.indices[:, r])
                 logp.append(logp[f] + top.values[:, r].clamp_min(1e-300).log())
                 born.append(len(parent) - 1)
-        if d == depth:
+        born_score = torch.stack([logp[c].exp().mean() for c in born])
+        score += born_score.tolist()
+        if d == depth or (not isinstance(nodes, int) and
+                          not nodes.deeper(d, score[1:], [(parent[c], score[parent[c]], score[c]) for c in born], k)):
             break
-        score = torch.stack([logp[c].exp().mean() for c in born])
-        frontier = [born[i] for i in sorted(score.topk(min(k, len(born))).indices.tolist())]
+        frontier = [born[i] for i in sorted(born_score.topk(min(k, len(born))).indices.tolist())]
         x = head.inputs(torch.cat([outs[parent[c]] for c in frontier], 1),
                         emb(torch.stack([token[c] for c in frontier], 1)).to(dtype))
         seen = expanded + frontier
@@ -450,13 +454,12 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple[
         o, tree_kv = _decode_level(head, x, ctx, h_cache, tree_kv, mask, d)
         outs.update({c: o[:, i:i + 1] for i, c in enumerate(frontier)})
         expanded = seen
-    score = torch.stack([lp.exp().mean() for lp in logp[1:]]).tolist()
-    order = sorted(range(1, len(parent)), key=lambda c: (-score[c - 1], c))
+    order = sorted(range(1, len(parent)), key=lambda c: (-score[c], c))
     closed: list[int] = []
     for c in order:  # every prefix closed under parents: a parent's probability is at least its child's, and it
         if parent[c] == 0 or parent[c] in closed:  # came first
             closed.append(c)
-    n = nodes if isinstance(nodes, int) else nodes.choose([score[c - 1] for c in closed])
+    n = nodes if isinstance(nodes, int) else nodes.choose([score[c] for c in closed], d)
     chosen = sorted(closed[:n])  # creation order: parents before children
     slot = {0: 0, **{c: i + 1 for i, c in enumerate(chosen)}}
     shape = Tree.from_parents([-1, *[slot[parent[c]] for c in chosen]])

@@ -148,7 +148,7 @@ class Server:
             self.costs = measure_costs(target, draft, g.batch_size, g.prompt_len, list(range(g.gamma_min + 1, hi + 2)),
                                        min(target.vocab_size, draft.vocab_size), device=device)
             if g.tree_nodes:
-                self.tree_nodes = CostTree(self.costs, g.gamma_min, g.tree_nodes, g.tree_depth)
+                self.tree_nodes = CostTree(self.costs, g.gamma_min, g.tree_nodes)
             else:
                 self.gamma = CostGamma(self.costs, g.gamma_min, g.gamma_max, g.gamma)
             out.mkdir(parents=True, exist_ok=True)

@@ -178,28 +178,31 @@ class CostGamma:
 
 
 class CostTree:
-    """How many of a dynamic tree's drafts to verify, from the measured costs: each round the candidates come
-    ordered by the head's probability of their path (EAGLE-2's estimate of the chance each is accepted; every
-    prefix of the order holds its nodes' parents), and the rule keeps the first n in [lo, hi] that maximize the
-    expected tokens per second of the round, (1 + c * the sum of their probabilities) tokens for
-    draft_s * depth + verify_s[n + 1] seconds (the tree's levels through the head, then one target pass over
-    the root and n nodes). c calibrates the head's confidence against what rounds really kept (the batch's
-    lockstep length): over the last `window` rounds, tokens kept over probability sums predicted (1 at first).
-    A MoE target whose passes cost more per token (MoESD) verifies fewer nodes at the same confidence."""
+    """A dynamic tree's depth and size from the measured costs. Each round the tree grows level by level; after
+    level d the rule predicts level d + 1 (the k most probable new candidates each get children as likely,
+    relative to their parent, as this level's were on average) and grows it only if that raises the best
+    expected tokens per second of the round. Then, of the candidates ordered by the head's probability of their
+    path (EAGLE-2's estimate of the chance each is accepted; every prefix of the order holds its nodes'
+    parents), it verifies the first n in [lo, hi] with the most expected tokens per second: (1 + c * the sum of
+    their probabilities) tokens for draft_s * depth + verify_s[n + 1] seconds (the tree's levels through the
+    head, then one target pass over the root and n nodes). c calibrates the head's confidence against what
+    rounds really kept (the batch's lockstep length): over the last `window` rounds, tokens kept over
+    probability sums predicted (1 at first). A MoE target whose passes cost more per token (MoESD) verifies
+    fewer nodes at the same confidence; a head whose step is dear against the pass drafts shallower trees."""
 
-    def __init__(self, costs: dict, lo: int, hi: int, depth: int, window: int = 16) -> None:
+    def __init__(self, costs: dict, lo: int, hi: int, window: int = 16) -> None:
         missing = [n for n in range(lo + 1, hi + 2) if n not in costs["verify_s"]]
-        if not 1 <= lo <= hi or depth < 1 or missing:
-            raise ValueError(f"cost tree needs 1 <= lo={lo} <= hi={hi}, depth={depth} >= 1 and verify costs for "
-                             f"{lo + 1}..{hi + 1} tokens (missing {missing})")
-        self.costs, self.lo, self.hi, self.depth, self.window = costs, lo, hi, depth, window
+        if not 1 <= lo <= hi or missing:
+            raise ValueError(f"cost tree needs 1 <= lo={lo} <= hi={hi} and verify costs for {lo + 1}..{hi + 1} "
+                             f"tokens (missing {missing})")
+        self.costs, self.lo, self.hi, self.window = costs, lo, hi, window
         self.recent: list[tuple[int, float]] = []  # (kept, predicted) per round
-        self.calibration, self.nodes, self.predicted = 1.0, hi, 0.0
+        self.calibration, self.nodes, self.depth, self.predicted = 1.0, hi, 0, 0.0
 
-    def best(self, scores: list[float]) -> tuple[int, float]:
-        """The n with the most expected tokens per second for candidates of these path probabilities (in order),
-        and the sum of the first n."""
-        draft_s = self.costs["draft_s"] * self.depth
+    def best(self, scores: list[float], depth: int) -> tuple[int, float, float]:
+        """For candidates of these path probabilities (in order) grown to `depth` levels: the n with the most
+        expected tokens per second, the sum of the first n, and that rate."""
+        draft_s = self.costs["draft_s"] * depth
         top = min(self.hi, len(scores))
         sums = [0.0]
         for s in scores[:top]:
@@ -207,10 +210,24 @@ class CostTree:
         rate = {n: (1 + self.calibration * sums[n]) / (draft_s + self.costs["verify_s"][n + 1])
                 for n in range(min(self.lo, top), top + 1) if n >= 1}
         n = max(rate, key=rate.get)
-        return n, sums[n]
+        return n, sums[n], rate[n]
 
-    def choose(self, scores: list[float]) -> int:
-        self.nodes, self.predicted = self.best(scores)
+    def deeper(self, depth: int, scores: list[float], born: list[tuple[int, float, float]], k: int) -> bool:
+        """After level `depth`: whether growing one more pays. `scores`: every candidate's so far; `born`: this
+        level's, each as (its parent, the parent's probability, its own), likeliest first among siblings."""
+        ratios: dict[int, list[float]] = {}
+        for parent, p, s in born:
+            ratios.setdefault(parent, []).append(s / p if p > 0 else 0.0)
+        width = min(len(r) for r in ratios.values())
+        profile = [sum(r[i] for r in ratios.values()) / len(ratios) for i in range(width)]
+        frontier = sorted((s for _, _, s in born), reverse=True)[:k]
+        guess = [s * r for s in frontier for r in profile]
+        return (self.best(sorted(scores + guess, reverse=True), depth + 1)[2] >
+                self.best(sorted(scores, reverse=True), depth)[2])
+
+    def choose(self, scores: list[float], depth: int) -> int:
+        self.nodes, self.predicted, _ = self.best(scores, depth)
+        self.depth = depth
         return self.nodes
 
     def update(self, kept: int) -> None:

@@ -107,7 +107,7 @@ def test_head_drafting_greedy_equals_the_targets_greedy_decoding(tree):
     from expertmesh.distill.speculative import CostTree
 
     if tree == "by cost":
-        rule = CostTree({"draft_s": 0.01, "verify_s": {n: 0.1 + 0.02 * n for n in range(2, 10)}}, 1, 8, 4)
+        rule = CostTree({"draft_s": 0.01, "verify_s": {n: 0.1 + 0.02 * n for n in range(2, 10)}}, 1, 8)
         tree = (rule, 4, 3)
     target, head, layers = _target_and_head()
     prompt = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(1))
@@ -221,26 +221,43 @@ def test_a_dynamic_tree_goes_deep_where_the_head_is_sure_and_branches_where_it_i
         assert torch.equal(qs[0, 0], q) and (qs[:, [s for s in range(nodes + 1) if not shape.children[s]]] == 0).all()
 
 
-def test_a_cost_tree_verifies_what_pays_for_its_pass():
-    """`_draft_dynamic` sized by a `CostTree`, the head's q fixed at (0.9, 0.06, 0.04): candidates in order of
-    path probability 0.9, 0.81, 0.729, 0.656 (the top-1 chain), then 0.06, 0.054, ... Verifying n nodes earns
-    1 + their sum for draft + verify_s[n + 1] seconds: a pass that costs the same for any n verifies all 8
-    allowed; one growing by 0.01 s a token (a MoE pass waking experts) stops after the chain (4: 4.095 / 0.15
-    against 4.155 / 0.16 for 5); one growing by 0.1 s a token verifies 1 (1.9 / 0.2)."""
+def test_a_cost_tree_drafts_and_verifies_what_pays_for_its_pass():
+    """`_draft_dynamic` sized by a `CostTree`, the head's q fixed at (0.9, 0.06, 0.04) with top-2 growth: level 1
+    holds 0.9 and 0.06, every deeper level d holds 0.9^d, 0.9^(d-1) 0.06 (twice) and 0.9^(d-2) 0.06^2 (the
+    children of the level before's two likeliest). Verifying n nodes of a tree grown d levels earns 1 + their
+    sum for d draft_s + verify_s[n + 1] seconds; with q fixed the rule's guess of the next level is exact, so it
+    grows to the first depth whose best rate the next would not beat (or the 4 allowed) and verifies that
+    depth's best n, as counted here by brute force: a flat pass verifies all 8 allowed of 4 levels; one growing
+    by 0.01 s a token (a MoE pass waking experts) the chain of 4 top-1 tokens; by 0.1 s a token, 1 node of 1
+    level; a head step costing half a flat pass, 8 of 3 levels; costing 0.8 of it, 6 of 2 levels."""
     from expertmesh.distill.head import _draft_dynamic
     from expertmesh.distill.speculative import CostTree
+
+    def level(d):
+        return [0.9, 0.06] if d == 1 else [0.9**d, 0.9**(d - 1) * 0.06, 0.9**(d - 1) * 0.06, 0.9**(d - 2) * 0.0036]
+
+    def brute(draft_s, verify_s):
+        def rate(d):
+            scores = sorted(sum((level(i) for i in range(1, d + 1)), []), reverse=True)
+            return max(((1 + sum(scores[:n])) / (d * draft_s + verify_s[n + 1]), n)
+                       for n in range(1, min(8, len(scores)) + 1))
+        d = next((d for d in range(1, 4) if rate(d + 1)[0] <= rate(d)[0]), 4)
+        return d, rate(d)[1]
 
     target, head, layers = _target_and_head(vocab=8)
     q = torch.tensor([0.9, 0.06, 0.04] + [0.0] * 5, dtype=torch.float64)
     root = torch.tensor([5, 5])
-    for grow, nodes in ((0.0, 8), (0.01, 4), (0.1, 1)):
-        rule = CostTree({"draft_s": 0.0, "verify_s": {n: 0.1 + grow * (n - 1) for n in range(2, 10)}}, 1, 8, 4)
+    for draft_s, grow, want in ((0.0, 0.0, (4, 8)), (0.0, 0.01, (4, 4)), (0.0, 0.1, (1, 1)), (0.05, 0.0, (3, 8)),
+                                 (0.08, 0.0, (2, 6))):
+        verify_s = {n: 0.1 + grow * (n - 1) for n in range(2, 10)}
+        assert brute(draft_s, verify_s) == want
+        rule = CostTree({"draft_s": draft_s, "verify_s": verify_s}, 1, 8)
         with torch.no_grad():
             out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
             shape, tokens, _ = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (rule, 4, 2),
                                               target.tok_embeddings, lambda o: q.expand(o.shape[0], 1, -1),
                                               torch.float32)
-        assert shape.size == rule.nodes == nodes, grow
-        if nodes <= 4:  # the chain of top-1 tokens (8: slots in order of creation, the runners-up among them)
-            assert shape.parent == [-1, 0, 1, 2, 3][:nodes + 1] and tokens[0, 1:].tolist() == [0] * nodes
-        assert rule.predicted == pytest.approx(sum([0.9, 0.81, 0.729, 0.6561, 0.06, 0.054, 0.054, 0.0486][:nodes]))
+        assert (rule.depth, shape.size) == (rule.depth, rule.nodes) == want, (draft_s, grow)
+        assert len(shape.levels) <= rule.depth
+        if want == (4, 4):  # the chain of top-1 tokens
+            assert shape.parent == [-1, 0, 1, 2, 3] and tokens[0, 1:].tolist() == [0] * 4

@@ -134,18 +134,18 @@ def test_cost_tree_picks_the_most_tokens_per_second_and_calibrates_the_heads_con
         scores = sorted(torch.rand(12, generator=g).tolist(), reverse=True)
         grow = float(torch.rand((), generator=g)) * 0.05
         costs = {"draft_s": 0.003, "verify_s": {n: 0.05 + grow * n for n in range(1, 11)}}
-        rule = CostTree(costs, 2, 9, 3)
+        rule = CostTree(costs, 2, 9)
         want = max(range(2, 10), key=lambda n: (1 + sum(scores[:n])) / (0.009 + costs["verify_s"][n + 1]))
-        assert rule.choose(scores) == want and rule.predicted == pytest.approx(sum(scores[:want]))
+        assert rule.choose(scores, 3) == want and rule.predicted == pytest.approx(sum(scores[:want]))
     costs = {"draft_s": 0.0, "verify_s": {n: 0.1 + 0.01 * n for n in range(1, 11)}}
-    rule, scores = CostTree(costs, 1, 9, 3, window=4), [0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2, 0.1]
-    before = rule.choose(scores)
+    rule, scores = CostTree(costs, 1, 9, window=4), [0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2, 0.1]
+    before = rule.choose(scores, 3)
     rounds = []
     for _ in range(4):
-        rule.choose(scores)
+        rule.choose(scores, 3)
         rounds.append((round(rule.predicted / 2), rule.predicted))
         rule.update(rounds[-1][0])
     assert rule.calibration == pytest.approx(sum(k for k, _ in rounds) / sum(p for _, p in rounds))
-    assert 0.4 < rule.calibration < 0.6 and rule.choose(scores) < before
+    assert 0.4 < rule.calibration < 0.6 and rule.choose(scores, 3) < before
     with pytest.raises(ValueError, match="verify costs"):
-        CostTree({"draft_s": 0.1, "verify_s": {2: 1.0}}, 1, 3, 2)
+        CostTree({"draft_s": 0.1, "verify_s": {2: 1.0}}, 1, 3)
