@@ -16,6 +16,7 @@ each way, against 4 bytes for fp32; the collective wrapper counts it.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from expertmesh.dist.comm_stats import Comm, group_size
 
@@ -155,7 +156,9 @@ def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, 
     if n == 0:  # a rank whose shards of the fragment are empty (so are its peers': the same place in each worker)
         return x.clone(), x.clone()
     offsets, packed, scales = topk_compress(x, fraction, chunk, bits)
-    sent = topk_decompress(offsets, packed, scales, n, chunk, bits, k)
+    own = topk_decompress(offsets, packed, scales, n, chunk, bits, k,
+                          out=torch.zeros(scales.numel() * chunk, dtype=torch.float32, device=x.device))
+    sent = own[:n]
     if W == 1:
         return sent.clone().view_as(x), sent.view_as(x)
     parts = []
@@ -163,7 +166,11 @@ def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, 
         out = t.new_empty(W * t.numel())
         comm.all_gather_into_tensor(out, t, group, label)
         parts.append(out.view(W, -1))
-    total = torch.zeros(scales.numel() * chunk, dtype=torch.float32, device=x.device)
-    for r in range(W):
-        topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, k, out=total)
+    me = dist.get_rank(group)
+    total = torch.zeros_like(own)
+    for r in range(W):  # in rank order on every rank; this rank's own part is already dense (the sent values
+        if r == me:  # land on distinct slots of zeros, so adding it equals scattering them)
+            total += own
+        else:
+            topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, k, out=total)
     return (total[:n] / W).view_as(x), sent.view_as(x)

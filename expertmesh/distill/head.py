@@ -427,6 +427,7 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
     nodes, depth, k = spec
     parent, token, logp = [-1], [root_B], [torch.zeros(root_B.shape[0], dtype=torch.float64, device=root_B.device)]
     score = [1.0]  # per candidate: its path's probability under the head, the mean over the requests
+    level = [0]
     outs, qs = {0: out_root}, {}
     expanded: list[int] = []  # candidates that went through the head (below the root), in order: tree_kv's keys
     tree_kv: list = [None] * len(head.layers)
@@ -440,11 +441,13 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
                 parent.append(f)
                 token.append(top.indices[:, r])
                 logp.append(logp[f] + top.values[:, r].clamp_min(1e-300).log())
+                level.append(d)
                 born.append(len(parent) - 1)
         born_score = torch.stack([logp[c].exp().mean() for c in born])
         score += born_score.tolist()
         if d == depth or (not isinstance(nodes, int) and
-                          not nodes.deeper(d, score[1:], [(parent[c], score[parent[c]], score[c]) for c in born], k)):
+                          not nodes.deeper(d, list(zip(score[1:], level[1:], strict=True)),
+                                           [(parent[c], score[parent[c]], score[c]) for c in born], k)):
             break
         frontier = [born[i] for i in sorted(born_score.topk(min(k, len(born))).indices.tolist())]
         x = head.inputs(torch.cat([outs[parent[c]] for c in frontier], 1),
@@ -459,7 +462,7 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
     for c in order:  # every prefix closed under parents: a parent's probability is at least its child's, and it
         if parent[c] == 0 or parent[c] in closed:  # came first
             closed.append(c)
-    n = nodes if isinstance(nodes, int) else nodes.choose([score[c] for c in closed], d)
+    n = nodes if isinstance(nodes, int) else nodes.choose([(score[c], level[c]) for c in closed], d)
     chosen = sorted(closed[:n])  # creation order: parents before children
     slot = {0: 0, **{c: i + 1 for i, c in enumerate(chosen)}}
     shape = Tree.from_parents([-1, *[slot[parent[c]] for c in chosen]])

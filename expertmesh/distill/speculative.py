@@ -115,10 +115,11 @@ class AdaptiveGamma:
 
 
 @torch.no_grad()
-def measure_costs(target, draft, batch: int, prompt_len: int, sizes: list[int], vocab: int, reps: int = 3,
+def measure_costs(target, draft, batch: int, prompt_len: int, sizes: list[int], vocab: int, reps: int = 5,
                   device=None) -> dict:
     """Seconds of one target forward over n new tokens per request after a cached prompt, at this batch size
-    (the median of `reps`), for each n in `sizes`; and of one draft forward over one token. A MoE target
+    (the median of `reps`, then made non-decreasing in n: `monotone`; as measured: `verify_measured_s`), for
+    each n in `sizes`; and of one draft forward over one token. A MoE target
     wakes more experts the more tokens a pass carries, so its n-token pass costs more than a dense one's
     against its one-token pass (MoESD); that, not acceptance alone, decides how much to draft. A draft with a
     `step_seconds(batch, prompt_len, reps)` (a draft head) times its own step."""
@@ -140,10 +141,23 @@ def measure_costs(target, draft, batch: int, prompt_len: int, sizes: list[int], 
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
-    verify = {n: timed(target, n) for n in sorted(set(sizes))}
+    measured = {n: timed(target, n) for n in sorted(set(sizes))}
+    verify = dict(zip(measured, monotone(list(measured.values())), strict=True))
     draft_s = draft.step_seconds(batch, prompt_len, reps) if hasattr(draft, "step_seconds") else timed(draft, 1)
-    return {"batch": batch, "prompt_len": prompt_len, "verify_s": verify, "draft_s": draft_s,
-            "verify_relative": {n: t / verify[min(verify)] for n, t in verify.items()}}
+    return {"batch": batch, "prompt_len": prompt_len, "verify_s": verify, "verify_measured_s": measured,
+            "draft_s": draft_s, "verify_relative": {n: t / verify[min(verify)] for n, t in verify.items()}}
+
+
+def monotone(ys: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `ys` in least squares (pool adjacent violators): a pass over more
+    tokens never costs less, so a timing below its predecessor's is noise, pooled with it."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for y in ys:
+        blocks.append([y, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]
+    return [m for m, c in blocks for _ in range(c)]
 
 
 class CostGamma:
@@ -183,12 +197,14 @@ class CostTree:
     relative to their parent, as this level's were on average) and grows it only if that raises the best
     expected tokens per second of the round. Then, of the candidates ordered by the head's probability of their
     path (EAGLE-2's estimate of the chance each is accepted; every prefix of the order holds its nodes'
-    parents), it verifies the first n in [lo, hi] with the most expected tokens per second: (1 + c * the sum of
-    their probabilities) tokens for draft_s * depth + verify_s[n + 1] seconds (the tree's levels through the
-    head, then one target pass over the root and n nodes). c calibrates the head's confidence against what
-    rounds really kept (the batch's lockstep length): over the last `window` rounds, tokens kept over
-    probability sums predicted (1 at first). A MoE target whose passes cost more per token (MoESD) verifies
-    fewer nodes at the same confidence; a head whose step is dear against the pass drafts shallower trees."""
+    parents), it verifies the first n in [lo, hi] with the most expected tokens per second: 1 + the sum of their
+    calibrated probabilities tokens for draft_s * depth + verify_s[n + 1] seconds (the tree's levels through the
+    head, then one target pass over the root and n nodes). Calibration is per depth: at most one node of a
+    depth lies on the accepted path, so the probabilities of a round's nodes at depth d sum to the chance it
+    keeps d tokens or more; c_d, over the last `window` rounds, is the rounds that did (the batch's lockstep
+    length) over those sums (1 before any data; a depth not verified lately takes the one above's). A MoE
+    target whose passes cost more per token (MoESD) verifies fewer nodes at the same confidence; a head whose
+    step is dear against the pass drafts shallower trees; a head surer than it says drafts deeper ones."""
 
     def __init__(self, costs: dict, lo: int, hi: int, window: int = 16) -> None:
         missing = [n for n in range(lo + 1, hi + 2) if n not in costs["verify_s"]]
@@ -196,45 +212,60 @@ class CostTree:
             raise ValueError(f"cost tree needs 1 <= lo={lo} <= hi={hi} and verify costs for {lo + 1}..{hi + 1} "
                              f"tokens (missing {missing})")
         self.costs, self.lo, self.hi, self.window = costs, lo, hi, window
-        self.recent: list[tuple[int, float]] = []  # (kept, predicted) per round
-        self.calibration, self.nodes, self.depth, self.predicted = 1.0, hi, 0, 0.0
+        self.recent: list[tuple[int, list[float]]] = []  # per round: kept, probability sums by depth (1, 2, ...)
+        self.calibration: list[float] = []  # c_1, c_2, ... (beyond: the last, or 1)
+        self.nodes, self.depth, self.predicted = hi, 0, []
 
-    def best(self, scores: list[float], depth: int) -> tuple[int, float, float]:
-        """For candidates of these path probabilities (in order) grown to `depth` levels: the n with the most
-        expected tokens per second, the sum of the first n, and that rate."""
+    def c(self, depth: int) -> float:
+        return self.calibration[min(depth, len(self.calibration)) - 1] if self.calibration else 1.0
+
+    def best(self, cands: list[tuple[float, int]], depth: int) -> tuple[int, float]:
+        """For candidates (path probability, depth) in order, grown to `depth` levels: the n with the most
+        expected tokens per second, and that rate."""
         draft_s = self.costs["draft_s"] * depth
-        top = min(self.hi, len(scores))
+        top = min(self.hi, len(cands))
         sums = [0.0]
-        for s in scores[:top]:
-            sums.append(sums[-1] + s)
-        rate = {n: (1 + self.calibration * sums[n]) / (draft_s + self.costs["verify_s"][n + 1])
+        for s, d in cands[:top]:
+            sums.append(sums[-1] + self.c(d) * s)
+        rate = {n: (1 + sums[n]) / (draft_s + self.costs["verify_s"][n + 1])
                 for n in range(min(self.lo, top), top + 1) if n >= 1}
         n = max(rate, key=rate.get)
-        return n, sums[n], rate[n]
+        return n, rate[n]
 
-    def deeper(self, depth: int, scores: list[float], born: list[tuple[int, float, float]], k: int) -> bool:
-        """After level `depth`: whether growing one more pays. `scores`: every candidate's so far; `born`: this
-        level's, each as (its parent, the parent's probability, its own), likeliest first among siblings."""
+    def deeper(self, depth: int, cands: list[tuple[float, int]], born: list[tuple[int, float, float]],
+               k: int) -> bool:
+        """After level `depth`: whether growing one more pays. `cands`: every candidate's (probability, depth) so
+        far; `born`: this level's, each as (its parent, the parent's probability, its own), likeliest first among
+        siblings."""
         ratios: dict[int, list[float]] = {}
         for parent, p, s in born:
             ratios.setdefault(parent, []).append(s / p if p > 0 else 0.0)
         width = min(len(r) for r in ratios.values())
         profile = [sum(r[i] for r in ratios.values()) / len(ratios) for i in range(width)]
         frontier = sorted((s for _, _, s in born), reverse=True)[:k]
-        guess = [s * r for s in frontier for r in profile]
-        return (self.best(sorted(scores + guess, reverse=True), depth + 1)[2] >
-                self.best(sorted(scores, reverse=True), depth)[2])
+        guess = [(s * r, depth + 1) for s in frontier for r in profile]
+        return (self.best(sorted(cands + guess, key=lambda c: -c[0]), depth + 1)[1] >
+                self.best(sorted(cands, key=lambda c: -c[0]), depth)[1])
 
-    def choose(self, scores: list[float], depth: int) -> int:
-        self.nodes, self.predicted, _ = self.best(scores, depth)
+    def choose(self, cands: list[tuple[float, int]], depth: int) -> int:
+        """How many of these candidates (in order) to verify; remembers their probability sums by depth."""
+        self.nodes, _ = self.best(cands, depth)
         self.depth = depth
+        self.predicted = [0.0] * max((d for _, d in cands[:self.nodes]), default=0)
+        for s, d in cands[:self.nodes]:
+            self.predicted[d - 1] += s
         return self.nodes
 
     def update(self, kept: int) -> None:
         """After the round `choose` sized: the drafts the batch kept."""
         self.recent = (self.recent + [(kept, self.predicted)])[-self.window:]
-        predicted = sum(p for _, p in self.recent)
-        self.calibration = sum(k for k, _ in self.recent) / predicted if predicted > 0 else 1.0
+        deepest = max(len(p) for _, p in self.recent)
+        self.calibration = []
+        for d in range(1, deepest + 1):
+            rounds = [(k, p[d - 1]) for k, p in self.recent if len(p) >= d and p[d - 1] > 0]
+            mass = sum(p for _, p in rounds)
+            self.calibration.append(sum(k >= d for k, _ in rounds) / mass if mass > 0 else self.c(d - 1) if d > 1
+                                    else 1.0)
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
