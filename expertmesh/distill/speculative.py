@@ -202,7 +202,8 @@ class CostTree:
     head, then one target pass over the root and n nodes). Calibration is per depth: at most one node of a
     depth lies on the accepted path, so the probabilities of a round's nodes at depth d sum to the chance it
     keeps d tokens or more; c_d, over the last `window` rounds, is the rounds that did (the batch's lockstep
-    length) over those sums (1 before any data; a depth not verified lately takes the one above's). A MoE
+    length) over those sums (1 before any data; a depth not verified lately takes the one above's, and a level
+    guessed below them all is worth what the measured chance of keeping one more level makes it: `deeper`). A MoE
     target whose passes cost more per token (MoESD) verifies fewer nodes at the same confidence; a head whose
     step is dear against the pass drafts shallower trees; a head surer than it says drafts deeper ones."""
 
@@ -219,31 +220,45 @@ class CostTree:
     def c(self, depth: int) -> float:
         return self.calibration[min(depth, len(self.calibration)) - 1] if self.calibration else 1.0
 
-    def best(self, cands: list[tuple[float, int]], depth: int) -> tuple[int, float]:
-        """For candidates (path probability, depth) in order, grown to `depth` levels: the n with the most
-        expected tokens per second, and that rate."""
+    def best(self, cands: list[tuple], depth: int) -> tuple[int, float]:
+        """For candidates (path probability, depth[, expected tokens if already known]) in order, grown to
+        `depth` levels: the n with the most expected tokens per second, and that rate."""
         draft_s = self.costs["draft_s"] * depth
         top = min(self.hi, len(cands))
         sums = [0.0]
-        for s, d in cands[:top]:
-            sums.append(sums[-1] + self.c(d) * s)
+        for cand in cands[:top]:
+            sums.append(sums[-1] + (cand[2] if len(cand) > 2 else self.c(cand[1]) * cand[0]))
         rate = {n: (1 + sums[n]) / (draft_s + self.costs["verify_s"][n + 1])
                 for n in range(min(self.lo, top), top + 1) if n >= 1}
         n = max(rate, key=rate.get)
         return n, rate[n]
 
+    def go_on(self) -> float:
+        """The chance that a round which kept as deep as verified lately keeps one more: over the last rounds
+        that verified their deepest depth L, those that kept L over those that kept L - 1."""
+        L = len(self.calibration)
+        reached = [k for k, p in self.recent if len(p) >= L]
+        below = sum(k >= L - 1 for k in reached)
+        return sum(k >= L for k in reached) / below if below else 1.0
+
     def deeper(self, depth: int, cands: list[tuple[float, int]], born: list[tuple[int, float, float]],
                k: int) -> bool:
         """After level `depth`: whether growing one more pays. `cands`: every candidate's (probability, depth) so
         far; `born`: this level's, each as (its parent, the parent's probability, its own), likeliest first among
-        siblings."""
+        siblings. The guessed level's candidates are calibrated as their depth is when recent rounds verified it;
+        deeper than any has lately, each is worth its parent's calibrated value times the measured chance of
+        keeping one more (`go_on`), shared among siblings as the head's probabilities are."""
         ratios: dict[int, list[float]] = {}
         for parent, p, s in born:
             ratios.setdefault(parent, []).append(s / p if p > 0 else 0.0)
         width = min(len(r) for r in ratios.values())
         profile = [sum(r[i] for r in ratios.values()) / len(ratios) for i in range(width)]
         frontier = sorted((s for _, _, s in born), reverse=True)[:k]
-        guess = [(s * r, depth + 1) for s in frontier for r in profile]
+        if depth + 1 <= len(self.calibration) or not self.calibration:
+            guess = [(s * r, depth + 1) for s in frontier for r in profile]
+        else:
+            a, top = self.go_on(), profile[0] if profile[0] > 0 else 1.0
+            guess = [(s * r, depth + 1, self.c(depth) * s * a * r / top) for s in frontier for r in profile]
         return (self.best(sorted(cands + guess, key=lambda c: -c[0]), depth + 1)[1] >
                 self.best(sorted(cands, key=lambda c: -c[0]), depth)[1])
 

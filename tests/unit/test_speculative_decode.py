@@ -150,6 +150,26 @@ def test_cost_tree_picks_the_most_tokens_per_second_and_calibrates_the_heads_con
         CostTree({"draft_s": 0.1, "verify_s": {2: 1.0}}, 1, 3)
 
 
+def test_a_head_surer_than_it_says_grows_deeper_trees():
+    """`CostTree.deeper` after level 2 of a chain (probabilities 0.5, then 0.2; the next child guessed at 0.4 of
+    its parent): a fresh rule takes the head at its word (0.5 + 0.2 + 0.08 tokens for a third level's
+    0.06 + 0.12 s: 9.9 tokens/s, below 1.7 / 0.155 = 11.0 without it) and stops; after rounds that always
+    kept both drafts (c_1 = 2, c_2 = 5, and every round that reached depth 1 reached 2) a third level is worth
+    its parent's calibrated 1.0 (4 / 0.18 = 22.2 against 3 / 0.155 = 19.4), and it grows."""
+    from expertmesh.distill.speculative import CostTree
+
+    costs = {"draft_s": 0.02, "verify_s": {n: 0.1 + 0.005 * n for n in range(1, 11)}}
+    cands, born = [(0.5, 1), (0.2, 2)], [(1, 0.5, 0.2)]
+    fresh = CostTree(costs, 1, 8, window=4)
+    assert not fresh.deeper(2, cands, born, 1)
+    sure = CostTree(costs, 1, 8, window=4)
+    for _ in range(4):
+        sure.choose(cands, 2)
+        sure.update(2)
+    assert sure.calibration == [pytest.approx(2.0), pytest.approx(5.0)] and sure.go_on() == 1.0
+    assert sure.deeper(2, cands, born, 1)
+
+
 def test_measured_costs_never_fall_with_more_tokens():
     """`monotone` (pool adjacent violators) by hand: a timing below its predecessor's is pooled with it."""
     from expertmesh.distill.speculative import monotone
