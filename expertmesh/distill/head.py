@@ -17,6 +17,8 @@ Legend: B batch, S positions, D model dim, V vocabulary, K keys.
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -422,8 +424,8 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
     form the next frontier and go through the head. The `nodes` candidates of highest probability are the tree:
     a path's probability only falls along it, so every chosen node's parent is chosen too (ties keep the order
     of creation). `nodes` may be a rule (`CostTree`) that decides after each level whether another one pays
-    (`deeper`) and then how many nodes to verify (`choose`). Returns (the tree, tokens [B, nodes + 1],
-    q [B, nodes + 1, V] at the inner nodes)."""
+    (`deeper`), values the candidates (`value`: each after its parent) and chooses how many to verify
+    (`choose`). Returns (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
     nodes, depth, k = spec
     parent, token, logp = [-1], [root_B], [torch.zeros(root_B.shape[0], dtype=torch.float64, device=root_B.device)]
     score = [1.0]  # per candidate: its path's probability under the head, the mean over the requests
@@ -457,11 +459,20 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
         o, tree_kv = _decode_level(head, x, ctx, h_cache, tree_kv, mask, d)
         outs.update({c: o[:, i:i + 1] for i, c in enumerate(frontier)})
         expanded = seen
-    order = sorted(range(1, len(parent)), key=lambda c: (-score[c], c))
+    # the candidates in order of value, each after its parent (so every prefix is a tree): the head's probability
+    # of the path (a parent's is at least its child's), or what a rule makes of it (CostTree: calibrated by depth)
+    value = (lambda c: score[c]) if isinstance(nodes, int) else (lambda c: nodes.value(score[c], level[c]))
+    kids: dict[int, list[int]] = {}
+    for c in range(1, len(parent)):
+        kids.setdefault(parent[c], []).append(c)
     closed: list[int] = []
-    for c in order:  # every prefix closed under parents: a parent's probability is at least its child's, and it
-        if parent[c] == 0 or parent[c] in closed:  # came first
-            closed.append(c)
+    ready = [(-value(c), c) for c in kids.get(0, [])]
+    heapq.heapify(ready)
+    while ready:
+        _, c = heapq.heappop(ready)
+        closed.append(c)
+        for child in kids.get(c, []):
+            heapq.heappush(ready, (-value(child), child))
     n = nodes if isinstance(nodes, int) else nodes.choose([(score[c], level[c]) for c in closed], d)
     chosen = sorted(closed[:n])  # creation order: parents before children
     slot = {0: 0, **{c: i + 1 for i, c in enumerate(chosen)}}

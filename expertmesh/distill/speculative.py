@@ -195,11 +195,11 @@ class CostTree:
     """A dynamic tree's depth and size from the measured costs. Each round the tree grows level by level; after
     level d the rule predicts level d + 1 (the k most probable new candidates each get children as likely,
     relative to their parent, as this level's were on average) and grows it only if that raises the best
-    expected tokens per second of the round. Then, of the candidates ordered by the head's probability of their
-    path (EAGLE-2's estimate of the chance each is accepted; every prefix of the order holds its nodes'
-    parents), it verifies the first n in [lo, hi] with the most expected tokens per second: 1 + the sum of their
-    calibrated probabilities tokens for draft_s * depth + verify_s[n + 1] seconds (the tree's levels through the
-    head, then one target pass over the root and n nodes). Calibration is per depth: at most one node of a
+    expected tokens per second of the round. Then, of the candidates ordered by value (the head's probability of
+    their path, EAGLE-2's estimate of the chance each is accepted, calibrated for its depth: `value`; each after
+    its parent, so every prefix is a tree), it verifies the first n in [lo, hi] with the most expected tokens per
+    second: 1 + the sum of their values tokens for draft_s * depth + verify_s[n + 1] seconds (the tree's levels
+    through the head, then one target pass over the root and n nodes). Calibration is per depth: at most one node of a
     depth lies on the accepted path, so the probabilities of a round's nodes at depth d sum to the chance it
     keeps d tokens or more; c_d, over the last `window` rounds, is the rounds that did (the batch's lockstep
     length) over those sums (1 before any data; a depth not verified lately takes the one above's, and a level
@@ -220,6 +220,13 @@ class CostTree:
     def c(self, depth: int) -> float:
         return self.calibration[min(depth, len(self.calibration)) - 1] if self.calibration else 1.0
 
+    def value(self, score: float, depth: int) -> float:
+        """A candidate's expected tokens: its path's probability under the head, calibrated for its depth."""
+        return self.c(depth) * score
+
+    def _worth(self, cand: tuple) -> float:
+        return cand[2] if len(cand) > 2 else self.value(cand[0], cand[1])
+
     def best(self, cands: list[tuple], depth: int) -> tuple[int, float]:
         """For candidates (path probability, depth[, expected tokens if already known]) in order, grown to
         `depth` levels: the n with the most expected tokens per second, and that rate."""
@@ -227,7 +234,7 @@ class CostTree:
         top = min(self.hi, len(cands))
         sums = [0.0]
         for cand in cands[:top]:
-            sums.append(sums[-1] + (cand[2] if len(cand) > 2 else self.c(cand[1]) * cand[0]))
+            sums.append(sums[-1] + self._worth(cand))
         rate = {n: (1 + sums[n]) / (draft_s + self.costs["verify_s"][n + 1])
                 for n in range(min(self.lo, top), top + 1) if n >= 1}
         n = max(rate, key=rate.get)
@@ -259,8 +266,8 @@ class CostTree:
         else:
             a, top = self.go_on(), profile[0] if profile[0] > 0 else 1.0
             guess = [(s * r, depth + 1, self.c(depth) * s * a * r / top) for s in frontier for r in profile]
-        return (self.best(sorted(cands + guess, key=lambda c: -c[0]), depth + 1)[1] >
-                self.best(sorted(cands, key=lambda c: -c[0]), depth)[1])
+        return (self.best(sorted(cands + guess, key=self._worth, reverse=True), depth + 1)[1] >
+                self.best(sorted(cands, key=self._worth, reverse=True), depth)[1])
 
     def choose(self, cands: list[tuple[float, int]], depth: int) -> int:
         """How many of these candidates (in order) to verify; remembers their probability sums by depth."""

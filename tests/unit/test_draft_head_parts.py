@@ -261,3 +261,25 @@ def test_a_cost_tree_drafts_and_verifies_what_pays_for_its_pass():
         assert len(shape.levels) <= rule.depth
         if want == (4, 4):  # the chain of top-1 tokens
             assert shape.parent == [-1, 0, 1, 2, 3] and tokens[0, 1:].tolist() == [0] * 4
+
+
+def test_a_cost_tree_verifies_in_order_of_calibrated_value():
+    """The head's q fixed at (0.5, 0.3, 0.2), top-2 growth, 3 nodes verified: taken at its word the head's three
+    likeliest paths are the root's two children and the first one's child (0.5, 0.3, 0.25); calibrated by depth
+    (c = 1, 2, 4: rounds kept deep drafts more often than it said) the first child's chain is worth 0.5 at every
+    depth and the runner-up 0.3, so the three nodes are the chain."""
+    from expertmesh.distill.head import _draft_dynamic
+    from expertmesh.distill.speculative import CostTree
+
+    target, head, layers = _target_and_head(vocab=8)
+    q = torch.tensor([0.5, 0.3, 0.2] + [0.0] * 5, dtype=torch.float64)
+    root = torch.tensor([5, 5])
+    for calibration, parents in (([], [-1, 0, 0, 1]), ([1.0, 2.0, 4.0], [-1, 0, 1, 2])):
+        rule = CostTree({"draft_s": 0.0, "verify_s": {n: 0.1 for n in range(2, 5)}}, 1, 3)
+        rule.calibration = calibration
+        with torch.no_grad():
+            out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
+            shape, tokens, _ = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (rule, 3, 2),
+                                              target.tok_embeddings, lambda o: q.expand(o.shape[0], 1, -1),
+                                              torch.float32)
+        assert shape.parent == parents, calibration
