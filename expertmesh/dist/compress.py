@@ -16,9 +16,8 @@ each way, against 4 bytes for fp32; the collective wrapper counts it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from expertmesh.dist.comm_stats import Comm, group_size
+from expertmesh.dist.comm_stats import Comm, group_rank, group_size
 
 
 def _qmax(bits: int) -> int:
@@ -166,7 +165,7 @@ def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, 
         out = t.new_empty(W * t.numel())
         comm.all_gather_into_tensor(out, t, group, label)
         parts.append(out.view(W, -1))
-    me = dist.get_rank(group)
+    me = group_rank(group)
     total = torch.zeros_like(own)
     for r in range(W):  # in rank order on every rank; this rank's own part is already dense (the sent values
         if r == me:  # land on distinct slots of zeros, so adding it equals scattering them)
