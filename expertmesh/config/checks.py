@@ -285,6 +285,9 @@ def check_draft_head(cfg: JobConfig) -> None:
                           f"lr={h.lr} > 0, warmup_steps={h.warmup_steps} and grad_clip={h.grad_clip} >= 0")
     if not 0 < h.step_decay <= 1:
         raise ConfigError(f"draft_head.step_decay={h.step_decay} must be in (0, 1]")
+    if not 1 <= h.every <= cfg.train.steps:
+        raise ConfigError(f"draft_head.every={h.every} must be in [1, train.steps={cfg.train.steps}]: the head "
+                          "trains on the steps divisible by it")
     if h.ttt_steps >= cfg.data.seq_len - 1:
         raise ConfigError(f"draft_head.ttt_steps={h.ttt_steps} leaves no position to train at "
                           f"data.seq_len={cfg.data.seq_len}")

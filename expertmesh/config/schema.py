@@ -376,6 +376,9 @@ class DraftHeadConfig:
     lr: float = 1e-3  # the head's AdamW peak learning rate (its own optimizer and schedule)
     warmup_steps: int = 20  # the head's linear warmup, then cosine to `lr * optim.min_lr_ratio`
     grad_clip: float = 1.0  # the head's gradient-norm clip (0 disables)
+    # the head trains on the steps divisible by `every` only (their whole batch): its cost falls by this factor,
+    # and so do its data and updates (its schedule counts its own steps: train.steps // every)
+    every: int = 1
 
 
 @dataclass(kw_only=True)

@@ -5,7 +5,8 @@ blocks and the embedding output (detached). After each micro-batch's backward th
 training-time-test loss against the target's logits of that forward (no second target forward) and
 backpropagates into its own weights only. After the target's optimizer step the head's gradients are
 averaged over the ranks that see different tokens (`dense_dp`, one all-reduce with its metrics), clipped,
-and its own AdamW steps on its own warmup + cosine schedule.
+and its own AdamW steps on its own warmup + cosine schedule. With `draft_head.every = k` all of that happens on
+the steps divisible by k only: the head's cost, data and steps fall k-fold.
 
 The head is replicated: every rank holds all of it and applies the same averaged gradient, so every
 layout trains the head one process would train on the global batch (tests/distributed/test_draft_head.py).
@@ -48,7 +49,9 @@ class InLoopHead:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                             {"params": rest, "weight_decay": 0.0}],
                                            lr=h.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        self.scheduler = warmup_cosine(self.optimizer, h.warmup_steps, cfg.train.steps, o.min_lr_ratio)
+        self.scheduler = warmup_cosine(self.optimizer, h.warmup_steps, cfg.train.steps // h.every, o.min_lr_ratio)
+        self.on = True  # whether the head trains on this step (`draft_head.every`)
+        self.steps_taken = 0  # the head's steps since this process started
         self.captured: dict[str, torch.Tensor] = {}
         self.hooks = [model.tok_embeddings.register_forward_hook(self._keep("emb"))]
         self.hooks += [model.layers[str(i)].register_forward_hook(self._keep(i)) for i in sorted(set(self.layers))]
@@ -91,8 +94,17 @@ class InLoopHead:
             self.lm_head = (w.full_tensor() if isinstance(w, DTensor) else w).detach()
         return self.lm_head
 
+    def begin(self, step: int) -> None:
+        """Before the target's step `step` (from 1): the head trains on it if `draft_head.every` divides it."""
+        self.on = step % self.cfg.draft_head.every == 0
+        self.lm_head = None  # the target has stepped since it was gathered
+        self.captured.clear()
+
     def add_micro(self, logits_BSV: torch.Tensor, autocast) -> None:
         """Trains on the micro-batch whose forward just ran (call after the target's backward)."""
+        if not self.on:
+            self.captured.clear()
+            return
         start = self._clock()
         S = logits_BSV.shape[1]
         feats = [self._whole(self.captured[i], S) for i in self.layers]
@@ -106,6 +118,8 @@ class InLoopHead:
 
     def step(self) -> None:
         """Averages the head's gradients (and its metrics) over the data ranks, clips, and steps."""
+        if not self.on:
+            return
         start = self._clock()
         params = [p for p in self.head.parameters()]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -123,21 +137,24 @@ class InLoopHead:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.sums.zero_()
-        self.lm_head = None  # the target has stepped
+        self.steps_taken += 1
         self._took(start)
 
-    def stats(self, window_seconds: float) -> dict:
-        """The last step's head loss (step 0 of the training-time test) and, per unrolled step, its loss and
+    def stats(self, window_seconds: float) -> dict | None:
+        """The last head step's loss (step 0 of the training-time test) and, per unrolled step, its loss and
         top-1 agreement with the target, averaged over the data ranks' micro-batches; and `step_share`, the
         head's part of this rank's step time since the last record (`window_seconds`: the steps' time), its
-        own work timed in the same steps (its loss, backward, gradient all-reduce and optimizer step)."""
+        own work timed in the same steps (its loss, backward, gradient all-reduce and optimizer step). None
+        while the head has not stepped in this process (`draft_head.every` > the steps so far)."""
         steps = self.cfg.draft_head.ttt_steps
-        by_step = (self.last[1:] / self.last[0].clamp_min(1)).tolist()
         if self.events:
             self.events[-1][1].synchronize()
             self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1000
             self.events = []
         share, self.seconds = self.seconds / window_seconds if window_seconds > 0 else 0.0, 0.0
+        if not self.steps_taken:
+            return None
+        by_step = (self.last[1:] / self.last[0].clamp_min(1)).tolist()
         return {"loss": by_step[0], "loss_by_step": by_step[:steps], "top1_by_step": by_step[steps:],
                 "lr": self.scheduler.get_last_lr()[0], "step_share": share}
 

@@ -212,6 +212,8 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
         t0 = time.perf_counter()
         if fssdp is not None:
             fssdp.begin_step(step, optimizer)
+        if draft is not None:
+            draft.begin(step)
         with tap if window.steps == 0 else nullcontext():  # one sampled step per metrics window
             grad_norm = step_fn(cfg, model, par, optimizer, loader, window, mesh, comm, device, autocast, fssdp)
         tap.steps += window.steps == 0
@@ -235,8 +237,8 @@ def train_loop(cfg, env, mesh, comm, par, optimizer, scheduler, loader, eval_dat
                 rec["fssdp"] = fssdp.stats()
                 if mesh.dims.pp > 1:
                     rec["fssdp"] = FSSDP.merge_stages(comm.all_gather_object(rec["fssdp"], mesh.group("pp")))
-            if draft is not None:
-                rec["draft_head"] = draft.stats(window_seconds)
+            if draft is not None and (head := draft.stats(window_seconds)) is not None:  # None: no head step yet
+                rec["draft_head"] = head
             if par.compiled is not None:  # this rank's: block forwards, calls into compiled graphs, graphs
                 rec["compile"] = par.compiled.take()
             metrics.log(rec)

@@ -4,6 +4,7 @@ target's training untouched; it resumes exactly."""
 
 import json
 import shutil
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,9 +13,16 @@ from helpers import read_metrics, tiny_overrides
 from safetensors.torch import load_file
 
 from expertmesh import config
+from expertmesh.data.loader import TokenLoader, split_tokens
+from expertmesh.dist.checkpoint import load_model
+from expertmesh.dist.comm_stats import Comm
 from expertmesh.dist.env import DistEnv
 from expertmesh.distill.head import load_head
+from expertmesh.models.transformer import Transformer
+from expertmesh.parallel.mesh import ParallelDims
+from expertmesh.train.draft import InLoopHead
 from expertmesh.train.loop import run
+from expertmesh.train.wiring import load_data
 
 pytestmark = pytest.mark.distributed
 
@@ -83,3 +91,38 @@ def test_the_head_is_written_beside_a_run_without_checkpoints(tmp_path):
     assert meta["step"] == 2 and not list((tmp_path / "nockpt").glob("step-*"))
     head, layers, _ = load_head(tmp_path / "nockpt" / "draft_head")
     assert layers == meta["layers"] and torch.equal(head.fuse.weight, _head(tmp_path / "nockpt")["fuse.weight"])
+
+
+def test_a_head_every_k_steps_is_the_loop_reference_on_those_steps_batches(tmp_path):
+    """`draft_head.every=2`: the run's head equals a head trained by a loop reference (the same InLoopHead,
+    every step) on the batches of steps 2, 4 and 6 only, each read by the target as it was before that step
+    (its step-1, 3, 5 checkpoints), on a schedule of 3 steps; the records of steps with no head step yet
+    have no head entry."""
+    common = _common(tmp_path, steps=6) + ["checkpoint.every=1", "checkpoint.keep=10"]
+    _train(0, 1, common + HEAD + ["draft_head.every=2", "train.name=every2"])
+    got = read_metrics(tmp_path / "every2")
+    assert "draft_head" not in got[1] and all("draft_head" in got[s] for s in range(2, 7))
+
+    cfg = config.load(None, common + HEAD + ["train.steps=3", "train.name=ref"])
+    target = Transformer(cfg)
+    target.init_weights()
+    mesh = ParallelDims.from_config(cfg.parallel, 1).build_mesh("cpu")
+    ref = InLoopHead(cfg, target, mesh, Comm(), torch.device("cpu"))
+    _, tokens, _ = load_data(cfg, None, None)
+    train_tokens, _ = split_tokens(tokens, cfg.data.eval_fraction)
+    loader = TokenLoader(train_tokens, cfg.data.seq_len, cfg.data.batch_size, 0, 1, cfg.train.seed, 1)
+    for step in range(1, 7):
+        x, _ = loader.next_batch()
+        if step % 2:
+            continue
+        load_model(tmp_path / "every2" / f"step-{step - 1}", target)
+        ref.begin(step // 2)
+        logits, _ = target(x)
+        ref.add_micro(logits.detach(), nullcontext())
+        ref.step()
+        rec = ref.stats(1.0)
+        assert got[step]["draft_head"]["loss_by_step"] == pytest.approx(rec["loss_by_step"], rel=1e-6), step
+    head = _head(tmp_path / "every2")
+    # the same ops in one process on both sides: agreement to fp32 rounding, not a layout's noise floor
+    for key, w in ref.head.state_dict().items():
+        torch.testing.assert_close(head[key], w, rtol=1e-6, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")

@@ -82,6 +82,9 @@ def test_draft_head_config_is_checked():
         config.load(None, ["draft_head.enabled=true", "parallel.pp=2", "model.n_layers=4"])
     with pytest.raises(ConfigError, match="diloco.enabled=true with draft_head.enabled=true is refused"):
         config.load(None, ["draft_head.enabled=true", "diloco.enabled=true", "parallel.dp_replicate=2"])
+    for every in (0, 11):
+        with pytest.raises(ConfigError, match=rf"draft_head.every={every} must be in \[1, train.steps=10\]"):
+            config.load(None, ["draft_head.enabled=true", f"draft_head.every={every}", "train.steps=10"])
 
 
 def _target_and_head(vocab=256, layers=3, seed=0):
