@@ -7,12 +7,15 @@
    - head: the run resumed for `budget` more steps with `draft_head.enabled=true` (the in-loop path: features
      and logits of the step's own forward);
    - plain: the same resumed steps without a head (tokens/s: the head's cost, same steps, same data);
+   - every: the head run again with `draft_head.every` = the metrics window (one head step per window: the
+     head's cost, data and updates `every`-fold fewer);
    - draft: a standalone dense draft Transformer with at least as many parameters as the head outside its
      embedding and LM head, distilled (forward KL on the target's full distributions) on the same batches,
      with the head's optimizer settings.
 3. Decoding on held-out prompts (the eval split, 64 tokens each, 64 new, one request at a time, greedy): tau
    (tokens per target forward) of the head (`head_generate`) and of the draft (`speculative_generate`) with
-   chains of gamma = 4; of the head with a tree (children per depth 3, 2, 1, 1: 21 drafted tokens), with a
+   chains of gamma = 4, of `long_gamma` (8) and of 21 (tau is capped at gamma + 1: at 4 both drafts near
+   it); of the head trained every `every` steps (gamma = 4); of the head with a tree (children per depth 3, 2, 1, 1: 21 drafted tokens), with a
    dynamic tree of as many (EAGLE-2: 12 levels, top-3), with a dynamic tree of 1..as many nodes sized each round
    by cost (`CostTree`, the target's passes timed first at batch 1) and with a chain of as many; wall-clock
    tokens/s of each and of plain decoding with a KV cache. The same arms but the dynamic trees (greedy only)
@@ -22,9 +25,9 @@
 All of it twice: for the default model, and for a Qwen3-MoE of the same size (random weights written by transformers,
 then trained by `expertmesh run` through `model.hf_path`: the fine-tune path; GQA, QK-norm, every layer MoE).
 
-Targets (issue "Draft heads"): tau head / tau draft >= 1.3; tau tree / tau chain of as many tokens >= 1.2;
+Targets (issue "Draft heads"): tau head / tau draft >= 1.3 (at each chain length); tau tree / tau chain of as many tokens >= 1.2;
 the in-loop head <= 5% of the step time (timed inside the head's run: `draft_head.step_share`; and as the
-tokens/s of the two sequential runs).
+tokens/s of the sequential runs), every step and every `every` steps.
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ from expertmesh.distill.speculative import CostTree, measure_costs, speculative_
 from expertmesh.models.transformer import Transformer, count_params
 from expertmesh.train.wiring import load_data, warmup_cosine
 
-FULL = dict(target_steps=600, budget=300, prompts=24, prompt_len=64, new=64, gamma=4, tree=[3, 2, 1, 1], log_every=25,
-            dynamic=[12, 3])
-QUICK = dict(target_steps=20, budget=10, prompts=2, prompt_len=16, new=8, gamma=3, tree=[2, 1], log_every=5,
-             dynamic=[3, 2])
+FULL = dict(target_steps=600, budget=300, prompts=24, prompt_len=64, new=64, gamma=4, long_gamma=8, tree=[3, 2, 1, 1],
+            log_every=25, dynamic=[12, 3], every=25)
+QUICK = dict(target_steps=20, budget=10, prompts=2, prompt_len=16, new=8, gamma=3, long_gamma=4, tree=[2, 1],
+             log_every=5, dynamic=[3, 2], every=5)
 HEAD = ["draft_head.enabled=true", "draft_head.ttt_steps=3", "draft_head.lr=2e-3", "draft_head.warmup_steps=20"]
 
 
@@ -152,19 +155,25 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
                f"checkpoint.every={p['target_steps']}"])
     target_s = time.perf_counter() - t0
     frozen = [*common, f"train.steps={total}", "optim.lr=1e-12", "optim.weight_decay=0", f"checkpoint.every={total}"]
-    for name in ("plain", "head"):  # each resumes a copy of the target run
+    for name in ("plain", "head", "every"):  # each resumes a copy of the target run
         subprocess.run(["cp", "-r", str(root / "target"), str(root / name)], check=True)
     cli(root, [*frozen, "train.name=plain"])
     cli(root, [*frozen, *HEAD, "train.name=head"])
+    cli(root, [*frozen, *HEAD, f"draft_head.every={p['every']}", "train.name=every"])  # one head step per window
     warm = p["target_steps"] + p["log_every"]  # the first window of each resumed run holds its start
-    cli_tok = {n: statistics.median(r["tokens_per_s"] for r in records(root / n, warm)) for n in ("plain", "head")}
-    share = statistics.median(r["draft_head"]["step_share"] for r in records(root / "head", warm))
+    runs_tok = ("plain", "head", "every")
+    cli_tok = {n: statistics.median(r["tokens_per_s"] for r in records(root / n, warm)) for n in runs_tok}
+    share, share_every = (statistics.median(r["draft_head"]["step_share"] for r in records(root / n, warm))
+                          for n in ("head", "every"))
     head_rec = records(root / "head", p["target_steps"])[-1]["draft_head"]
+    every_rec = records(root / "every", p["target_steps"])[-1]["draft_head"]
 
     cfg = config_mod.from_dict(json.loads((root / "target" / "config.json").read_text()))
     target, _, _ = load_lm(root / "head", torch.device("cpu"), "target")
     head, layers, _ = load_head(root / "head" / "draft_head")
     head.eval()
+    head_every, _, _ = load_head(root / "every" / "draft_head")
+    head_every.eval()
     head_params = sum(t.numel() for t in head.parameters())
     draft, draft_blocks = draft_model(cfg, head_params)
     _, tokens, _ = load_data(cfg, None, None)
@@ -177,8 +186,14 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
     costs = measure_costs(target, HeadDraft(head, layers, target, None), 1, p["prompt_len"], list(range(2, size + 2)),
                           cfg.model.vocab_size)
     by_cost = CostTree(costs, 1, size)  # one rule for all prompts, as a server keeps it
+    g2 = p["long_gamma"]
     runs = {"head": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], greedy=True),
             "draft": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], greedy=True),
+            # longer chains: tau is capped at gamma + 1, which a good draft of either kind nears at gamma = 4
+            "head g2": lambda x: head_generate(target, head, layers, x, p["new"], g2, greedy=True),
+            "draft g2": lambda x: speculative_generate(target, draft, x, p["new"], g2, greedy=True),
+            "draft long chain": lambda x: speculative_generate(target, draft, x, p["new"], size, greedy=True),
+            "head every": lambda x: head_generate(target, head_every, layers, x, p["new"], p["gamma"], greedy=True),
             "head tree": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"], greedy=True),
             "head long chain": lambda x: head_generate(target, head, layers, x, p["new"], size, greedy=True),
             "head dynamic tree": lambda x: head_generate(target, head, layers, x, p["new"], greedy=True,
@@ -189,6 +204,9 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
             # sampling at T = 1: acceptance is lower than under greedy, where a tree's width can pay
             "head T=1": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], generator=gen),
             "draft T=1": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], generator=gen),
+            "head g2 T=1": lambda x: head_generate(target, head, layers, x, p["new"], g2, generator=gen),
+            "draft g2 T=1": lambda x: speculative_generate(target, draft, x, p["new"], g2, generator=gen),
+            "draft long chain T=1": lambda x: speculative_generate(target, draft, x, p["new"], size, generator=gen),
             "head tree T=1": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"],
                                                      generator=gen),
             "head long chain T=1": lambda x: head_generate(target, head, layers, x, p["new"], size,
@@ -219,6 +237,13 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
         {"case": "decode greedy, chain", "impl": "standalone draft", "tau": tau["draft"],
          "tokens_per_s": decode_tps["draft"], "params": count_params(draft)["total"], "params_blocks": draft_blocks,
          "draft_loss": draft_loss},
+        {"case": "decode greedy, chain", "impl": f"draft head (in-loop, draft_head.every={p['every']})",
+         "tau": tau["head every"], "tokens_per_s": decode_tps["head every"], "head_loss": every_rec["loss"],
+         "head_top1_by_step": every_rec["top1_by_step"]},
+        *[{"case": f"decode {mode}, chain of {n}", "impl": impl, "tau": tau[arm], "tokens_per_s": decode_tps[arm]}
+          for mode, sfx in (("greedy", ""), ("T=1", " T=1"))
+          for n, arm, impl in ((g2, "head g2" + sfx, "draft head (in-loop)"), (g2, "draft g2" + sfx, "standalone draft"),
+                               (size, "draft long chain" + sfx, "standalone draft"))],
         {"case": f"decode greedy, tree {p['tree']} ({size} drafted)", "impl": "draft head (in-loop)",
          "tau": tau["head tree"], "tokens_per_s": decode_tps["head tree"]},
         {"case": f"decode greedy, chain of {size}", "impl": "draft head (in-loop)", "tau": tau["head long chain"],
@@ -238,11 +263,16 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
                                   ("head long chain T=1", f"chain of {size}", "draft head (in-loop)"))],
         {"case": "training, target frozen", "impl": "with head", "tokens_per_s": cli_tok["head"],
          "head_step_share": share},
+        {"case": "training, target frozen", "impl": f"with head, draft_head.every={p['every']}",
+         "tokens_per_s": cli_tok["every"], "head_step_share": share_every},
         {"case": "training, target frozen", "impl": "without head", "tokens_per_s": cli_tok["plain"]},
     ]
     claims = [
         {"metric": "tau, draft head (chain) / standalone draft (chain), same data budget",
          "value": tau["head"] / tau["draft"], "op": ">=", "target": 1.3},
+        *[{"metric": f"tau{at}, draft head (chain of {n}) / standalone draft (chain of {n}), same data budget",
+           "value": tau[f"head {arm}{sfx}"] / tau[f"draft {arm}{sfx}"], "op": ">=", "target": 1.3}
+          for at, sfx in (("", ""), (" at T=1", " T=1")) for n, arm in ((g2, "g2"), (size, "long chain"))],
         {"metric": f"tau, draft head tree {p['tree']} / chain of as many ({size}) verified tokens",
          "value": tau["head tree"] / tau["head long chain"], "op": ">=", "target": 1.2},
         {"metric": f"tau, draft head dynamic tree of {size} / chain of as many verified tokens",
@@ -255,6 +285,12 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
          "value": share / (1 - share), "op": "<=", "target": 0.05},
         {"metric": "in-loop head: step time with / without - 1 (tokens/s, two sequential runs, same steps)",
          "value": cli_tok["plain"] / cli_tok["head"] - 1, "op": "<=", "target": 0.05},
+        {"metric": f"in-loop head, draft_head.every={p['every']} (1/{p['every']} of the head's data): its own "
+                   "time / the rest of the step, timed inside the same run",
+         "value": share_every / (1 - share_every), "op": "<=", "target": 0.05},
+        {"metric": f"in-loop head, draft_head.every={p['every']}: step time with / without - 1 (tokens/s, "
+                   "sequential runs, same steps)", "value": cli_tok["plain"] / cli_tok["every"] - 1, "op": "<=",
+         "target": 0.05},
         {"metric": "decoding tokens/s, dynamic tree sized by cost / the best fixed arm (reported)",
          "value": decode_tps["head tree by cost"] / max(v for k, v in decode_tps.items() if "T=1" not in k and
                                                         k != "head tree by cost"), "op": ">=", "target": 0.0},
