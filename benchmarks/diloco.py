@@ -55,6 +55,11 @@ def arms(H: int, P: int) -> dict[str, list[str]]:
         f"Streaming P={P} tau=1 topk 2-bit": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
                                                           'diloco.compress="topk"', "diloco.outer_momentum=0.0",
                                                           "diloco.outer_lr=1.0"],
+        # the same, what a sync leaves unsent kept whole until sent (no decay: at 1.56% per sync a value waits
+        # ~64 syncs, over which 0.95 per sync keeps 4% of it)
+        f"Streaming P={P} tau=1 topk 2-bit no decay": streaming + [
+            f"diloco.fragments={P}", "diloco.overlap=1", 'diloco.compress="topk"', "diloco.outer_momentum=0.0",
+            "diloco.outer_lr=1.0", "diloco.error_decay=1.0"],
         # both: error feedback and the outer Nesterov momentum of DiLoCo (DeMo-like)
         f"Streaming P={P} tau=1 topk 2-bit nesterov": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
                                                                    'diloco.compress="topk"'],
@@ -173,13 +178,16 @@ def main() -> None:
                      if r["peak_bytes_per_step"] else None,
                      "loss_vs_dp": r["final_eval_loss"] / base["final_eval_loss"] - 1})
     best = results.get(f"Streaming P={P} tau=1 4-bit")
-    topk = results.get(f"Streaming P={P} tau=1 topk 2-bit")
-    claims += [] if best is None or topk is None else [
-        {"metric": f"sync bytes, streaming 4-bit / streaming topk 2-bit (P={P}, H={H})",
-         "value": best["sync_bytes_total"] / topk["sync_bytes_total"], "op": ">=", "target": 8.0},
-        {"metric": "final held-out loss, streaming topk 2-bit relative to streaming 4-bit (fraction above)",
-         "value": topk["final_eval_loss"] / best["final_eval_loss"] - 1, "op": "<=", "target": 0.01},
-    ]
+    for name, topk in results.items():
+        if best is None or not name.startswith(f"Streaming P={P} tau=1 topk 2-bit"):
+            continue
+        arm = "streaming topk 2-bit" + name.removeprefix(f"Streaming P={P} tau=1 topk 2-bit")
+        claims += [
+            {"metric": f"sync bytes, streaming 4-bit / {arm} (P={P}, H={H})",
+             "value": best["sync_bytes_total"] / topk["sync_bytes_total"], "op": ">=", "target": 8.0},
+            {"metric": f"final held-out loss, {arm} relative to streaming 4-bit (fraction above)",
+             "value": topk["final_eval_loss"] / best["final_eval_loss"] - 1, "op": "<=", "target": 0.01},
+        ]
     claims += [] if best is None else [
         {"metric": f"total sync bytes, data-parallel / streaming 4-bit (P={P}, H={H})",
          "value": base["sync_bytes_total"] / best["sync_bytes_total"], "op": ">=", "target": 200.0},
