@@ -55,17 +55,14 @@ def arms(H: int, P: int) -> dict[str, list[str]]:
         f"Streaming P={P} tau=1 topk 2-bit": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
                                                           'diloco.compress="topk"', "diloco.outer_momentum=0.0",
                                                           "diloco.outer_lr=1.0"],
-        # the same, what a sync leaves unsent kept whole until sent (no decay: at 1.56% per sync a value waits
-        # ~64 syncs, over which 0.95 per sync keeps 4% of it)
-        f"Streaming P={P} tau=1 topk 2-bit no decay": streaming + [
-            f"diloco.fragments={P}", "diloco.overlap=1", 'diloco.compress="topk"', "diloco.outer_momentum=0.0",
-            "diloco.outer_lr=1.0", "diloco.error_decay=1.0"],
-        # the same with more decay, and with a larger outer step (the mean of 4 workers' sparse picks spreads
-        # each value over 4)
+        # the same with what a sync leaves unsent kept whole until sent (no decay: at 1.56% per sync a value
+        # waits ~64 syncs, over which 0.95 per sync keeps 4% of it), with more decay, and with a larger outer
+        # step (the mean of 4 workers' sparse picks spreads each value over 4)
         **{f"Streaming P={P} tau=1 topk 2-bit {what}": streaming + [
             f"diloco.fragments={P}", "diloco.overlap=1", 'diloco.compress="topk"', "diloco.outer_momentum=0.0",
-            *extra] for what, extra in (("decay 0.9", ["diloco.outer_lr=1.0", "diloco.error_decay=0.9"]),
-                                        ("outer lr 2", ["diloco.outer_lr=2.0"]), ("outer lr 3", ["diloco.outer_lr=3.0"]))},
+            f"diloco.outer_lr={lr}", f"diloco.error_decay={decay}"]
+           for what, lr, decay in (("no decay", 1.0, 1.0), ("decay 0.9", 1.0, 0.9), ("outer lr 2", 2.0, 0.95),
+                                   ("outer lr 3", 3.0, 0.95))},
         # both: error feedback and the outer Nesterov momentum of DiLoCo (DeMo-like)
         f"Streaming P={P} tau=1 topk 2-bit nesterov": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
                                                                    'diloco.compress="topk"'],

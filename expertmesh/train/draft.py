@@ -98,7 +98,6 @@ class InLoopHead:
         """Before the target's step `step` (from 1): the head trains on it if `draft_head.every` divides it."""
         self.on = step % self.cfg.draft_head.every == 0
         self.lm_head = None  # the target has stepped since it was gathered
-        self.captured.clear()
 
     def add_micro(self, logits_BSV: torch.Tensor, autocast) -> None:
         """Trains on the micro-batch whose forward just ran (call after the target's backward)."""
