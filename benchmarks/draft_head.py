@@ -15,9 +15,10 @@
 3. Decoding on held-out prompts (the eval split, 64 tokens each, 64 new, one request at a time, greedy): tau
    (tokens per target forward) of the head (`head_generate`) and of the draft (`speculative_generate`) with
    chains of gamma = 4, of `long_gamma` (8) and of 21 (tau is capped at gamma + 1: at 4 both drafts near
-   it); of the head trained every `every` steps (gamma = 4); of the head with a tree (children per depth 3, 2, 1, 1: 21 drafted tokens), with a
-   dynamic tree of as many (EAGLE-2: 12 levels, top-3), with a dynamic tree of 1..as many nodes sized each round
-   by cost (`CostTree`, the target's passes timed first at batch 1) and with a chain of as many; wall-clock
+   it); of the head trained every `every` steps (gamma = 4); of the head with a tree (children per depth 3,
+   2, 1, 1: 21 drafted tokens), with a dynamic tree of as many (EAGLE-2: 12 levels, top-3), with a dynamic
+   tree of 1..as many nodes sized each round by cost (`CostTree`, the target's passes timed first at batch 1)
+   and with a chain of as many; wall-clock
    tokens/s of each and of plain decoding with a KV cache. The same arms but the dynamic trees (greedy only)
    again sampling at T = 1. The arms alternate per prompt, and every greedy arm's output must equal plain
    greedy decoding.
@@ -25,8 +26,8 @@
 All of it twice: for the default model, and for a Qwen3-MoE of the same size (random weights written by transformers,
 then trained by `expertmesh run` through `model.hf_path`: the fine-tune path; GQA, QK-norm, every layer MoE).
 
-Targets (issue "Draft heads"): tau head / tau draft >= 1.3 (at each chain length); tau tree / tau chain of as many tokens >= 1.2;
-the in-loop head <= 5% of the step time (timed inside the head's run: `draft_head.step_share`; and as the
+Targets (issue "Draft heads"): tau head / tau draft >= 1.3 (at each chain length); tau tree / tau chain of as many
+tokens >= 1.2; the in-loop head <= 5% of the step time (timed inside the head's run: `draft_head.step_share`; and as the
 tokens/s of the sequential runs), every step and every `every` steps.
 """
 
@@ -242,7 +243,8 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
          "head_top1_by_step": every_rec["top1_by_step"]},
         *[{"case": f"decode {mode}, chain of {n}", "impl": impl, "tau": tau[arm], "tokens_per_s": decode_tps[arm]}
           for mode, sfx in (("greedy", ""), ("T=1", " T=1"))
-          for n, arm, impl in ((g2, "head g2" + sfx, "draft head (in-loop)"), (g2, "draft g2" + sfx, "standalone draft"),
+          for n, arm, impl in ((g2, "head g2" + sfx, "draft head (in-loop)"),
+                               (g2, "draft g2" + sfx, "standalone draft"),
                                (size, "draft long chain" + sfx, "standalone draft"))],
         {"case": f"decode greedy, tree {p['tree']} ({size} drafted)", "impl": "draft head (in-loop)",
          "tau": tau["head tree"], "tokens_per_s": decode_tps["head tree"]},
