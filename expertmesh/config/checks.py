@@ -322,6 +322,9 @@ def check_diloco(cfg: JobConfig) -> None:
                               f"{g.topk_chunk} in [2, 32768] and diloco.topk_bits={g.topk_bits} 2, 4 or 8")
         if not 0.0 <= g.error_decay <= 1.0:
             raise ConfigError(f"diloco.error_decay={g.error_decay} must be in [0, 1]")
+    elif g.topk_average != "workers":
+        raise ConfigError(f"diloco.topk_average={g.topk_average!r} divides top-k sums by their senders; "
+                          f"diloco.compress={g.compress!r} sends every value from every worker: use 'topk' or leave it")
     if g.outer_lr <= 0 or not 0.0 <= g.outer_momentum < 1.0:
         raise ConfigError(f"diloco.outer_lr={g.outer_lr} must be > 0 and diloco.outer_momentum="
                           f"{g.outer_momentum} in [0, 1)")

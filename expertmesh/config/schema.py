@@ -281,6 +281,9 @@ class DiLoCoConfig:
     topk_bits: int = 2  # topk: bits per value sent (2, 4 or 8: a sign and a magnitude level)
     # topk: beta of the error feedback `e <- beta * e + delta` (what was not sent decays by it per sync)
     error_decay: float = 0.95
+    # topk: what a value's sum over the workers is divided by: `workers` (the group's size, SparseLoCo's mean) or
+    # `senders` (the workers that sent that value: one worker's pick is applied whole, not a quarter of it)
+    topk_average: Literal["workers", "senders"] = "workers"
     # MoE: an expert that no token reached on a worker since its fragment's last exchange began sends nothing from
     # that worker; each expert's mean is over the workers that trained it, and one that no worker trained is not
     # sent at all (docs/diloco.md#expert-sparse-exchanges)

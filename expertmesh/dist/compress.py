@@ -147,10 +147,11 @@ def topk_decompress(offsets: torch.Tensor, packed: torch.Tensor, scales: torch.T
 
 
 def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, chunk: int, bits: int,
-                           label: str) -> tuple[torch.Tensor, torch.Tensor]:
+                           label: str, per_sender: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over `group` of every rank's compressed `x`, and what this rank's own contribution carried (dense):
     the caller keeps `x - sent` as its error feedback. The contributions are all-gathered (fixed sizes: k per
-    chunk) and summed in rank order, so every rank ends with the same values."""
+    chunk) and summed in rank order, so every rank ends with the same values. `per_sender`: each value's sum
+    is divided by the number of ranks that sent it (none: 0) instead of by the group's size."""
     W, n, k = group_size(group), x.numel(), topk_k(fraction, chunk)
     if n == 0:  # a rank whose shards of the fragment are empty (so are its peers': the same place in each worker)
         return x.clone(), x.clone()
@@ -167,9 +168,17 @@ def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, 
         parts.append(out.view(W, -1))
     me = group_rank(group)
     total = torch.zeros_like(own)
-    for r in range(W):  # in rank order on every rank; this rank's own part is already dense (the sent values
-        if r == me:  # land on distinct slots of zeros, so adding it equals scattering them)
-            total += own
-        else:
+    senders = torch.zeros_like(own) if per_sender else None
+    for r in range(W):  # in rank order on every rank; a rank's sent values land on distinct slots, so adding its
+        # dense part equals scattering them into the sum
+        if r != me and not per_sender:
             topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, k, out=total)
+            continue
+        part = own if r == me else topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, k,
+                                                   out=torch.zeros_like(own))
+        total += part
+        if per_sender:
+            senders += part != 0
+    if per_sender:
+        return (total[:n] / senders[:n].clamp_min(1)).view_as(x), sent.view_as(x)
     return (total[:n] / W).view_as(x), sent.view_as(x)

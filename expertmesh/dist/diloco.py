@@ -225,8 +225,10 @@ class DiLoCo:
                 e = c.error_decay * self.error[f].to(delta.device) + delta if c.compress == "topk" else delta
                 x = e if keep is None else (e * mine)[keep]  # a row this worker did not train sends nothing
                 mean, sent = self._mean(x, group, counter)
-                if keep is not None:  # each trained row's mean over the workers that trained it; the rest 0
-                    mean = torch.zeros_like(delta).masked_scatter_(keep, mean * (group_size(group) / denom))
+                if keep is not None:  # each trained row's mean over the workers that trained it (or, already,
+                    # over those that sent each value); the rest 0
+                    scale = 1.0 if c.compress == "topk" and c.topk_average == "senders" else group_size(group) / denom
+                    mean = torch.zeros_like(delta).masked_scatter_(keep, mean * scale)
                     sent = None if sent is None else torch.zeros_like(delta).masked_scatter_(keep, sent)
                 if sent is not None:
                     pend.residual.append((e - sent).to(self.global_copy[0].device))
@@ -258,7 +260,8 @@ class DiLoCo:
         """The mean of flat `x` over the outer group as the config encodes it, and (topk) what this rank sent."""
         c = self.cfg
         if c.compress == "topk":
-            return sparse_all_reduce_mean(x, group, counter, c.topk_fraction, c.topk_chunk, c.topk_bits, "diloco")
+            return sparse_all_reduce_mean(x, group, counter, c.topk_fraction, c.topk_chunk, c.topk_bits, "diloco",
+                                          per_sender=c.topk_average == "senders")
         if c.quant_bits:
             return quantized_all_reduce_mean(x, group, counter, c.quant_bits, c.quant_block, "diloco"), None
         mean = x.clone()
