@@ -98,12 +98,12 @@ def test_outer_nesterov_and_bias_averaging_equal_a_hand_computed_update(run_dist
             assert torch.equal(nb, gb)
 
 
-def _expert_sparse_by_hand(rank, world):
+def _expert_sparse_by_hand(rank, world, extra=()):
     """Two workers, H = 1, fp32, outer lr 1, no momentum: worker 0's tokens reached experts {0, 1} of every
     MoE layer, worker 1's {1, 2}, nobody's expert 3; every weight (an untrained expert's too: decay, moments)
     moved locally. Returns each parameter before and after the sync, and the exchange's stats."""
     model, d, comm = _two_workers_by_hand(["diloco.outer_lr=1.0", "diloco.outer_momentum=0.0",
-                                           "diloco.expert_sparse=true"])
+                                           "diloco.expert_sparse=true", *extra])
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(100 + rank)
     trained = [0, 1] if rank == 0 else [1, 2]
@@ -142,6 +142,46 @@ def test_expert_sparse_exchange_equals_a_hand_computed_mean(run_distributed):
                                                                                   for n in expert)
     # fp32 values, int32 counts, and the balancing biases (2 layers x 4 experts, fp32)
     assert w0["stats"]["bytes_last_sync"] == 4 * crossing + 4 * 24 + 4 * 8
+
+
+def _sparse_means_by_hand(rank, world):
+    import torch.distributed as dist
+
+    from expertmesh.dist.comm_stats import Comm
+    from expertmesh.dist.compress import sparse_all_reduce_mean
+
+    x = [torch.tensor([1.0, 0.0, 0.0, -1.0]), torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4)][rank]
+    group = dist.new_group(list(range(world)))
+    return [sparse_all_reduce_mean(x, group, Comm(), 0.5, 4, 2, "diloco", per_sender=p)[0].tolist()
+            for p in (False, True)]
+
+
+def test_topk_sums_are_divided_by_the_workers_or_by_each_values_senders(run_distributed):
+    """Three workers, one chunk of 4, 2 values each at 2 bits (a value of the chunk's largest magnitude is sent
+    as 0.75 of it): worker 0 sends +-0.75 at slots 0 and 3, worker 1 0.75 at 0 and 1, worker 2 (all zeros)
+    nothing. Over the workers: the sums / 3; per sender: slot 0 / 2, slots 1 and 3 whole, slot 2 none (0)."""
+    for workers, senders in run_distributed(_sparse_means_by_hand, 3):
+        assert workers == pytest.approx([0.5, 0.25, 0.0, -0.25], abs=1e-7)
+        assert senders == [0.75, 0.75, 0.0, -0.75]
+
+
+def test_expert_sparse_topk_means_over_trainers_and_over_senders_agree(run_distributed):
+    """Expert-sparse top-k sending every value (fraction 1, 8 bits): a trained row's sum divided by the workers
+    that trained it (diloco.topk_average="workers", rescaled) equals it divided by the workers that sent each
+    value ("senders", not rescaled again), and an untrained expert keeps its global weights in both. Chunks of
+    16 lie within one expert row (every tensor's size is a multiple of 16), so a row a worker did not train is
+    a chunk of zeros (scale 0: sent as zeros, so not a sender; the codes have no zero besides)."""
+    topk = ['diloco.compress="topk"', "diloco.topk_fraction=1.0", "diloco.topk_chunk=16", "diloco.topk_bits=8"]
+    runs = {avg: torch.load(io.BytesIO(run_distributed(_expert_sparse_by_hand, 2,
+                                                       (*topk, f'diloco.topk_average="{avg}"'))[0]),
+                            weights_only=True) for avg in ("workers", "senders")}
+    workers, senders = runs["workers"], runs["senders"]
+    for n, g in workers["start"].items():
+        torch.testing.assert_close(senders["after"][n], workers["after"][n], rtol=1e-6, atol=1e-7, msg=n)
+        assert not torch.equal(workers["after"][n], g) or ".experts." in n, n
+        if ".experts." in n:
+            assert torch.equal(workers["after"][n][3], g[3]) and torch.equal(senders["after"][n][3], g[3]), n
+            assert not torch.equal(senders["after"][n][0], g[0]), n
 
 
 TOPK = ['diloco.compress="topk"', "diloco.topk_fraction=0.02", "diloco.topk_chunk=512", "diloco.outer_momentum=0.0",

@@ -46,6 +46,8 @@ def test_schedule_staggers_fragments_h_over_p_apart():
      "diloco.overlap=2 must be in [0, sync_every/fragments=2)"),
     (["diloco.merge_alpha=1.5"], "diloco.merge_alpha=1.5 must be in [0, 1]"),
     (["diloco.quant_bits=2"], "diloco.quant_bits=2 must be 0 (fp32), 4 or 8"),
+    (['diloco.topk_average="senders"'], "diloco.topk_average='senders' divides top-k sums by their senders; "
+     "diloco.compress='dense' sends every value"),
     (["diloco.fragments=5", "diloco.sync_every=50"], "diloco.fragments=5 exceeds model.n_layers=4"),
     (["diloco.elastic=true", "diloco.workers=2", "diloco.worker=2", "diloco.store=\"h:1\""],
      "diloco.worker in [0, workers); got workers=2, worker=2"),
