@@ -70,7 +70,10 @@ def arms(H: int, P: int) -> dict[str, list[str]]:
                ("4-bit outer lr 3", 3.0, 0.95, ("diloco.topk_bits=4",)),
                # each value's sum over the workers that sent it: one worker's pick lands whole
                *((f"2-bit per sender outer lr {lr:g}", lr, 0.95, ('diloco.topk_average="senders"',))
-                 for lr in (1.0, 1.5, 2.0)))},
+                 for lr in (1.0, 1.5, 2.0)),
+               # error feedback and some outer (Nesterov) momentum: values many workers send keep moving
+               *((f"2-bit 1.9% outer lr {lr:g} momentum 0.5", lr, 0.95,
+                  ("diloco.topk_fraction=0.019", "diloco.outer_momentum=0.5")) for lr in (1.5, 2.0)))},
         # both: error feedback and the outer Nesterov momentum of DiLoCo (DeMo-like)
         f"Streaming P={P} tau=1 topk 2-bit nesterov": streaming + [f"diloco.fragments={P}", "diloco.overlap=1",
                                                                    'diloco.compress="topk"'],
