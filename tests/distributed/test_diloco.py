@@ -245,8 +245,9 @@ def _train_recording_exchanges(rank, world, runs, out_dir):
     for name, overrides in runs:
         calls = []
 
-        def recording(x, group, comm, fraction, chunk, bits, label, calls=calls):
-            mean, sent = real(x, group, comm, fraction, chunk, bits, label)
+        def recording(x, group, comm, fraction, chunk, bits, label, per_sender=False, calls=calls):
+            assert not per_sender  # the layouts average over the workers: the mean checked below
+            mean, sent = real(x, group, comm, fraction, chunk, bits, label, per_sender=per_sender)
             calls.append({"members": dist.get_process_group_ranks(group), "x": x.clone(), "sent": sent.clone(),
                           "mean": mean.clone(), "fraction": fraction, "chunk": chunk, "bits": bits})
             return mean, sent
