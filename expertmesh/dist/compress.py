@@ -169,16 +169,13 @@ def sparse_all_reduce_mean(x: torch.Tensor, group, comm: Comm, fraction: float, 
     me = group_rank(group)
     total = torch.zeros_like(own)
     senders = torch.zeros_like(own) if per_sender else None
-    for r in range(W):  # in rank order on every rank; a rank's sent values land on distinct slots, so adding its
-        # dense part equals scattering them into the sum
-        if r != me and not per_sender:
-            topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, k, out=total)
-            continue
+    for r in range(W):  # in rank order on every rank; a rank's sent values land on distinct slots of zeros, so
+        # adding its dense part equals scattering them into the sum
         part = own if r == me else topk_decompress(parts[0][r], parts[1][r], parts[2][r], n, chunk, bits, k,
                                                    out=torch.zeros_like(own))
         total += part
-        if per_sender:
+        if senders is not None:
             senders += part != 0
-    if per_sender:
+    if senders is not None:
         return (total[:n] / senders[:n].clamp_min(1)).view_as(x), sent.view_as(x)
     return (total[:n] / W).view_as(x), sent.view_as(x)

@@ -227,7 +227,7 @@ class DiLoCo:
                 mean, sent = self._mean(x, group, counter)
                 if keep is not None:  # each trained row's mean over the workers that trained it (or, already,
                     # over those that sent each value); the rest 0
-                    scale = 1.0 if c.compress == "topk" and c.topk_average == "senders" else group_size(group) / denom
+                    scale = 1.0 if c.topk_average == "senders" else group_size(group) / denom
                     mean = torch.zeros_like(delta).masked_scatter_(keep, mean * scale)
                     sent = None if sent is None else torch.zeros_like(delta).masked_scatter_(keep, sent)
                 if sent is not None:
