@@ -16,9 +16,10 @@
    (tokens per target forward) of the head (`head_generate`) and of the draft (`speculative_generate`) with
    chains of gamma = 4, of `long_gamma` (8) and of 21 (tau is capped at gamma + 1: at 4 both drafts near
    it); of the head trained every `every` steps (gamma = 4); of the head with a tree (children per depth 3,
-   2, 1, 1: 21 drafted tokens), with a dynamic tree of as many (EAGLE-2: 12 levels, top-3), with a dynamic
-   tree of 1..as many nodes sized each round by cost (`CostTree`, the target's passes timed first at batch 1)
-   and with a chain of as many; wall-clock
+   2, 1, 1: 21 drafted tokens), with dynamic trees of as many (21 levels, top-2, nodes valued by their counted
+   acceptance, `Acceptance`; and EAGLE-2's: 12 levels, top-3, valued by the head's probabilities), with a dynamic
+   tree of 1..as many nodes sized each round by cost (`CostTree`, the target's passes timed first at batch 1;
+   counted acceptance) and with a chain of as many; wall-clock
    tokens/s of each and of plain decoding with a KV cache. The same arms but the dynamic trees (greedy only)
    again sampling at T = 1. The arms alternate per prompt, and every greedy arm's output must equal plain
    greedy decoding.
@@ -47,7 +48,7 @@ import torch
 
 from expertmesh import config as config_mod
 from expertmesh.data.loader import TokenLoader, split_tokens
-from expertmesh.distill.head import head_generate, load_head
+from expertmesh.distill.head import Acceptance, head_generate, load_head
 from expertmesh.distill.head_online import HeadDraft
 from expertmesh.distill.losses import divergence
 from expertmesh.distill.models import load_lm
@@ -56,9 +57,9 @@ from expertmesh.models.transformer import Transformer, count_params
 from expertmesh.train.wiring import load_data, warmup_cosine
 
 FULL = dict(target_steps=600, budget=300, prompts=24, prompt_len=64, new=64, gamma=4, long_gamma=8, tree=[3, 2, 1, 1],
-            log_every=25, dynamic=[12, 3], every=25)
+            log_every=25, dynamic=[21, 2], eagle2=[12, 3], every=25)
 QUICK = dict(target_steps=20, budget=10, prompts=2, prompt_len=16, new=8, gamma=3, long_gamma=4, tree=[2, 1],
-             log_every=5, dynamic=[3, 2], every=5)
+             log_every=5, dynamic=[3, 2], eagle2=[3, 2], every=5)
 HEAD = ["draft_head.enabled=true", "draft_head.ttt_steps=3", "draft_head.lr=2e-3", "draft_head.warmup_steps=20"]
 
 
@@ -73,6 +74,14 @@ def cli(run_dir: Path, overrides: list[str]) -> None:
 def records(run: Path, after: int) -> list[dict]:
     out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in out if r["kind"] == "train" and r["step"] > after]
+
+
+def rates(acc: Acceptance) -> dict:
+    """Greedy acceptance of the nodes a dynamic tree's target tested (their parent accepted), by their rank among
+    their parent's tokens under the head: the share accepted, the nodes tested (decayed counts)."""
+    return {f"rank {r + 1}{'+' if r + 1 == acc.ranks else ''}": {
+        "accepted": acc.accepted[r].sum().item() / max(acc.tested[r].sum().item(), 1e-9),
+        "tested": acc.tested[r].sum().item()} for r in range(acc.ranks)}
 
 
 def draft_model(cfg, head_params: int) -> tuple[Transformer, int]:
@@ -187,6 +196,7 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
     costs = measure_costs(target, HeadDraft(head, layers, target, None), 1, p["prompt_len"], list(range(2, size + 2)),
                           cfg.model.vocab_size)
     by_cost = CostTree(costs, 1, size)  # one rule for all prompts, as a server keeps it
+    counted, counted_cost = Acceptance(), Acceptance()  # the same: one count per arm for all prompts
     g2 = p["long_gamma"]
     runs = {"head": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], greedy=True),
             "draft": lambda x: speculative_generate(target, draft, x, p["new"], p["gamma"], greedy=True),
@@ -198,9 +208,11 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
             "head tree": lambda x: head_generate(target, head, layers, x, p["new"], tree=p["tree"], greedy=True),
             "head long chain": lambda x: head_generate(target, head, layers, x, p["new"], size, greedy=True),
             "head dynamic tree": lambda x: head_generate(target, head, layers, x, p["new"], greedy=True,
-                                                         dynamic=(size, *p["dynamic"])),
+                                                         dynamic=(size, *p["dynamic"]), acceptance=counted),
+            "head eagle2 tree": lambda x: head_generate(target, head, layers, x, p["new"], greedy=True,
+                                                        dynamic=(size, *p["eagle2"])),
             "head tree by cost": lambda x: head_generate(target, head, layers, x, p["new"], greedy=True,
-                                                         dynamic=(by_cost, *p["dynamic"])),
+                                                         dynamic=(by_cost, *p["dynamic"]), acceptance=counted_cost),
             "plain": lambda x: (plain_decode(target, x, p["new"]), None),
             # sampling at T = 1: acceptance is lower than under greedy, where a tree's width can pay
             "head T=1": lambda x: head_generate(target, head, layers, x, p["new"], p["gamma"], generator=gen),
@@ -250,9 +262,14 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
          "tau": tau["head tree"], "tokens_per_s": decode_tps["head tree"]},
         {"case": f"decode greedy, chain of {size}", "impl": "draft head (in-loop)", "tau": tau["head long chain"],
          "tokens_per_s": decode_tps["head long chain"]},
-        {"case": f"decode greedy, dynamic tree of {size} (depth, top-k {p['dynamic']})", "impl": "draft head (in-loop)",
-         "tau": tau["head dynamic tree"], "tokens_per_s": decode_tps["head dynamic tree"]},
-        {"case": f"decode greedy, dynamic tree sized by cost (1..{size} nodes, depth, top-k {p['dynamic']})",
+        {"case": f"decode greedy, dynamic tree of {size} (depth, top-k {p['dynamic']}), counted acceptance",
+         "impl": "draft head (in-loop)", "tau": tau["head dynamic tree"],
+         "tokens_per_s": decode_tps["head dynamic tree"], "acceptance_by_rank": rates(counted)},
+        {"case": f"decode greedy, dynamic tree of {size} (depth, top-k {p['eagle2']}), the head's probabilities "
+                 "(EAGLE-2)", "impl": "draft head (in-loop)", "tau": tau["head eagle2 tree"],
+         "tokens_per_s": decode_tps["head eagle2 tree"]},
+        {"case": f"decode greedy, dynamic tree sized by cost (1..{size} nodes, depth, top-k {p['dynamic']}), "
+                 "counted acceptance",
          "impl": "draft head (in-loop)", "tau": tau["head tree by cost"],
          "tokens_per_s": decode_tps["head tree by cost"],
          "mean_nodes": drafted["head tree by cost"] / forwards["head tree by cost"],
@@ -277,8 +294,11 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
           for at, sfx in (("", ""), (" at T=1", " T=1")) for n, arm in ((g2, "g2"), (size, "long chain"))],
         {"metric": f"tau, draft head tree {p['tree']} / chain of as many ({size}) verified tokens",
          "value": tau["head tree"] / tau["head long chain"], "op": ">=", "target": 1.2},
-        {"metric": f"tau, draft head dynamic tree of {size} / chain of as many verified tokens",
+        {"metric": f"tau, draft head dynamic tree of {size} (counted acceptance) / chain of as many verified tokens",
          "value": tau["head dynamic tree"] / tau["head long chain"], "op": ">=", "target": 1.2},
+        {"metric": f"tau, draft head dynamic tree of {size} (the head's probabilities, EAGLE-2) / chain of as many "
+                   "verified tokens", "value": tau["head eagle2 tree"] / tau["head long chain"], "op": ">=",
+         "target": 1.2},
         {"metric": "tau at T=1, draft head (chain) / standalone draft (chain), same data budget",
          "value": tau["head T=1"] / tau["draft T=1"], "op": ">=", "target": 1.3},
         {"metric": f"tau at T=1, draft head tree {p['tree']} / chain of as many ({size}) verified tokens",

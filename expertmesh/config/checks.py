@@ -222,6 +222,8 @@ def check_distill(cfg: JobConfig) -> None:
     if g.tree_nodes < 0 or g.tree_depth < 1 or g.tree_topk < 1:
         raise ConfigError(f"distill.tree_nodes={g.tree_nodes} must be >= 0, distill.tree_depth={g.tree_depth} and "
                           f"distill.tree_topk={g.tree_topk} >= 1")
+    if g.tree_value not in ("counted", "head"):
+        raise ConfigError(f"distill.tree_value={g.tree_value!r} must be 'counted' or 'head'")
     if g.tree_nodes and (not head or g.tree or not g.greedy):
         why = ("needs a draft head as distill.draft" if not head else "and distill.tree are two trees: choose one"
                if g.tree else "needs distill.greedy=true: a node's top-k children are not the i.i.d. draws sampling's "

@@ -328,6 +328,10 @@ class DistillConfig:
     tree_nodes: int = 0
     tree_depth: int = 6  # the dynamic tree's levels (its deepest path)
     tree_topk: int = 4  # the dynamic tree's nodes grown per level, and children per grown node
+    # what a dynamic tree's candidates are worth: "counted", the chance that the target accepts each, counted
+    # from the verifications so far by its rank and probability under the head; "head", the head's probability
+    # (EAGLE-2), which a head distilled on the target's whole distribution states below its greedy acceptance
+    tree_value: str = "counted"
     adaptive_gamma: bool = False  # grow/shrink gamma within `[gamma_min, gamma_max]` from the recent acceptance
     # choose gamma within `[gamma_min, gamma_max]` each round from the verification costs measured at start (this
     # target, `batch_size` requests, gamma+1 tokens a pass, against the draft's) and the recent acceptance: the

@@ -252,6 +252,64 @@ def verify_tree(p_BNV: torch.Tensor, q_BNV: torch.Tensor, tokens_BN: torch.Tenso
     return out
 
 
+class Acceptance:
+    """A head's probabilities made into greedy acceptance, learned from the verifications (a dynamic tree's values).
+    EAGLE-2 takes a node's probability under the head as the chance it is accepted once its parent is; a head
+    distilled on the target's whole distribution says how likely the target is to emit a token, while greedy
+    decoding accepts it when it is the target's argmax: a head surer than it says (the argmax at 0.5 accepted nine
+    times in ten) ranks a chain's far nodes below near siblings that are rarely accepted. Here the chance is
+    counted: every node whose parent the target accepted was tested, and accepted or not; the tests are binned by
+    the node's rank among its parent's tokens under the head (1, 2, >= `ranks`) and its probability (`EDGES`), and
+    a node's acceptance is (accepted + prior * q) / (tested + prior) of its bin (the head's own q while a bin is
+    empty). Counts decay by `decay` a round, so the values follow a head that is still being distilled."""
+
+    EDGES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # bins' upper edges, the last bin up to 1
+
+    def __init__(self, ranks: int = 3, prior: float = 2.0, decay: float = 0.999) -> None:
+        if ranks < 1 or prior <= 0 or not 0.0 < decay <= 1.0:
+            raise ValueError(f"acceptance needs ranks={ranks} >= 1, prior={prior} > 0 and decay={decay} in (0, 1]")
+        self.ranks, self.prior, self.decay = ranks, prior, decay
+        self.tested = torch.zeros(ranks, len(self.EDGES) + 1, dtype=torch.float64)
+        self.accepted = torch.zeros_like(self.tested)
+
+    def _bins(self, q: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        edges = torch.tensor(self.EDGES, dtype=q.dtype, device=q.device)
+        return (rank.clamp(1, self.ranks) - 1).cpu(), torch.bucketize(q.contiguous(), edges, right=True).cpu()
+
+    def __call__(self, q: torch.Tensor, rank: torch.Tensor | int) -> torch.Tensor:
+        """The chance that tokens of probability `q` under the head, at `rank` among their parent's, are accepted
+        when their parent is (values in [0, 1]: a path's product only falls along it)."""
+        rank = torch.as_tensor(rank).expand(q.shape)
+        r, b = self._bins(q, rank)
+        acc, n = self.accepted[r, b].to(q.device), self.tested[r, b].to(q.device)
+        return (acc + self.prior * q.double()) / (n + self.prior)
+
+    def observe(self, q: torch.Tensor, rank: torch.Tensor, accepted: torch.Tensor) -> None:
+        """One round's tested nodes: their q, rank and whether the target accepted them (flat tensors)."""
+        self.tested *= self.decay
+        self.accepted *= self.decay
+        r, b = self._bins(q, rank)
+        self.tested.index_put_((r, b), torch.ones_like(r, dtype=torch.float64), accumulate=True)
+        self.accepted.index_put_((r, b), accepted.double().cpu(), accumulate=True)
+
+    def observe_round(self, shape: Tree, tokens_BN: torch.Tensor, q_BNV: torch.Tensor,
+                      paths: list[list[int]]) -> None:
+        """A verified tree: the children of the root and of each accepted node were tested, the path's accepted."""
+        parent = torch.tensor(shape.parent[1:], device=tokens_BN.device)
+        q_par = q_BNV[:, parent]  # [B, N, V]: the distribution each node was drafted from
+        q_tok = q_par.gather(-1, tokens_BN[:, 1:, None])  # [B, N, 1]
+        rank = (q_par > q_tok).sum(-1) + 1
+        on_path = torch.zeros(tokens_BN.shape, dtype=torch.bool)
+        for b, path in enumerate(paths):
+            on_path[b, [0, *path]] = True
+        tested = on_path[:, parent.cpu()]
+        self.observe(q_tok[..., 0][tested.to(q_tok.device)], rank[tested.to(rank.device)], on_path[:, 1:][tested])
+
+    def table(self) -> dict:
+        """The counts, for metrics: per rank, tested and accepted per probability bin (upper edges `EDGES`, then 1)."""
+        return {"edges": [*self.EDGES, 1.0], "tested": self.tested.tolist(), "accepted": self.accepted.tolist()}
+
+
 class HeadTrace:
     """What decoding saw of the target, per request: the final sequence (`tokens`, [B, L]) and, for positions
     0..L-2, the target's raw features there (the three blocks' outputs side by side, [B, L-1, 3D]) and its
@@ -281,7 +339,7 @@ class HeadTrace:
 def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.Tensor, max_new: int,
                   gamma=4, tree: list[int] | None = None, greedy: bool = False, temperature: float = 1.0,
                   generator: torch.Generator | None = None, on_round=None, trace: HeadTrace | None = None,
-                  dynamic: tuple[int, int, int] | None = None):
+                  dynamic: tuple[int, int, int] | None = None, acceptance: Acceptance | None = None):
     """Speculative decoding with a draft head over `target` (an expertmesh Transformer). Each round the head
     catches up on the positions the target has verified (their features from the target's own verification
     forward, kept by hooks), drafts a tree (`tree`: children per depth; default a chain of `gamma`) level by
@@ -290,6 +348,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     `speculative_generate`: a round keeps the shortest accepted path's length.
     `dynamic = (nodes, depth, topk)` drafts EAGLE-2's dynamic tree instead (greedy only; `_draft_dynamic`); `nodes`
     may be a `CostTree`, which sizes each round's tree and learns from what the round kept.
+    `acceptance` (greedy only) values a dynamic tree's candidates by the counted chance that the target accepts
+    them instead of the head's probabilities, and counts each round's verdicts into it (`Acceptance`).
     `gamma` may be a rule (`AdaptiveGamma`, `CostGamma`) that sets each round's chain length from the last.
     `on_round(drafted, depth, accepted, alpha_B)` sees each round: tokens drafted per request, the tree's depth,
     each request's accepted path length and its expected acceptance (the mean over the tree's inner nodes of
@@ -307,6 +367,9 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
     if dynamic is not None and not greedy:
         raise ValueError("a dynamic tree keeps each node's top-k children, which sampling's acceptance rule (children "
                          "drawn i.i.d. from q) does not allow: decode greedily, or use a static tree")
+    if acceptance is not None and not greedy:
+        raise ValueError("acceptance counts greedy verdicts (a token accepted when it is the target's argmax): "
+                         "decode greedily, or leave it out")
     if max_new < 1 or prompt_BP.shape[1] < 2:
         raise ValueError(f"max_new={max_new} must be >= 1 and a prompt at least 2 tokens (got {prompt_BP.shape[1]}):"
                          " the head starts from the target's features of a position")
@@ -347,7 +410,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
             x = head.inputs(feats[:, h_len:L - 1], emb(seq[:, h_len + 1:L]).to(dtype))
             out, h_cache = _decode(head, x, h_len, h_cache)
             h_len = L - 1
-            step = (_draft_dynamic(head, out[:, -1:], seq[:, -1], h_len, h_cache, dynamic, emb, probs, dtype)
+            step = (_draft_dynamic(head, out[:, -1:], seq[:, -1], h_len, h_cache, dynamic, emb, probs, dtype,
+                                   acceptance)
                     if dynamic is not None else
                     _draft_static(head, shape, out[:, -1:], seq[:, -1], h_len, h_cache, greedy, generator, emb,
                                   probs, dtype))
@@ -368,6 +432,8 @@ def head_generate(target, head: DraftHead, layers: list[int], prompt_BP: torch.T
             t_cache.keep(torch.cat([torch.arange(L - 1, device=seq.device).expand(B, -1), L - 1 + slots], 1))
             kept_raw = raw().gather(1, slots[..., None].expand(-1, -1, len(layers) * feats.shape[-1]))
             feats = torch.cat([feats, fused(kept_raw)], 1)
+            if acceptance is not None:
+                acceptance.observe_round(shape, tokens, q, [path for path, _ in verdicts])
             accepted = [len(path) for path, _ in verdicts]
             stats.count(shape.size, accepted, m)
             if on_round is not None:
@@ -417,7 +483,8 @@ def _draft_static(head, shape: Tree, out_root, root_B, ctx: int, h_cache: list, 
     return shape, tokens, q
 
 
-def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple, emb, probs, dtype):
+def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple, emb, probs, dtype,
+                   acceptance: Acceptance | None = None):
     """EAGLE-2's dynamic tree, one shape for the batch: `spec = (nodes, depth, k)`. Each of `depth` levels gives
     every frontier node its top-k children (per request: that request's top-k tokens, scored by the path's
     probability under the head); the k candidates of highest probability (the mean over the batch's requests)
@@ -425,7 +492,9 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
     a path's probability only falls along it, so every chosen node's parent is chosen too (ties keep the order
     of creation). `nodes` may be a rule (`CostTree`) that decides after each level whether another one pays
     (`deeper`), values the candidates (`value`: each after its parent) and chooses how many to verify
-    (`choose`). Returns (the tree, tokens [B, nodes + 1], q [B, nodes + 1, V] at the inner nodes)."""
+    (`choose`). With `acceptance`, a path's probability is the product of its nodes' counted chances of
+    acceptance instead of the head's probabilities. Returns (the tree, tokens [B, nodes + 1], q [B, nodes + 1,
+    V] at the inner nodes)."""
     nodes, depth, k = spec
     parent, token, logp = [-1], [root_B], [torch.zeros(root_B.shape[0], dtype=torch.float64, device=root_B.device)]
     score = [1.0]  # per candidate: its path's probability under the head, the mean over the requests
@@ -442,7 +511,8 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
             for r in range(top.indices.shape[1]):
                 parent.append(f)
                 token.append(top.indices[:, r])
-                logp.append(logp[f] + top.values[:, r].clamp_min(1e-300).log())
+                edge = top.values[:, r] if acceptance is None else acceptance(top.values[:, r], r + 1)
+                logp.append(logp[f] + edge.clamp_min(1e-300).log())
                 level.append(d)
                 born.append(len(parent) - 1)
         born_score = torch.stack([logp[c].exp().mean() for c in born])

@@ -42,7 +42,7 @@ from expertmesh import config as config_mod
 from expertmesh.config import ConfigError, JobConfig
 from expertmesh.dist.comm_stats import Comm, group_device
 from expertmesh.dist.env import DistEnv, init_distributed, pick_device, set_threads
-from expertmesh.distill.head import HeadTrace, Tree, head_generate
+from expertmesh.distill.head import Acceptance, HeadTrace, Tree, head_generate
 from expertmesh.distill.head_online import (
     HeadDistiller,
     HeadDraft,
@@ -155,6 +155,8 @@ class Server:
             (out / f"spec-costs-rank{rank}.json").write_text(json.dumps(self.costs) + "\n")
             log.info("verification costs at batch %d (seconds per pass of n tokens): %s; draft token %.2e s",
                      g.batch_size, {n: round(t, 5) for n, t in self.costs["verify_s"].items()}, self.costs["draft_s"])
+        # a dynamic tree's values: greedy acceptance counted over this server's verifications
+        self.acceptance = Acceptance() if g.tree_nodes and g.tree_value == "counted" else None
         self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
         self.recorder = Recorder(g.positions, g.topk) if g.online else None
         self.version = version
@@ -225,6 +227,7 @@ class Server:
                                    tree=g.tree or None, greedy=g.greedy, temperature=g.temperature,
                                    generator=self.generator, trace=trace,
                                    dynamic=(self.tree_nodes, g.tree_depth, g.tree_topk) if g.tree_nodes else None,
+                                   acceptance=self.acceptance,
                                    on_round=lambda n, depth, acc, alpha: count_round(stats, n, acc, alpha, depth))
         else:
             out, _ = speculative_generate(self.target, self.draft, prompt, g.max_new_tokens, self.gamma,

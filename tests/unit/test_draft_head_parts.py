@@ -100,15 +100,19 @@ def _target_and_head(vocab=256, layers=3, seed=0):
     return target.eval(), head, draft_head_layers(cfg)
 
 
-@pytest.mark.parametrize("tree", [None, [3, 2, 1], (8, 4, 3), "by cost"], ids=["chain", "tree", "dynamic", "by-cost"])
+@pytest.mark.parametrize("tree", [None, [3, 2, 1], (8, 4, 3), "by cost", "counted"],
+                         ids=["chain", "tree", "dynamic", "by-cost", "counted"])
 def test_head_drafting_greedy_equals_the_targets_greedy_decoding(tree):
     """Chains (gamma 3), static trees or dynamic trees (8 nodes of 4 levels of top-3 expansions, or as many of
     them as a `CostTree` finds worth verifying) drafted by an (untrained) head and verified by the target: the
     output is the target's own greedy decoding token for token, for every request of a lockstep batch, whatever
     the head proposes."""
-    from expertmesh.distill.head import head_generate
+    from expertmesh.distill.head import Acceptance, head_generate
     from expertmesh.distill.speculative import CostTree
 
+    acceptance = Acceptance() if tree == "counted" else None
+    if tree == "counted":
+        tree = (8, 8, 3)
     if tree == "by cost":
         rule = CostTree({"draft_s": 0.01, "verify_s": {n: 0.1 + 0.02 * n for n in range(2, 10)}}, 1, 8)
         tree = (rule, 4, 3)
@@ -118,10 +122,12 @@ def test_head_drafting_greedy_equals_the_targets_greedy_decoding(tree):
     with torch.no_grad():
         for _ in range(12):
             seq = torch.cat([seq, target(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
-        out, stats = head_generate(target, head, layers, prompt, 12, gamma=3, greedy=True,
+        out, stats = head_generate(target, head, layers, prompt, 12, gamma=3, greedy=True, acceptance=acceptance,
                                    **({"dynamic": tree} if isinstance(tree, tuple) else {"tree": tree}))
     assert torch.equal(out, seq[:, 5:])
     assert stats.rounds >= 12 / 4 and stats.emitted >= 12 * 3
+    if acceptance is not None:  # every round tested the root's children at least, for each of the 3 requests
+        assert acceptance.tested.sum() >= 3 * stats.rounds * 0.99 ** stats.rounds
 
 
 @pytest.mark.parametrize("tree", [None, [3, 2]], ids=["chain", "tree"])
@@ -222,6 +228,61 @@ def test_a_dynamic_tree_goes_deep_where_the_head_is_sure_and_branches_where_it_i
                                                torch.float32)
         assert shape.parent == want_parents and tokens[0].tolist() == want_tokens == tokens[1].tolist()
         assert torch.equal(qs[0, 0], q) and (qs[:, [s for s in range(nodes + 1) if not shape.children[s]]] == 0).all()
+
+
+def test_acceptance_counts_the_tested_nodes_of_a_verified_tree_by_rank_and_probability():
+    """`Acceptance.observe_round` on a tree [2, 1] (slots 1, 2 under the root; 3 under 1, 4 under 2) whose
+    accepted path is 2 -> 4: nodes 1, 2 (the root's children) and 4 (the accepted 2's child) were tested, node 3
+    (under the rejected 1) was not. With q(1) = 0.62 (rank 1), q(2) = 0.33 (rank 2), q(4) = 0.97 (rank 1):
+    rank 1 bins [0.6, 0.7) 1 test 0 accepted and [0.95, 1] 1 test 1 accepted, rank 2 [0.3, 0.4) 1 test 1
+    accepted, nothing else. Before any test a node's value is the head's q; after, (accepted + 2 q) / (tested + 2)."""
+    from expertmesh.distill.head import Acceptance, Tree
+
+    acc = Acceptance()
+    q_probe = torch.tensor([0.33, 0.62, 0.97, 0.15], dtype=torch.float64)
+    assert torch.equal(acc(q_probe, 1), q_probe)
+    shape = Tree([2, 1])
+    assert shape.parent == [-1, 0, 0, 1, 2]
+    tokens = torch.tensor([[7, 3, 4, 5, 6]])
+    q = torch.zeros(1, 5, 8, dtype=torch.float64)
+    q[0, 0, [3, 4, 0]] = torch.tensor([0.62, 0.33, 0.05], dtype=torch.float64)
+    q[0, 1, [5, 1]] = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    q[0, 2, [6, 2]] = torch.tensor([0.97, 0.03], dtype=torch.float64)
+    acc.observe_round(shape, tokens, q, [[2, 4]])
+    want_tested = torch.zeros(3, 12, dtype=torch.float64)
+    want_accepted = torch.zeros(3, 12, dtype=torch.float64)
+    want_tested[0, 7] = want_tested[0, 11] = want_tested[1, 4] = 1.0  # bins: 0.62 -> 7, 0.97 -> 11, 0.33 -> 4
+    want_accepted[0, 11] = want_accepted[1, 4] = 1.0
+    assert torch.equal(acc.tested, want_tested) and torch.equal(acc.accepted, want_accepted)
+    got = acc(torch.tensor([0.65, 0.99, 0.35, 0.35], dtype=torch.float64), torch.tensor([1, 1, 2, 1]))
+    want = torch.tensor([(0 + 2 * 0.65) / 3, (1 + 2 * 0.99) / 3, (1 + 2 * 0.35) / 3, 0.35], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=1e-15)
+    acc.observe_round(shape, tokens, q, [[]])  # nothing accepted: the root's children tested again, decayed once
+    assert acc.tested[0, 7].item() == pytest.approx(0.999 + 1) and acc.accepted[1, 4].item() == pytest.approx(0.999)
+    with pytest.raises(ValueError, match="decay=1.5"):
+        Acceptance(decay=1.5)
+
+
+def test_a_dynamic_tree_valued_by_counted_acceptance_follows_a_head_surer_than_it_says():
+    """The head's q fixed at (0.5, 0.3, 0.2) for every node: by the head's probabilities (EAGLE-2) 4 nodes are the
+    root's 2 children and the first's 2 (0.5, 0.3, 0.25, 0.15); counted as a target that accepts the head's
+    top-1 token 19 times in 20 and its runner-up 1 in 50, the 4 are the chain of top-1 tokens."""
+    from expertmesh.distill.head import Acceptance, _draft_dynamic
+
+    target, head, layers = _target_and_head(vocab=8)
+    q = torch.tensor([0.5, 0.3, 0.2] + [0.0] * 5, dtype=torch.float64)
+    acc = Acceptance()
+    for rank, qv, n_acc in ((1, 0.5, 190), (2, 0.3, 4)):
+        acc.observe(torch.full((200,), qv, dtype=torch.float64), torch.full((200,), rank),
+                    torch.arange(200) < n_acc)
+    root = torch.tensor([5, 5])
+    for acceptance, want_parents in ((None, [-1, 0, 0, 1, 1]), (acc, [-1, 0, 1, 2, 3])):
+        with torch.no_grad():
+            out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
+            shape, _, _ = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (4, 4, 2),
+                                         target.tok_embeddings, lambda o: q.expand(o.shape[0], 1, -1),
+                                         torch.float32, acceptance)
+        assert shape.parent == want_parents
 
 
 def test_a_cost_tree_drafts_and_verifies_what_pays_for_its_pass():

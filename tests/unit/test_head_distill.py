@@ -170,6 +170,8 @@ def test_head_settings_are_checked(tmp_path):
         distill_cfg(tmp_path, target_dir, "head", "distill.tree_nodes=8")
     with pytest.raises(ConfigError, match=r"distill.tree_nodes=8 and distill.tree are two trees"):
         distill_cfg(tmp_path, target_dir, "head", "distill.tree_nodes=8", "distill.tree=[2]", "distill.greedy=true")
+    with pytest.raises(ConfigError, match=r"distill.tree_value='probability' must be 'counted' or 'head'"):
+        distill_cfg(tmp_path, target_dir, "head", "distill.tree_value=\"probability\"")
     with pytest.raises(ConfigError, match=r"distill.tree=\[2, 0\] must give >= 1 children"):
         distill_cfg(tmp_path, target_dir, "head", "distill.tree=[2,0]")
     small, _ = make_run(tmp_path / "small", 16, 4, 0)  # a head made for another target's widths
