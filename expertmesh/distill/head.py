@@ -269,17 +269,18 @@ class Acceptance:
         if ranks < 1 or prior <= 0 or not 0.0 < decay <= 1.0:
             raise ValueError(f"acceptance needs ranks={ranks} >= 1, prior={prior} > 0 and decay={decay} in (0, 1]")
         self.ranks, self.prior, self.decay = ranks, prior, decay
+        self._edges = torch.tensor(self.EDGES, dtype=torch.float64)
         self.tested = torch.zeros(ranks, len(self.EDGES) + 1, dtype=torch.float64)
         self.accepted = torch.zeros_like(self.tested)
 
     def _bins(self, q: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        edges = torch.tensor(self.EDGES, dtype=q.dtype, device=q.device)
+        edges = self._edges.to(q.device, q.dtype)
         return (rank.clamp(1, self.ranks) - 1).cpu(), torch.bucketize(q.contiguous(), edges, right=True).cpu()
 
     def __call__(self, q: torch.Tensor, rank: torch.Tensor | int) -> torch.Tensor:
         """The chance that tokens of probability `q` under the head, at `rank` among their parent's, are accepted
         when their parent is (values in [0, 1]: a path's product only falls along it)."""
-        rank = torch.as_tensor(rank).expand(q.shape)
+        rank = torch.as_tensor(rank, device=q.device).expand(q.shape)
         r, b = self._bins(q, rank)
         acc, n = self.accepted[r, b].to(q.device), self.tested[r, b].to(q.device)
         return (acc + self.prior * q.double()) / (n + self.prior)
@@ -503,19 +504,23 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
     expanded: list[int] = []  # candidates that went through the head (below the root), in order: tree_kv's keys
     tree_kv: list = [None] * len(head.layers)
     frontier = [0]
+    lineage: dict[int, set[int]] = {0: set()}  # the root is no key of the tree's cache
     for d in range(1, depth + 1):
         born = []
-        for f in frontier:
-            qs[f] = probs(outs[f])[:, 0]
-            top = qs[f].topk(min(k, qs[f].shape[-1]), -1)
-            for r in range(top.indices.shape[1]):
+        q_fV = probs(torch.cat([outs[f] for f in frontier], 1))  # [B, frontier, V]: one LM-head pass a level
+        top = q_fV.topk(min(k, q_fV.shape[-1]), -1)  # [B, frontier, k]
+        kk = top.indices.shape[-1]
+        edge = top.values if acceptance is None else acceptance(top.values, torch.arange(1, kk + 1))
+        lp = torch.stack([logp[f] for f in frontier], 1)[..., None] + edge.clamp_min(1e-300).log()
+        for i, f in enumerate(frontier):
+            qs[f] = q_fV[:, i]
+            for r in range(kk):
                 parent.append(f)
-                token.append(top.indices[:, r])
-                edge = top.values[:, r] if acceptance is None else acceptance(top.values[:, r], r + 1)
-                logp.append(logp[f] + edge.clamp_min(1e-300).log())
+                token.append(top.indices[:, i, r])
+                logp.append(lp[:, i, r])
                 level.append(d)
                 born.append(len(parent) - 1)
-        born_score = torch.stack([logp[c].exp().mean() for c in born])
+        born_score = lp.exp().mean(0).flatten()  # the same order as `born`
         score += born_score.tolist()
         if d == depth or (not isinstance(nodes, int) and
                           not nodes.deeper(d, list(zip(score[1:], level[1:], strict=True)),
@@ -525,7 +530,9 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
         x = head.inputs(torch.cat([outs[parent[c]] for c in frontier], 1),
                         emb(torch.stack([token[c] for c in frontier], 1)).to(dtype))
         seen = expanded + frontier
-        mask = torch.tensor([[_is_ancestor(parent, a, c) for a in seen] for c in frontier], device=root_B.device)
+        for c in frontier:  # each frontier node's lineage (itself and its ancestors below the root)
+            lineage[c] = lineage[parent[c]] | {c}
+        mask = torch.tensor([[a in lineage[c] for a in seen] for c in frontier], device=root_B.device)
         o, tree_kv = _decode_level(head, x, ctx, h_cache, tree_kv, mask, d)
         outs.update({c: o[:, i:i + 1] for i, c in enumerate(frontier)})
         expanded = seen
@@ -554,15 +561,6 @@ def _draft_dynamic(head, out_root, root_B, ctx: int, h_cache: list, spec: tuple,
         if shape.children[s_]:
             q[:, s_] = qs[c]
     return shape, tokens, q
-
-
-def _is_ancestor(parent: list[int], a: int, c: int) -> bool:
-    """Whether candidate a is c or one of its ancestors."""
-    while c > 0:
-        if c == a:
-            return True
-        c = parent[c]
-    return False
 
 
 def _decode_level(head: DraftHead, x_BnD: torch.Tensor, ctx: int, h_cache: list, tree_kv: list,

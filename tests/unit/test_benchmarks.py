@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("name", ["train_throughput", "moe_ops", "moe_layer", "parallel_layer", "diloco", "fssdp",
                                   "online_distill", "hf_load", "pipeline", "noise_floor", "wan",
-                                  "diloco_expert_sparse"])
+                                  "diloco_expert_sparse", "draft_head_cost"])
 def test_quick_benchmark_writes_the_documented_json(name, tmp_path):
     if name == "wan":  # two network namespaces over a shaped link: root and iproute2
         sys.path.insert(0, str(ROOT / "benchmarks"))

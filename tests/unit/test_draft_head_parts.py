@@ -224,7 +224,7 @@ def test_a_dynamic_tree_goes_deep_where_the_head_is_sure_and_branches_where_it_i
         with torch.no_grad():
             out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
             shape, tokens, qs = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (nodes, 4, 2),
-                                               target.tok_embeddings, lambda o, q=q: q.expand(o.shape[0], 1, -1),
+                                               target.tok_embeddings, lambda o, q=q: q.expand(*o.shape[:2], -1),
                                                torch.float32)
         assert shape.parent == want_parents and tokens[0].tolist() == want_tokens == tokens[1].tolist()
         assert torch.equal(qs[0, 0], q) and (qs[:, [s for s in range(nodes + 1) if not shape.children[s]]] == 0).all()
@@ -280,7 +280,7 @@ def test_a_dynamic_tree_valued_by_counted_acceptance_follows_a_head_surer_than_i
         with torch.no_grad():
             out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
             shape, _, _ = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (4, 4, 2),
-                                         target.tok_embeddings, lambda o: q.expand(o.shape[0], 1, -1),
+                                         target.tok_embeddings, lambda o: q.expand(*o.shape[:2], -1),
                                          torch.float32, acceptance)
         assert shape.parent == want_parents
 
@@ -319,7 +319,7 @@ def test_a_cost_tree_drafts_and_verifies_what_pays_for_its_pass():
         with torch.no_grad():
             out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
             shape, tokens, _ = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (rule, 4, 2),
-                                              target.tok_embeddings, lambda o: q.expand(o.shape[0], 1, -1),
+                                              target.tok_embeddings, lambda o: q.expand(*o.shape[:2], -1),
                                               torch.float32)
         assert (rule.depth, shape.size) == (rule.depth, rule.nodes) == want, (draft_s, grow)
         assert len(shape.levels) <= rule.depth
@@ -344,6 +344,6 @@ def test_a_cost_tree_verifies_in_order_of_calibrated_value():
         with torch.no_grad():
             out = head.inputs(torch.zeros(2, 1, 32), target.tok_embeddings(root[:, None]))
             shape, tokens, _ = _draft_dynamic(head, out, root, 0, [None] * len(head.layers), (rule, 3, 2),
-                                              target.tok_embeddings, lambda o: q.expand(o.shape[0], 1, -1),
+                                              target.tok_embeddings, lambda o: q.expand(*o.shape[:2], -1),
                                               torch.float32)
         assert shape.parent == parents, calibration
