@@ -76,14 +76,6 @@ def records(run: Path, after: int) -> list[dict]:
     return [r for r in out if r["kind"] == "train" and r["step"] > after]
 
 
-def rates(acc: Acceptance) -> dict:
-    """Greedy acceptance of the nodes a dynamic tree's target tested (their parent accepted), by their rank among
-    their parent's tokens under the head: the share accepted, the nodes tested (decayed counts)."""
-    return {f"rank {r + 1}{'+' if r + 1 == acc.ranks else ''}": {
-        "accepted": acc.accepted[r].sum().item() / max(acc.tested[r].sum().item(), 1e-9),
-        "tested": acc.tested[r].sum().item()} for r in range(acc.ranks)}
-
-
 def draft_model(cfg, head_params: int) -> tuple[Transformer, int]:
     """A dense draft of the target's width with the fewest layers whose own blocks hold at least the head's
     parameters (embedding and LM head not counted, as the head shares the target's)."""
@@ -264,7 +256,7 @@ def measure(root: Path, p: dict, quick: bool, label: str, extra: list[str]) -> t
          "tokens_per_s": decode_tps["head long chain"]},
         {"case": f"decode greedy, dynamic tree of {size} (depth, top-k {p['dynamic']}), counted acceptance",
          "impl": "draft head (in-loop)", "tau": tau["head dynamic tree"],
-         "tokens_per_s": decode_tps["head dynamic tree"], "acceptance_by_rank": rates(counted)},
+         "tokens_per_s": decode_tps["head dynamic tree"], "acceptance_by_rank": Acceptance.by_rank([counted.table()])},
         {"case": f"decode greedy, dynamic tree of {size} (depth, top-k {p['eagle2']}), the head's probabilities "
                  "(EAGLE-2)", "impl": "draft head (in-loop)", "tau": tau["head eagle2 tree"],
          "tokens_per_s": decode_tps["head eagle2 tree"]},

@@ -310,6 +310,19 @@ class Acceptance:
         """The counts, for metrics: per rank, tested and accepted per probability bin (upper edges `EDGES`, then 1)."""
         return {"edges": [*self.EDGES, 1.0], "tested": self.tested.tolist(), "accepted": self.accepted.tolist()}
 
+    @staticmethod
+    def by_rank(tables: list[dict]) -> dict:
+        """Counts (`table`s, e.g. one per server) summed by rank: the share accepted of the nodes tested (their
+        parent accepted), and the nodes tested (decayed counts). Ranks: "rank 1", ..., "rank R+" for R and below."""
+        ranks = len(tables[0]["tested"])
+        out = {}
+        for r in range(ranks):
+            tested = sum(sum(t["tested"][r]) for t in tables)
+            accepted = sum(sum(t["accepted"][r]) for t in tables)
+            out[f"rank {r + 1}{'+' if r + 1 == ranks else ''}"] = {"accepted": accepted / tested if tested else 0.0,
+                                                                   "tested": tested}
+        return out
+
 
 class HeadTrace:
     """What decoding saw of the target, per request: the final sequence (`tokens`, [B, L]) and, for positions

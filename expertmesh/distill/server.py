@@ -247,6 +247,10 @@ class Server:
             examples = merge_on_path(recorder.take(), torch.cat([prompt, out], 1)) if recorder is not None else []
         return examples, stats
 
+    def acceptance_table(self) -> dict | None:
+        """This server's counted acceptance (`distill.tree_value = "counted"` with a dynamic tree), or None."""
+        return self.acceptance.table() if self.acceptance is not None else None
+
     def swap(self, flat: torch.Tensor, version: int) -> None:
         load_weights_vector(self.draft, flat)
         self.version = version
@@ -266,6 +270,7 @@ class Trainer:
         g = cfg.distill
         self.cfg, self.draft, self.metrics, self.group = cfg, draft, metrics, group
         self.offset = offset  # requests answered by earlier attempts of this run
+        self.acceptance: dict[int, dict] = {}  # serving rank -> its latest counted acceptance (`Acceptance.table`)
         self.saver = None  # rank 0: writes the draft to runs/<name>/draft
         kind = HeadDistiller if isinstance(draft, HeadDraft) else OnlineDistiller
         self.distiller = kind(draft, draft.vocab_size, kind=g.divergence, beta=g.beta, lr=g.lr,
@@ -312,8 +317,11 @@ class Trainer:
         return changed
 
     def state(self) -> dict:
-        return {"draft_updates": self.distiller.updates, "draft_version": self.version,
-                "buffer": len(self.distiller.buffer), "distill_loss": self.distiller.last_loss}
+        out = {"draft_updates": self.distiller.updates, "draft_version": self.version,
+               "buffer": len(self.distiller.buffer), "distill_loss": self.distiller.last_loss}
+        if self.acceptance:  # dynamic trees valued by counted acceptance: the servers' counts, by rank
+            out["tree_acceptance"] = Acceptance.by_rank([self.acceptance[r] for r in sorted(self.acceptance)])
+        return out
 
     def log_window(self) -> None:
         if not self.window:
@@ -429,7 +437,10 @@ def run(cfg: JobConfig, env: DistEnv) -> dict:
     try:
         if single:
             while batch := server.next_batch():
-                trainer.receive(*server.serve(batch))
+                examples, stats = server.serve(batch)
+                if server.acceptance is not None:
+                    trainer.acceptance[env.rank] = server.acceptance_table()
+                trainer.receive(examples, stats)
                 if trainer.run_due():
                     server.version = trainer.version  # the same module: swapped by construction
         elif trainer is not None:
@@ -460,18 +471,20 @@ def _train_loop(trainer: Trainer, env: DistEnv, trainers: int, overlap: bool, co
     while True:
         if overlap:
             trainer.run_due()  # while the servers decode their next batch
-        examples, stats, done = [], [], 0
+        examples, stats, done, tables = [], [], 0, {}
         for src in mine:
             payload = comm.recv_object(src)
             examples += payload["examples"]
             stats += payload["stats"]
             done += payload["done"]
-        parts = [(stats, len(examples), done)]
+            tables[src] = payload["acceptance"]
+        parts = [(stats, len(examples), done, tables)]
         if trainers > 1:  # every trainer learns every request's statistics: one update schedule for all
-            parts = comm.all_gather_object((stats, len(examples), done), trainer.group)
-        for t, (st, n, _) in enumerate(parts):
+            parts = comm.all_gather_object((stats, len(examples), done, tables), trainer.group)
+        for t, (st, n, _, tab) in enumerate(parts):
+            trainer.acceptance.update({src: table for src, table in tab.items() if table is not None})
             trainer.receive(examples if t == env.rank else [], st, 0 if t == env.rank else n)
-        done = sum(d for _, _, d in parts)  # servers that have drained their share, all trainers' together
+        done = sum(part[2] for part in parts)  # servers that have drained their share, all trainers' together
         if not overlap:
             trainer.run_due()
         stop = done == n_servers
@@ -495,7 +508,8 @@ def _serve_loop(server: Server, env: DistEnv, trainers: int, comm: Comm) -> None
     while True:
         batch = server.next_batch()
         examples, stats = server.serve(batch) if batch else ([], [])
-        comm.send_object({"examples": examples, "stats": stats, "done": not batch}, (env.rank - trainers) % trainers)
+        comm.send_object({"examples": examples, "stats": stats, "done": not batch,
+                          "acceptance": server.acceptance_table()}, (env.rank - trainers) % trainers)
         header = torch.zeros(2, dtype=torch.int64, device=wire)
         comm.broadcast(header, 0, dist.group.WORLD, "distill")
         version, stop = int(header[0]), bool(header[1])

@@ -90,10 +90,11 @@ def test_a_resumed_job_with_two_servers_continues_the_stream_and_the_draft(tmp_p
 
 
 def test_a_draft_head_is_distilled_by_a_trainer_and_served_by_two_servers(tmp_path):
-    """`distill.draft = "head"` with one trainer and two servers (trees, greedy, overlapped updates): the servers
-    send the features and distributions their verification passes computed, the trainer (which runs no target
-    forward) trains the head on them, and every version reaches both servers bit for bit; the answers stay the
-    target's greedy decoding; the saved head is the last version."""
+    """`distill.draft = "head"` with one trainer and two servers (dynamic trees valued by counted acceptance,
+    greedy, overlapped updates): the servers send the features and distributions their verification passes
+    computed, the trainer (which runs no target forward) trains the head on them, and every version reaches
+    both servers bit for bit; the answers stay the target's greedy decoding; the saved head is the last version;
+    the summary counts both servers' tested nodes (at least the root's children, every round of every request)."""
     import torch
 
     from expertmesh.distill.head import load_head
@@ -103,7 +104,8 @@ def test_a_draft_head_is_distilled_by_a_trainer_and_served_by_two_servers(tmp_pa
     cmd = [sys.executable, "-m", "expertmesh.launch.cli", "distill", "--nproc", "3", f"distill.target={target}",
            "distill.draft=head", f"train.run_dir={tmp_path / 'runs'}", 'distill.synthetic=["stdlib:12"]',
            "distill.max_new_tokens=8", "distill.prompt_len=10", "distill.update_every=2", "distill.batch_size=2",
-           "distill.tree=[2,1]", "distill.greedy=true", "distill.trainers=1", "metrics.wandb_mode=disabled",
+           "distill.tree_nodes=3", "distill.tree_depth=2", "distill.tree_topk=2", "distill.greedy=true",
+           "distill.trainers=1", "metrics.wandb_mode=disabled",
            "train.threads=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, failure(proc)
@@ -116,6 +118,10 @@ def test_a_draft_head_is_distilled_by_a_trainer_and_served_by_two_servers(tmp_pa
     assert meta["version"] == max(updates) and weights_digest(head) == updates[max(updates)]
     answered = [r for rank in (1, 2) for r in lines(run / f"responses-rank{rank}.jsonl")]
     assert sorted(r["index"] for r in answered) == list(range(12))
+    summary = [r for r in lines(run / "metrics.jsonl") if r["kind"] == "distill_summary"][-1]
+    rounds = sum(r["rounds"] for r in answered)
+    tested = sum(v["tested"] for v in summary["tree_acceptance"].values())
+    assert rounds * 0.999 ** rounds <= tested <= rounds * 3, (tested, rounds)  # 3 nodes a request a round at most
     from expertmesh import config
     from expertmesh.data.tokenizer import ByteTokenizer
     from expertmesh.distill.stream import requests

@@ -144,6 +144,10 @@ def test_one_process_serves_with_a_head_distills_saves_and_resumes(tmp_path):
                                   "distill.online=false", "distill.greedy=true", "distill.tree_nodes=6",
                                   "distill.tree_depth=3", "distill.tree_topk=2"), SINGLE)
     assert dyn["requests"] == 12 and dyn["mean_gamma"] == 6
+    # its nodes valued by counted acceptance (the default): every round tested the root's children at least
+    counted = dyn["tree_acceptance"]
+    assert sum(v["tested"] for v in counted.values()) >= 12 * 0.999 ** 200 and \
+        all(0.0 <= v["accepted"] <= 1.0 for v in counted.values()), counted
     dyn_answers = [json.loads(line) for line in (tmp_path / "dyn" / "runs" / "default" /
                                                   "responses-rank0.jsonl").read_text().splitlines()]
     assert {r["id"]: r["tokens"][:10] for r in dyn_answers} == {r["id"]: r["tokens"] for r in answered}  # greedy
@@ -151,6 +155,7 @@ def test_one_process_serves_with_a_head_distills_saves_and_resumes(tmp_path):
     other = distill.run(distill_cfg(tmp_path / "other", target_dir, run_path / "draft_head", *args[:1],
                                     "distill.online=false"), SINGLE)
     assert other["requests"] == 12 and other["draft_updates"] == 0 and other["mean_gamma"] == 4
+    assert "tree_acceptance" not in other  # chains: nothing counted
 
 
 def test_head_settings_are_checked(tmp_path):
