@@ -256,7 +256,7 @@ def test_acceptance_counts_the_tested_nodes_of_a_verified_tree_by_rank_and_proba
     assert torch.equal(acc.tested, want_tested) and torch.equal(acc.accepted, want_accepted)
     got = acc(torch.tensor([0.65, 0.99, 0.35, 0.35], dtype=torch.float64), torch.tensor([1, 1, 2, 1]))
     want = torch.tensor([(0 + 2 * 0.65) / 3, (1 + 2 * 0.99) / 3, (1 + 2 * 0.35) / 3, 0.35], dtype=torch.float64)
-    assert torch.allclose(got, want, rtol=0, atol=1e-15)
+    assert torch.allclose(got, want, rtol=0, atol=1e-15)  # float64: the same formula, its ops ordered apart (~1e-16)
     by_rank = Acceptance.by_rank([acc.table(), acc.table()])  # two servers' counts: rank 1 tested 2 x 2, 1 kept
     assert by_rank == {"rank 1": {"accepted": 0.5, "tested": 4.0}, "rank 2": {"accepted": 1.0, "tested": 2.0},
                        "rank 3+": {"accepted": 0.0, "tested": 0.0}}
